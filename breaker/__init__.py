@@ -1,0 +1,1 @@
+"""The breaker controller: backlog sampling, stage decisions, deferred-sync replay."""

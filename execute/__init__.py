@@ -1,0 +1,1 @@
+"""The execute stage: ready lanes by priority -> downstream actions, once each in effect."""

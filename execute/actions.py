@@ -1,0 +1,29 @@
+"""Which downstream actions an order gets, and their state under the breaker."""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+
+from orderq.schema import Order, money
+
+INVOICE_FROM = Decimal("500")  # invoice.request when paid_amount >= 500 CNY
+
+
+def fulfilment_id(order_key: str) -> str:
+    """Deterministic per order, so a redelivered order names the same fulfilment."""
+    return "F-" + hashlib.blake2b(order_key.encode(), digest_size=8).hexdigest().upper()
+
+
+def plan(order: Order, stage: str, mode: str) -> str:
+    """``name=state,...`` for the execute script: core actions always ``done``; non-core
+    syncs ``done`` in stage normal, else ``deferred``/``dropped`` per breaker mode."""
+    acts = ["wms.pick=done", "notify.sms=done"]
+    if money(order.paid_amount) >= INVOICE_FROM:
+        acts.append("invoice.request=done")
+    sync_state = "done" if stage == "normal" else ("deferred" if mode == "defer" else "dropped")
+    if order.remark:
+        acts.append(f"crm.remark_sync={sync_state}")
+    if order.gifts:
+        acts.append(f"crm.gift_sync={sync_state}")
+    return ",".join(acts)

@@ -1,0 +1,1 @@
+"""The ingress: Starlette on uvicorn; acknowledges orders into the intake streams."""

@@ -1,0 +1,98 @@
+"""The ingress application and its server (uvicorn, uvloop, httptools)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from ingress.committer import Committer
+from ingress.limits import BodyLimit
+from ingress.routes import Auth, Handlers
+from orderq import client as oq_client
+from orderq.control import Control
+from orderq.settings import Settings
+from orderq.stats import RateMeter
+
+log = structlog.get_logger("orderq.ingress")
+
+
+def build_app(settings: Settings) -> Any:
+    state = SimpleNamespace(settings=settings, auth=Auth(settings), meter=RateMeter())
+    h = Handlers(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.redis = await oq_client.connect(settings)
+        state.control = await Control(state.redis, "ingress").start()
+        state.committer = Committer(state.redis)
+        if not settings.auth:
+            log.warning("ingress.auth_off", message="ORDERQ_AUTH=off: every request is accepted without a token")
+        log.info("ingress.started", redis=_safe_url(state.redis.url), durability=settings.durability)
+        try:
+            yield
+        finally:
+            await state.committer.close()
+            await state.control.stop()
+            await state.redis.close()
+
+    routes = [
+        Route("/v1/orders", h.post_order, methods=["POST"]),
+        Route("/v1/orders/batch", h.post_batch, methods=["POST"]),
+        Route("/v1/orders/{channel}/{order_id}", h.get_order, methods=["GET"]),
+        Route("/v1/stats", h.get_stats, methods=["GET"]),
+        Route("/v1/admin/pause", h.pause, methods=["POST"]),
+        Route("/v1/admin/resume", h.resume, methods=["POST"]),
+        Route("/healthz", h.healthz, methods=["GET"]),
+        Route("/readyz", h.readyz, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.orderq = state
+    return BodyLimit(app, settings.max_body_bytes, settings.batch_body_bytes)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so several ingress processes share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=10,
+        backlog=2048,
+    )
+    server = uvicorn.Server(config)
+    sock = bind(settings.http_host, settings.http_port)
+    server.run(sockets=[sock])

@@ -1,0 +1,94 @@
+"""Group commit: the orders of every request that arrives in one event-loop turn are
+written together, one intake script call per partition, all in one pipelined round
+trip (plus one ``WAITAOF`` in ``fsync`` durability). Each request is answered only
+after its own write is confirmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from orderq.client import Redis
+from orderq.errors import ServerUnavailable
+from orderq.keys import Partition
+
+FLUSH_AT = 512  # flush at once when this many orders wait, without waiting for the turn to end
+
+
+class Committer:
+    def __init__(self, r: Redis) -> None:
+        self.r = r
+        self.settings = r.settings
+        self._pending: list[tuple[Partition, str, bytes, str, asyncio.Future[int]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, order_key: str, payload: bytes, tier: str) -> asyncio.Future[int]:
+        """Queue one order; the future gives 1 (queued) or 0 (duplicate)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._pending.append((self.r.partition_of(order_key), order_key, payload, tier, fut))
+        if len(self._pending) >= FLUSH_AT:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    async def wait(self, futures: list[asyncio.Future[int]]) -> list[int]:
+        """Results of ``futures``, or :class:`ServerUnavailable` past the ack deadline."""
+        deadline = self.settings.ack_deadline_ms / 1000
+        try:
+            return list(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), deadline))
+        except TimeoutError:
+            raise ServerUnavailable("Redis did not confirm the write in time", retry_after=1) from None
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._write(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: list[tuple[Partition, str, bytes, str, asyncio.Future[int]]]) -> None:
+        by_part: dict[Partition, list[tuple[str, bytes, str, asyncio.Future[int]]]] = {}
+        for p, key, payload, tier, fut in batch:
+            by_part.setdefault(p, []).append((key, payload, tier, fut))
+        ttl = self.settings.status_ttl_s
+        fsync = self.settings.durability == "fsync"
+
+        def build(pipe: Any) -> None:
+            for p, items in by_part.items():
+                ks = [p.intake, p.counters]
+                args: list[Any] = [ttl]
+                for key, payload, tier, _ in items:
+                    ks.append(p.status(key))
+                    args += [key, payload, "vip" if tier == "vip" else ""]
+                self.r.script(pipe, "intake", ks, args)
+            if fsync:  # same connection as the writes: one fsync wait for the whole group
+                pipe.execute_command("WAITAOF", 1, 0, self.settings.ack_deadline_ms)
+
+        try:
+            results = await self.r.run(build)
+            if fsync and int(results[-1][0]) < 1:
+                raise ServerUnavailable("the write did not reach the append-only file in time")
+        except (RedisError, OSError, ServerUnavailable) as exc:
+            err = exc if isinstance(exc, ServerUnavailable) else ServerUnavailable(f"Redis write failed: {exc}")
+            for _, _, _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        for (_p, items), res in zip(by_part.items(), results, strict=False):
+            for (_, _, _, fut), flag in zip(items, res, strict=True):
+                if not fut.done():
+                    fut.set_result(int(flag))
+
+    async def close(self) -> None:
+        if self._pending:
+            self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

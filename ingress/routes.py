@@ -1,0 +1,387 @@
+"""HTTP handlers of the ingress (contract §4)."""
+
+from __future__ import annotations
+
+import hmac
+import random
+from typing import Any
+
+import msgspec
+import structlog
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ingress import responses
+from orderq import control as ctl
+from orderq import keys, stats
+from orderq.errors import ServerUnavailable
+from orderq.schema import (
+    ErrorDetail,
+    Order,
+    batch_decoder,
+    normalise,
+    order_decoder,
+    pack,
+    validation_details,
+)
+from orderq.settings import STAGE_NAMES
+from orderq.status import render
+
+log = structlog.get_logger("orderq.ingress")
+
+
+class Refusal(Exception):
+    """Control flow: answer with this error."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[ErrorDetail] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
+
+    def response(self) -> Response:
+        return responses.error(self.status, self.code, self.message, self.details, self.headers)
+
+
+def _bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization")
+    if not h or h[:7].lower() != "bearer ":
+        return None
+    return h[7:].strip() or None
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+class Auth:
+    """Token checks, constant-time. ``channel_of`` maps a token to its channel."""
+
+    def __init__(self, settings: Any) -> None:
+        self.enabled = settings.auth
+        self.channel_tokens: dict[str, str] = dict(settings.channel_tokens)
+        self.admin = settings.admin_token or ""
+
+    def channel_of(self, request: Request) -> str | None:
+        """The channel whose token the request carries; 401 when none matches."""
+        if not self.enabled:
+            return None
+        token = _bearer(request)
+        if token is None:
+            raise Refusal(401, "unauthorized", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        found = None
+        for channel, t in self.channel_tokens.items():
+            if _same(token, t):  # no early exit: time does not tell which channel matched
+                found = channel
+        if found is None:
+            if self.admin and _same(token, self.admin):
+                raise Refusal(403, "forbidden", "order writes take a channel token, not the admin token")
+            raise Refusal(401, "unauthorized", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def admin_only(self, request: Request) -> None:
+        if not self.enabled:
+            return
+        token = _bearer(request)
+        if token is None:
+            raise Refusal(401, "unauthorized", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not (self.admin and _same(token, self.admin)):
+            if any(_same(token, t) for t in self.channel_tokens.values()):
+                raise Refusal(403, "forbidden", "this endpoint takes the admin token")
+            raise Refusal(401, "unauthorized", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def channel_or_admin(self, request: Request, channel: str) -> None:
+        if not self.enabled:
+            return
+        token = _bearer(request)
+        if token is None:
+            raise Refusal(401, "unauthorized", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if self.admin and _same(token, self.admin):
+            return
+        own = self.channel_tokens.get(channel)
+        if own and _same(token, own):
+            return
+        if any(_same(token, t) for t in self.channel_tokens.values()):
+            raise Refusal(403, "forbidden", f"token of another channel than {channel!r}")
+        raise Refusal(401, "unauthorized", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _require_json(request: Request) -> None:
+    ctype = request.headers.get("content-type", "")
+    mime = ctype.split(";", 1)[0].strip().lower()
+    if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise Refusal(415, "unsupported_media_type", "Content-Type must be application/json")
+
+
+def _retry_after(base: int = 1) -> dict[str, str]:
+    return {"Retry-After": str(base + random.randint(0, 2))}  # jitter: clients do not return in step
+
+
+class Handlers:
+    def __init__(self, state: Any) -> None:
+        self.s = state  # app.state: settings, redis, committer, control, auth, meter
+
+    # --- parsing --------------------------------------------------------------------
+    def _decode_order(self, body: bytes | msgspec.Raw) -> Order:
+        try:
+            order = order_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise Refusal(422, "invalid_order", "the order fails the schema", validation_details(body, exc)) from None
+        except msgspec.DecodeError as exc:
+            raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+        if order.channel not in self.s.settings.channels:
+            raise Refusal(
+                422,
+                "invalid_order",
+                "the order fails the schema",
+                [ErrorDetail(path="channel", message=f"unknown channel {order.channel!r}")],
+            )
+        return normalise(order, body)
+
+    def _shed(self, order: Order) -> bool:
+        c = self.s.control
+        if c.stage != "shedding":
+            return False
+        return order.customer.tier != "vip" or c.backlog >= self.s.settings.shed_vip_depth
+
+    async def _count(self, field: str, n: int = 1) -> None:
+        try:
+            await self.s.redis.client.hincrby(keys.COUNTERS_GLOBAL, field, n)
+        except RedisError:
+            pass  # a counter is not worth failing a request for
+
+    # --- orders ---------------------------------------------------------------------
+    async def post_order(self, request: Request) -> Response:
+        try:
+            token_channel = self.s.auth.channel_of(request)
+            _require_json(request)
+            body = await request.body()
+            if not body:
+                raise Refusal(400, "invalid_json", "empty body")
+            try:
+                order = self._decode_order(body)
+            except Refusal as r:
+                if r.status == 422:
+                    await self._count("invalid")
+                raise
+            if token_channel is not None and order.channel != token_channel:
+                raise Refusal(
+                    403, "forbidden", f"token of channel {token_channel!r} cannot write {order.channel!r} orders"
+                )
+            if self._shed(order):
+                await self._count("shed")
+                raise Refusal(503, "shedding", "backlog too high; retry later", headers=_retry_after(2))
+            key = order.key
+            committer = self.s.committer
+            (flag,) = await committer.wait([committer.submit(key, pack(order), order.customer.tier)])
+        except Refusal as r:
+            return r.response()
+        except ServerUnavailable as exc:
+            return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
+        body_out = {"order_key": key, "status": "accepted", "duplicate": not flag, "stage": self.s.control.stage}
+        return responses.json(body_out, 202 if flag else 200)
+
+    async def post_batch(self, request: Request) -> Response:
+        try:
+            token_channel = self.s.auth.channel_of(request)
+            _require_json(request)
+            body = await request.body()
+            if not body:
+                raise Refusal(400, "invalid_json", "empty body")
+            try:
+                batch = batch_decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                raise Refusal(
+                    422, "invalid_batch", 'body must be {"orders": [...]}', validation_details_batch(exc)
+                ) from None
+            except msgspec.DecodeError as exc:
+                raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+            limit = self.s.settings.batch_max
+            if not batch.orders or len(batch.orders) > limit:
+                raise Refusal(
+                    422,
+                    "invalid_batch",
+                    f"a batch holds 1 to {limit} orders",
+                    [ErrorDetail(path="orders", message=f"expected 1 to {limit} orders, got {len(batch.orders)}")],
+                )
+            results: list[dict[str, Any]] = []
+            pending: list[tuple[int, asyncio_future]] = []
+            seen: set[str] = set()
+            committer = self.s.committer
+            n_invalid = n_shed = n_dup = 0
+            for raw in batch.orders:
+                try:
+                    order = self._decode_order(raw)
+                except Refusal as r:
+                    n_invalid += 1
+                    results.append(
+                        {
+                            "order_key": _key_hint(raw),
+                            "status": "invalid",
+                            "error": {"code": r.code, "message": r.message, "details": r.details or []},
+                        }
+                    )
+                    continue
+                key = order.key
+                if token_channel is not None and order.channel != token_channel:
+                    n_invalid += 1
+                    results.append(
+                        {
+                            "order_key": key,
+                            "status": "invalid",
+                            "error": {
+                                "code": "forbidden",
+                                "message": f"token of channel {token_channel!r} cannot write {order.channel!r} orders",
+                                "details": [{"path": "channel", "message": "not this token's channel"}],
+                            },
+                        }
+                    )
+                    continue
+                if key in seen:
+                    n_dup += 1
+                    results.append({"order_key": key, "status": "duplicate", "error": None})
+                    continue
+                seen.add(key)
+                if self._shed(order):
+                    n_shed += 1
+                    results.append(
+                        {
+                            "order_key": key,
+                            "status": "shed",
+                            "error": {"code": "shedding", "message": "backlog too high; retry later", "details": []},
+                        }
+                    )
+                    continue
+                results.append({"order_key": key, "status": "accepted", "error": None})
+                pending.append((len(results) - 1, committer.submit(key, pack(order), order.customer.tier)))
+            flags = await committer.wait([f for _, f in pending]) if pending else []
+        except Refusal as r:
+            return r.response()
+        except ServerUnavailable as exc:
+            return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
+        n_acc = 0
+        for (i, _), flag in zip(pending, flags, strict=True):
+            if flag:
+                n_acc += 1
+            else:
+                n_dup += 1
+                results[i]["status"] = "duplicate"
+        # Intra-batch duplicates never reach Redis (the intake script counts the others).
+        extra = {"invalid": n_invalid, "shed": n_shed}
+        intra_dups = n_dup - (len(pending) - n_acc)
+        if intra_dups:
+            extra["duplicates"] = intra_dups
+        await self._count_many({k: v for k, v in extra.items() if v})
+        return responses.json(
+            {"results": results, "accepted": n_acc, "duplicates": n_dup, "invalid": n_invalid, "shed": n_shed},
+            202,
+        )
+
+    async def _count_many(self, counts: dict[str, int]) -> None:
+        if not counts:
+            return
+        try:
+            pipe = self.s.redis.client.pipeline(transaction=False)
+            for k, v in counts.items():
+                pipe.hincrby(keys.COUNTERS_GLOBAL, k, v)
+            await pipe.execute()
+        except RedisError:
+            pass
+
+    async def get_order(self, request: Request) -> Response:
+        channel = request.path_params["channel"]
+        order_id = request.path_params["order_id"]
+        try:
+            self.s.auth.channel_or_admin(request, channel)
+            key = f"{channel}:{order_id}"
+            h = await self.s.redis.client.hgetall(self.s.redis.partition_of(key).status(key))
+        except Refusal as r:
+            return r.response()
+        except RedisError as exc:
+            return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
+        if not h:
+            return responses.error(404, "not_found", f"no order {key!r}")
+        return responses.json(render(key, h))
+
+    # --- operators ------------------------------------------------------------------
+    async def get_stats(self, request: Request) -> Response:
+        try:
+            self.s.auth.admin_only(request)
+            doc = await stats.compute(self.s.redis, self.s.meter)
+        except Refusal as r:
+            return r.response()
+        except RedisError as exc:
+            return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
+        return responses.json(doc)
+
+    async def pause(self, request: Request) -> Response:
+        return await self._pause(request, True)
+
+    async def resume(self, request: Request) -> Response:
+        return await self._pause(request, False)
+
+    async def _pause(self, request: Request, paused: bool) -> Response:
+        try:
+            self.s.auth.admin_only(request)
+            _require_json(request)
+            try:
+                doc = msgspec.json.decode(await request.body(), type=PauseBody)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise Refusal(
+                    422,
+                    "invalid_request",
+                    str(exc),
+                    [ErrorDetail(path="stage", message=f"one of {', '.join(STAGE_NAMES)}")],
+                ) from None
+            await ctl.set_paused(self.s.redis, doc.stage, paused)
+        except Refusal as r:
+            return r.response()
+        log.info("admin.paused" if paused else "admin.resumed", stage=doc.stage)
+        return responses.json({"stage": doc.stage, "paused": paused})
+
+    async def healthz(self, request: Request) -> Response:
+        return responses.json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await self.s.redis.client.ping()
+        except (RedisError, OSError) as exc:
+            return responses.error(503, "unavailable", f"Redis unreachable: {exc}")
+        stage = self.s.control.stage
+        if stage == "shedding":
+            return responses.error(503, "shedding", "ingress is shedding load", headers=_retry_after(2))
+        return responses.json({"status": "ready", "stage": stage})
+
+
+class PauseBody(msgspec.Struct):
+    stage: Any
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_NAMES:
+            raise ValueError(f"stage must be one of {', '.join(STAGE_NAMES)}")
+
+
+asyncio_future = Any
+
+
+def _key_hint(raw: msgspec.Raw) -> str | None:
+    """Best-effort order key of an invalid order, so a client can match the result."""
+    try:
+        d = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("channel"), str) and isinstance(d.get("order_id"), str):
+        return f"{d['channel']}:{d['order_id']}"
+    return None
+
+
+def validation_details_batch(exc: msgspec.ValidationError) -> list[ErrorDetail]:
+    msg = str(exc)
+    message, sep, path = msg.rpartition(" - at `")
+    return [ErrorDetail(path=path.rstrip("`").removeprefix("$.") if sep else "$", message=message if sep else msg)]

@@ -1,0 +1,1 @@
+"""Locust scenarios for load testers (see README)."""

@@ -1,0 +1,3 @@
+from orderq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""``orderq audit``: reconcile what was accepted with what happened to it.
+
+Every status record is checked against where its order must be: an ``accepted``
+order in its intake stream, a ``validated`` one in a ready lane (or the dead-letter
+stream); anything else is **lost**. Every outbox stream is counted per (order,
+action): more than one entry is a **duplicate effect**.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from orderq import keys
+from orderq.client import Redis
+
+CHUNK = 5000
+
+
+async def _stream_keys(r: Redis, stream: str, field: bytes = b"k") -> list[bytes]:
+    out: list[bytes] = []
+    start = "-"
+    while True:
+        entries = await r.client.xrange(stream, min=start, count=CHUNK)
+        for _id, f in entries:
+            out.append(f.get(field, b""))
+        if len(entries) < CHUNK:
+            return out
+        start = "(" + entries[-1][0].decode()
+
+
+async def run(r: Redis) -> dict[str, Any]:
+    counts: Counter[str] = Counter()
+    lost: list[str] = []
+    duplicate_effects: list[str] = []
+    for p in r.partitions:
+        intake = set(await _stream_keys(r, p.intake))
+        ready: set[bytes] = set()
+        for lane in p.lanes:
+            ready.update(await _stream_keys(r, lane))
+        dead = set(await _stream_keys(r, p.dead))
+        cursor = 0
+        prefix = p.status("")
+        while True:
+            cursor, batch = await r.client.scan(cursor, match=p.status_pattern, count=1000)
+            if batch:
+                pipe = r.client.pipeline(transaction=False)
+                for k in batch:
+                    pipe.hget(k, "s")
+                for k, s in zip(batch, await pipe.execute(), strict=True):
+                    order_key = k.decode()[len(prefix) :]
+                    okb = order_key.encode()
+                    status = (s or b"accepted").decode()
+                    if okb in dead:
+                        counts["dead_letters"] += 1
+                    elif status == "accepted":
+                        counts["in_flight"] += 1
+                        if okb not in intake:
+                            lost.append(order_key)
+                    elif status == "validated":
+                        counts["in_flight"] += 1
+                        if okb not in ready:
+                            lost.append(order_key)
+                    else:
+                        counts[status] += 1
+            if cursor == 0:
+                break
+        for action in keys.ACTIONS:
+            seen = Counter(await _stream_keys(r, p.outbox(action)))
+            duplicate_effects += [f"{k.decode()}:{action}" for k, n in seen.items() if n > 1]
+    totals: Counter[str] = Counter()
+    pipe = r.client.pipeline(transaction=False)
+    for p in r.partitions:
+        pipe.hgetall(p.counters)
+    for h in await pipe.execute():
+        for k, v in h.items():
+            totals[k.decode()] += int(v)
+    return {
+        "accepted": totals["accepted"],
+        "executed": counts["executed"],
+        "rejected": counts["rejected"],
+        "review": counts["review"],
+        "held": counts["held"],
+        "in_flight": counts["in_flight"],
+        "dead_letters": counts["dead_letters"],
+        "lost": len(lost),
+        "duplicate_effects": len(duplicate_effects),
+        "lost_keys": lost[:100],
+        "duplicate_effect_keys": duplicate_effects[:100],
+    }

@@ -1,0 +1,165 @@
+"""The ``orderq`` command (contract §1). Exit codes: 0 ok, 2 bad configuration, 1 other failure."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+from orderq.errors import ConfigError, OrderqError
+from orderq.settings import Settings
+
+STAGES = ("ingress", "validate", "execute", "breaker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="orderq", description="order-intake queue for peak sales")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run every stage on this machine (embedded server when ORDERQ_REDIS_URL is unset)")
+    for stage in STAGES:
+        sub.add_parser(stage, help=f"run the {stage} stage alone against ORDERQ_REDIS_URL")
+    st = sub.add_parser("status", help="one screen for an operator")
+    st.add_argument("--json", action="store_true", help="print /v1/stats as JSON")
+    st.add_argument("--watch", action="store_true", help="refresh every second")
+    au = sub.add_parser("audit", help="reconcile accepted orders with what happened to them")
+    au.add_argument("--json", action="store_true")
+    be = sub.add_parser("bench", help="headless benchmark; prints a report")
+    from orderq import bench
+
+    bench.add_arguments(be)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        from orderq import logs
+
+        logs.configure(settings.log_format, settings.log_level)
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"orderq: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    except OrderqError as exc:
+        print(f"orderq: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from orderq import runner
+
+    cmd = args.command
+    if cmd == "up":
+        from orderq.supervisor import Supervisor
+
+        return Supervisor(settings).run()
+    if cmd == "ingress":
+        from ingress.app import serve
+        from orderq.tokens import ensure_tokens
+
+        settings, path = ensure_tokens(settings)
+        if path is not None:
+            print(f"orderq: bearer tokens are in {path.resolve()}", file=sys.stderr, flush=True)
+        _check_first(settings)
+        serve(settings)
+        return 0
+    if cmd == "validate":
+        from validate.worker import ValidateWorker
+
+        runner.run(runner.run_worker(ValidateWorker, settings, "validate"))
+        return 0
+    if cmd == "execute":
+        from execute.worker import ExecuteWorker
+
+        runner.run(runner.run_worker(ExecuteWorker, settings, "execute"))
+        return 0
+    if cmd == "breaker":
+        runner.run(runner.run_breaker(settings))
+        return 0
+    if cmd == "status":
+        return asyncio.run(_status(settings, args.json, args.watch))
+    if cmd == "audit":
+        return asyncio.run(_audit(settings, args.json))
+    if cmd == "bench":
+        from orderq import bench
+
+        return bench.main(args, settings)
+    raise AssertionError(cmd)
+
+
+def _check_first(settings: Settings) -> None:
+    """Refuse a bad server before uvicorn starts (its lifespan errors are less clear)."""
+    from orderq import client
+
+    async def check() -> None:
+        r = await client.connect(settings)
+        await r.close()
+
+    asyncio.run(check())
+
+
+async def _status(settings: Settings, as_json: bool, watch: bool) -> int:
+    from orderq import client, stats
+
+    r = await client.connect(settings)
+    meter = stats.RateMeter()
+    try:
+        await stats.compute(r, meter)  # first sample: rates need two
+        await asyncio.sleep(1.0)
+        while True:
+            doc = await stats.compute(r, meter)
+            if as_json:
+                print(msgspec.json.encode(doc).decode(), flush=True)
+            else:
+                if watch:
+                    print("\x1b[2J\x1b[H", end="")
+                print(render_status(doc), flush=True)
+            if not watch:
+                return 0
+            await asyncio.sleep(1.0)
+    finally:
+        await r.close()
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    d, t, rt = doc["depth"], doc["totals"], doc["rates"]
+    lines = [
+        f"orderq  {time.strftime('%Y-%m-%d %H:%M:%S')}   stage: {doc['stage'].upper()}   backlog: {doc['backlog']}",
+        "",
+        f"depth    intake {d['intake']:>8}   ready vip {d['ready']['vip']:>7}  new {d['ready']['new']:>7}"
+        f"  regular {d['ready']['regular']:>7}",
+        f"         review {d['review']:>8}   deferred {d['deferred']:>8}   held {doc.get('held', 0):>7}",
+        f"rates/s  accepted {rt['accepted_per_s']:>8}   validated {rt['validated_per_s']:>8}"
+        f"   executed {rt['executed_per_s']:>8}",
+        "totals   " + "  ".join(f"{k} {v}" for k, v in t.items()),
+        f"paused   {', '.join(doc['paused']) or '-'}    holds {', '.join(doc.get('holds', [])) or '-'}",
+        "workers  " + (", ".join(f"{w['stage']}@{w['host']}:{w['pid']}" for w in doc["workers"]) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+async def _audit(settings: Settings, as_json: bool) -> int:
+    from orderq import audit, client
+
+    r = await client.connect(settings)
+    try:
+        report = await audit.run(r)
+    finally:
+        await r.close()
+    if as_json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        for k, v in report.items():
+            if not k.endswith("_keys"):
+                print(f"{k:>18}: {v}")
+        for k in ("lost_keys", "duplicate_effect_keys"):
+            if report[k]:
+                print(f"{k}: {', '.join(report[k][:20])}")
+    return 1 if report["lost"] or report["duplicate_effects"] else 0

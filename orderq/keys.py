@@ -1,0 +1,159 @@
+"""Every Redis key, stream, group and channel name orderq uses, in one place.
+
+Layout: each partition owns a hash tag, and every key a partition script touches
+carries it, so each script call stays in one hash slot and the same layout runs
+on a Redis Cluster. Tags are chosen so that partition ``i`` of ``P`` hashes into
+the ``i``-th ``1/P`` of the slot space, which spreads partitions evenly over the
+masters of a cluster (slot ranges are assigned contiguously).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import cache
+
+PREFIX = "oq"
+
+# Consumer groups, one per consuming stage. Created at id 0 so that entries written
+# before the group existed are never skipped.
+GROUP_VALIDATE = "validate"
+GROUP_EXECUTE = "execute"
+
+# Priority classes, served in this order (aging aside).
+PRIORITIES = ("vip", "new", "regular")
+
+# Downstream actions. Core ones always run; non-core syncs are the breaker's to skip.
+CORE_ACTIONS = ("wms.pick", "notify.sms", "invoice.request")
+SYNC_ACTIONS = ("crm.remark_sync", "crm.gift_sync")
+ACTIONS = CORE_ACTIONS + SYNC_ACTIONS
+
+# Final or waiting states: an order in one of them is no longer backlog.
+SETTLED_STATUSES = frozenset({"executed", "rejected", "review", "held"})
+
+# Global keys (not partition-scoped; read and written with plain commands, never
+# inside a partition script).
+BREAKER_KEY = f"{PREFIX}:breaker"  # hash: stage, since, backlog, rates; for late joiners
+EVENTS_CHANNEL = f"{PREFIX}:events"  # pub/sub: stage changes, pause/resume, holds
+PAUSED_KEY = f"{PREFIX}:paused"  # set of paused stages ("validate", "execute")
+WORKERS_KEY = f"{PREFIX}:workers"  # hash: "<stage>:<host>:<pid>" -> heartbeat JSON
+WORKER_TTL_S = 10  # a worker whose heartbeat is older than this is not listed
+COUNTERS_GLOBAL = f"{PREFIX}:n"  # hash: counters with no partition (invalid, shed)
+CUSTOMER_TTL_S = 400 * 24 * 3600  # "first order seen" memory: over a year of sales
+
+_SLOTS = 16384
+
+
+def _crc16(data: bytes) -> int:
+    """CRC16-XMODEM, the hash Redis Cluster uses for key slots."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+def key_slot(key: str) -> int:
+    """The cluster slot of ``key`` (honouring ``{hash tags}``)."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return _crc16(raw) % _SLOTS
+
+
+@cache
+def partition_tag(index: int, partitions: int) -> str:
+    """The hash tag of partition ``index``: ``p<i>`` plus a suffix that puts it in its slot range."""
+    lo = index * _SLOTS // partitions
+    hi = (index + 1) * _SLOTS // partitions
+    mid = (lo + hi) // 2
+    best, best_dist = f"p{index}", _SLOTS
+    for n in range(20000):
+        tag = f"p{index}.{n}"
+        slot = _crc16(tag.encode()) % _SLOTS
+        if lo <= slot < hi and abs(slot - mid) < best_dist:
+            best, best_dist = tag, abs(slot - mid)
+            if best_dist < max(1, (hi - lo) // 8):
+                break
+    return best
+
+
+def partition_of(order_key: str, partitions: int) -> int:
+    """Order key hash -> partition (stable across processes and hosts)."""
+    return zlib.crc32(order_key.encode()) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """Names of every key of one partition."""
+
+    index: int
+    tag: str
+
+    @property
+    def base(self) -> str:
+        return f"{PREFIX}:{{{self.tag}}}"
+
+    @property
+    def intake(self) -> str:  # stream: accepted orders waiting for validation
+        return f"{self.base}:in"
+
+    def ready(self, priority: str) -> str:  # stream per class: validated orders to execute
+        return f"{self.base}:rdy:{priority}"
+
+    @property
+    def lanes(self) -> tuple[str, str, str]:
+        return (self.ready("vip"), self.ready("new"), self.ready("regular"))
+
+    @property
+    def counters(self) -> str:  # hash: totals moved inside the scripts that move orders
+        return f"{self.base}:n"
+
+    @property
+    def errors(self) -> str:  # hash: stream entry id -> last processing error (for dead letters)
+        return f"{self.base}:err"
+
+    @property
+    def dead(self) -> str:  # stream: entries delivered more than ORDERQ_MAX_DELIVERIES times
+        return f"{self.base}:dl"
+
+    @property
+    def deferred(self) -> str:  # stream: non-core syncs skipped by the breaker, to replay
+        return f"{self.base}:df"
+
+    @property
+    def review(self) -> str:  # sorted set: order key by time it entered review
+        return f"{self.base}:rv"
+
+    @property
+    def held(self) -> str:  # sorted set: order key by time it was held (region hold)
+        return f"{self.base}:hd"
+
+    @property
+    def parked(self) -> str:  # hash: order key -> payload of orders in review or held
+        return f"{self.base}:pk"
+
+    def outbox(self, action: str) -> str:  # stream per action: effects for downstream systems
+        return f"{self.base}:ob:{action}"
+
+    def status(self, order_key: str) -> str:  # hash: status record + dedup + effect ledger
+        return f"{self.base}:o:{order_key}"
+
+    @property
+    def status_pattern(self) -> str:
+        return f"{self.base}:o:*"
+
+
+@cache
+def partitions(count: int) -> tuple[Partition, ...]:
+    return tuple(Partition(i, partition_tag(i, count)) for i in range(count))
+
+
+def customer_key(channel: str, customer_id: str) -> str:
+    """Who placed a customer's first order (value: that order key); decides priority ``new``."""
+    return f"{PREFIX}:cust:{channel}:{customer_id}"

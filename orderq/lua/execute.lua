@@ -1,0 +1,64 @@
+-- Execute a batch of one partition: effect ledger + outbox + status + ack, atomically.
+-- Each (order, action) is applied once in effect: the ledger field x:<action> is set
+-- with HSETNX in the same script that appends the outbox entry, so a redelivered
+-- batch re-runs harmlessly.
+-- KEYS[1] counters, KEYS[2..4] lanes vip/new/regular, KEYS[5] deferred stream,
+-- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8..12] outbox streams (ACTIONS order),
+-- KEYS[13..] status record per order
+-- ARGV[1] group, ARGV[2] outbox maxlen, then per order 7 values: lane (1..3), entry id,
+--   order key, outcome (e executed | h held), fulfilment id, actions ("name=state,..."),
+--   payload
+local t = redis.call('TIME')
+local now_us = t[1] * 1000000 + t[2]
+local outbox = {['wms.pick'] = KEYS[8], ['notify.sms'] = KEYS[9], ['invoice.request'] = KEYS[10],
+                ['crm.remark_sync'] = KEYS[11], ['crm.gift_sync'] = KEYS[12]}
+local prio_names = {'vip', 'new', 'regular'}
+local maxlen = ARGV[2]
+local acks = {{}, {}, {}}
+local n = {executed = 0, held = 0, deferred = 0, dropped = 0, executed_vip = 0,
+           executed_new = 0, executed_regular = 0}
+local per = 7
+for i = 13, #KEYS do
+  local a = 3 + (i - 13) * per
+  local lane, id, key, outcome = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local fid, actions, payload = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  local status = KEYS[i]
+  local ids = acks[lane]
+  ids[#ids + 1] = id
+  if redis.call('HGET', status, 's') == 'validated' then
+    if outcome == 'h' then
+      redis.call('HSET', status, 's', 'held', 'th', now_us)
+      redis.call('ZADD', KEYS[6], now_us, key)
+      redis.call('HSET', KEYS[7], key, payload)
+      n.held = n.held + 1
+    else
+      for name, state in string.gmatch(actions, '([^=,]+)=([^,]+)') do
+        if redis.call('HSETNX', status, 'x:' .. name, state) == 1 then
+          if state == 'done' then
+            redis.call('XADD', outbox[name], 'MAXLEN', '~', maxlen, '*', 'k', key, 'f', fid, 'd', payload)
+          elseif state == 'deferred' then
+            redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'd', payload)
+            n.deferred = n.deferred + 1
+          elseif state == 'dropped' then
+            n.dropped = n.dropped + 1
+          end
+        end
+      end
+      redis.call('HSET', status, 's', 'executed', 'te', now_us, 'f', fid)
+      n.executed = n.executed + 1
+      local pn = 'executed_' .. prio_names[lane]
+      n[pn] = n[pn] + 1
+    end
+  end
+end
+for lane = 1, 3 do
+  local ids = acks[lane]
+  if #ids > 0 then
+    redis.call('XACK', KEYS[lane + 1], ARGV[1], unpack(ids))
+    redis.call('XDEL', KEYS[lane + 1], unpack(ids))
+  end
+end
+for name, count in pairs(n) do
+  if count > 0 then redis.call('HINCRBY', KEYS[1], name, count) end
+end
+return {n.executed, n.held, n.deferred, n.dropped, now_us}

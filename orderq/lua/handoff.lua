@@ -1,0 +1,48 @@
+-- Validate -> ready lanes, atomically for a batch of one partition. Idempotent: an
+-- order whose record is past 'accepted' is only acknowledged (a redelivered entry).
+-- KEYS[1] intake, KEYS[2] counters, KEYS[3..5] ready lanes vip/new/regular,
+-- KEYS[6] review zset, KEYS[7] parked payloads, KEYS[8..] status record per order
+-- ARGV[1] group, ARGV[2] status TTL (s), then per order 8 values: entry id,
+--   outcome (v validated | r rejected | w review), priority (vip|new|regular), order key,
+--   payload, accept time (us), reasons (JSON array), risk score
+local t = redis.call('TIME')
+local now_us = t[1] * 1000000 + t[2]
+local lanes = {vip = KEYS[3], new = KEYS[4], regular = KEYS[5]}
+local n = {validated = 0, rejected = 0, review = 0}
+local ids = {}
+local per = 8
+for i = 8, #KEYS do
+  local a = 3 + (i - 8) * per
+  local id, outcome, prio, key = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local payload, ta, reasons, risk = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local status = KEYS[i]
+  ids[#ids + 1] = id
+  local st = redis.call('HGET', status, 's')
+  if st == 'accepted' or not st then
+    if outcome == 'v' then
+      redis.call('XADD', lanes[prio], '*', 'k', key, 'd', payload, 'ta', ta)
+      redis.call('HSET', status, 's', 'validated', 'p', prio, 'tv', now_us, 'r', reasons, 'rs', risk)
+      n.validated = n.validated + 1
+    elseif outcome == 'r' then
+      redis.call('HSET', status, 's', 'rejected', 'p', prio, 'tr', now_us, 'r', reasons, 'rs', risk)
+      n.rejected = n.rejected + 1
+    else
+      redis.call('HSET', status, 's', 'review', 'p', prio, 'tw', now_us, 'r', reasons, 'rs', risk)
+      redis.call('ZADD', KEYS[6], now_us, key)
+      redis.call('HSET', KEYS[7], key, payload)
+      n.review = n.review + 1
+    end
+    if not st then
+      redis.call('HSET', status, 'ta', ta)
+      redis.call('EXPIRE', status, ARGV[2])
+    end
+  end
+end
+if #ids > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+for name, count in pairs(n) do
+  if count > 0 then redis.call('HINCRBY', KEYS[2], name, count) end
+end
+return {n.validated, n.rejected, n.review}

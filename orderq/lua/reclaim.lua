@@ -1,0 +1,34 @@
+-- Recovery sweep of one stream: claim entries idle past the lease (XAUTOCLAIM, cursor
+-- looped to the end or the limit) for this consumer; entries delivered more than the
+-- limit go to the dead-letter stream with their last error instead.
+-- KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] counters, KEYS[4] errors hash
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle (ms), ARGV[4] max deliveries,
+-- ARGV[5] limit (entries claimed per call)
+-- Returns {claimed entries as {id, {field, value, ...}}, dead-lettered count, cursor}
+local group, consumer, max_deliveries, limit = ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5])
+local cursor = '0-0'
+local claimed = {}
+local dead = 0
+repeat
+  local r = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, ARGV[3], cursor, 'COUNT', 100)
+  cursor = r[1]
+  for _, entry in ipairs(r[2]) do
+    local id, fields = entry[1], entry[2]
+    local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+    local deliveries = (p[1] and tonumber(p[1][4])) or 1
+    if deliveries > max_deliveries then
+      local err = redis.call('HGET', KEYS[4], id) or 'delivered too many times'
+      local rec = {'stream', KEYS[1], 'id', id, 'deliveries', deliveries, 'error', err}
+      for j = 1, #fields do rec[#rec + 1] = fields[j] end
+      redis.call('XADD', KEYS[2], '*', unpack(rec))
+      redis.call('XACK', KEYS[1], group, id)
+      redis.call('XDEL', KEYS[1], id)
+      redis.call('HDEL', KEYS[4], id)
+      dead = dead + 1
+    else
+      claimed[#claimed + 1] = entry
+    end
+  end
+until cursor == '0-0' or #claimed >= limit
+if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dead_letters', dead) end
+return {claimed, dead, cursor}

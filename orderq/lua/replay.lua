@@ -1,0 +1,22 @@
+-- Replay deferred non-core syncs once the breaker is back to normal. Idempotent: a sync
+-- is applied only while its ledger field still says 'deferred'.
+-- KEYS[1] deferred stream, KEYS[2] counters, KEYS[3..7] outbox streams (ACTIONS order),
+-- KEYS[8..] status record per entry
+-- ARGV[1] outbox maxlen, then per entry 5 values: entry id, order key, action, fulfilment id, payload
+local outbox = {['wms.pick'] = KEYS[3], ['notify.sms'] = KEYS[4], ['invoice.request'] = KEYS[5],
+                ['crm.remark_sync'] = KEYS[6], ['crm.gift_sync'] = KEYS[7]}
+local replayed = 0
+local ids = {}
+for i = 8, #KEYS do
+  local a = 2 + (i - 8) * 5
+  local id, key, action, fid, payload = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  ids[#ids + 1] = id
+  if redis.call('HGET', KEYS[i], 'x:' .. action) == 'deferred' then
+    redis.call('HSET', KEYS[i], 'x:' .. action, 'done')
+    redis.call('XADD', outbox[action], 'MAXLEN', '~', ARGV[1], '*', 'k', key, 'f', fid, 'd', payload)
+    replayed = replayed + 1
+  end
+end
+if #ids > 0 then redis.call('XDEL', KEYS[1], unpack(ids)) end
+if replayed > 0 then redis.call('HINCRBY', KEYS[2], 'replayed', replayed) end
+return replayed

@@ -1,0 +1,57 @@
+"""Run one stage process: connect, watch control state, stop gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+
+from orderq import client as oq_client
+from orderq.control import Control
+from orderq.settings import Settings
+
+log = structlog.get_logger("orderq.runner")
+
+
+async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
+    r = await oq_client.connect(settings)
+    control = await Control(r, stage).start()
+    worker = worker_cls(r, control)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info(f"{stage}.started", worker=worker.consumer, partitions=settings.partitions)
+    try:
+        await worker.run()
+    finally:
+        log.info(f"{stage}.stopped", worker=worker.consumer, processed=worker.processed)
+        await control.stop()
+        await r.close()
+
+
+async def run_breaker(settings: Settings) -> None:
+    from breaker.controller import Breaker
+
+    r = await oq_client.connect(settings)
+    control = await Control(r, "breaker").start()
+    b = Breaker(r)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, b.stopping.set)
+    log.info("breaker.started", open_depth=settings.breaker_open_depth, shed_depth=settings.shed_depth)
+    try:
+        await b.run()
+    finally:
+        await control.stop()
+        await r.close()
+
+
+def run(coro: Any) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(coro)

@@ -1,0 +1,249 @@
+"""The order schema (contract §3) and the payload codecs every stage shares.
+
+Orders are decoded and validated straight from the HTTP body into :class:`Order`.
+Between stages they travel as msgpack of the same ``Struct`` (created_at already
+in UTC), decoded once per stage with the module-level decoders below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Money: a decimal string with at most 2 decimals. Floats are refused by type.
+Money = Annotated[
+    str,
+    Meta(pattern=r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,2})?$", description="decimal string, at most 2 decimals"),
+]
+Text = Annotated[str, Meta(min_length=1, max_length=200)]
+LongText = Annotated[str, Meta(max_length=2000)]
+Sku = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+OrderId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+ChannelName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9_]+$")]
+Qty = Annotated[int, Meta(ge=1, le=9999)]
+Timestamp = Annotated[dt.datetime, Meta(tz=True)]
+
+
+class Customer(Struct, omit_defaults=True):
+    id: Text
+    tier: Literal["vip", "regular"] = "regular"
+    phone: Annotated[str, Meta(max_length=32)] | None = None
+    ip: Annotated[str, Meta(max_length=64)] | None = None
+
+
+class ShipTo(Struct, omit_defaults=True):
+    name: Text
+    phone: Annotated[str, Meta(min_length=1, max_length=32)]
+    province: Text
+    address: Annotated[str, Meta(min_length=1, max_length=500)]
+    city: Annotated[str, Meta(max_length=200)] | None = None
+    district: Annotated[str, Meta(max_length=200)] | None = None
+
+
+class Line(Struct, omit_defaults=True):
+    sku: Sku
+    qty: Qty
+    unit_price: Money | None = None
+    paid_price: Money | None = None
+
+
+class Coupon(Struct, omit_defaults=True):
+    code: Text
+    platform: Text
+    amount: Money
+
+
+class Gift(Struct, omit_defaults=True):
+    sku: Sku
+    qty: Qty = 1
+
+
+class Order(Struct, omit_defaults=True):
+    """One order as a channel sends it (contract §3)."""
+
+    channel: ChannelName
+    order_id: OrderId
+    created_at: Timestamp
+    customer: Customer
+    ship_to: ShipTo
+    lines: Annotated[list[Line], Meta(min_length=1, max_length=200)]
+    paid_amount: Money
+    coupons: Annotated[list[Coupon], Meta(max_length=50)] = []
+    currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "CNY"
+    remark: LongText | None = None
+    gifts: Annotated[list[Gift], Meta(max_length=50)] = []
+    extra: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.channel}:{self.order_id}"
+
+
+KNOWN_FIELDS = frozenset(Order.__struct_fields__)
+
+
+class BatchBody(Struct):
+    """``POST /v1/orders/batch``: orders stay raw so one bad order sinks only itself."""
+
+    orders: list[msgspec.Raw]
+
+
+# Module-level codecs, reused (msgspec perf tips).
+order_decoder = msgspec.json.Decoder(Order)
+batch_decoder = msgspec.json.Decoder(BatchBody)
+top_level_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+any_json_decoder = msgspec.json.Decoder()
+json_encoder = msgspec.json.Encoder()
+pack = msgspec.msgpack.Encoder().encode
+unpack_order = msgspec.msgpack.Decoder(Order).decode
+
+
+class ErrorDetail(Struct):
+    path: str
+    message: str
+
+
+def normalise(order: Order, body: bytes | msgspec.Raw) -> Order:
+    """UTC ``created_at``; unknown top-level fields moved into ``extra`` (kept, not refused)."""
+    created = order.created_at
+    if created.utcoffset() != dt.timedelta(0):
+        order.created_at = created.astimezone(dt.UTC)
+    top = top_level_decoder.decode(body)
+    if len(top) > len(KNOWN_FIELDS) or not KNOWN_FIELDS.issuperset(top):
+        extra = dict(order.extra)
+        for name, raw in top.items():
+            if name not in KNOWN_FIELDS:
+                extra[name] = any_json_decoder.decode(raw)
+        order.extra = extra
+    return order
+
+
+def money(value: str | None) -> Decimal:
+    return Decimal(value) if value else Decimal(0)
+
+
+def utc_iso(ts_us: int) -> str:
+    """Microseconds since the epoch -> ``2026-11-10T16:00:01.000000Z``."""
+    t = dt.datetime.fromtimestamp(ts_us / 1_000_000, dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _path(path: str) -> str:
+    return path.removeprefix("$").removeprefix(".") or "$"
+
+
+def validation_details(body: bytes | msgspec.Raw, first: msgspec.ValidationError) -> list[ErrorDetail]:
+    """Every failing path of an invalid order, not only the first msgspec reports.
+
+    Runs on the error path only: decodes the body generically and checks each field
+    against its declared type, recursing into structs and lists.
+    """
+    try:
+        doc = any_json_decoder.decode(body)
+    except msgspec.DecodeError:
+        return [_detail_of(first)]
+    details: list[ErrorDetail] = []
+    _check(doc, msgspec.inspect.type_info(Order), "", details)
+    return details or [_detail_of(first)]
+
+
+def _detail_of(err: msgspec.ValidationError) -> ErrorDetail:
+    msg = str(err)
+    message, sep, path = msg.rpartition(" - at `")
+    if sep:
+        return ErrorDetail(path=_path(path.rstrip("`")), message=message)
+    return ErrorDetail(path="$", message=msg)
+
+
+def _join(prefix: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{prefix}[{name}]"
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check(value: Any, info: msgspec.inspect.Type, path: str, out: list[ErrorDetail]) -> None:
+    inspect = msgspec.inspect
+    while isinstance(info, inspect.Metadata):
+        info = info.type
+    if isinstance(info, inspect.UnionType):
+        structs = [t for t in info.types if isinstance(t, inspect.StructType)]
+        if structs and isinstance(value, dict):
+            _check(value, structs[0], path, out)
+            return
+    if isinstance(info, inspect.StructType):
+        if not isinstance(value, dict):
+            out.append(ErrorDetail(path=path or "$", message=f"Expected `object`, got `{_kind(value)}`"))
+            return
+        for f in info.fields:
+            sub = _join(path, f.encode_name)
+            if f.encode_name not in value:
+                if f.required:
+                    out.append(ErrorDetail(path=sub, message=f"Object missing required field `{f.encode_name}`"))
+                continue
+            _check(value[f.encode_name], f.type, sub, out)
+        return
+    if isinstance(info, inspect.ListType) and isinstance(value, list):
+        before = len(out)
+        for i, item in enumerate(value):
+            _check(item, info.item_type, _join(path, i), out)
+        if len(out) == before:
+            _convert(value, info, path, out)
+        return
+    _convert(value, info, path, out)
+
+
+def _convert(value: Any, info: msgspec.inspect.Type, path: str, out: list[ErrorDetail]) -> None:
+    try:
+        msgspec.convert(value, _type_of(info), strict=True)
+    except msgspec.ValidationError as err:
+        d = _detail_of(err)
+        sub = path if d.path == "$" else (path + ("" if d.path.startswith("[") else ".") + d.path)
+        out.append(ErrorDetail(path=sub or "$", message=d.message))
+
+
+def _type_of(info: msgspec.inspect.Type) -> Any:
+    """Rebuild a Python type (with constraints) from msgspec's type info."""
+    inspect = msgspec.inspect
+    while isinstance(info, inspect.Metadata):
+        info = info.type
+    meta_kw: dict[str, Any] = {}
+    for attr in ("pattern", "min_length", "max_length", "ge", "le", "gt", "lt", "tz"):
+        v = getattr(info, attr, None)
+        if v is not None:
+            meta_kw[attr] = v
+    base: Any
+    if isinstance(info, inspect.StrType):
+        base = str
+    elif isinstance(info, inspect.IntType):
+        base = int
+    elif isinstance(info, inspect.DateTimeType):
+        base = dt.datetime
+    elif isinstance(info, inspect.LiteralType):
+        return Literal[tuple(info.values)]  # type: ignore[misc]
+    elif isinstance(info, inspect.NoneType):
+        return None
+    elif isinstance(info, inspect.UnionType):
+        types = tuple(_type_of(t) for t in info.types)
+        out: Any = types[0]
+        for t in types[1:]:
+            out = out | t if t is not None else out | None
+        return out
+    elif isinstance(info, inspect.ListType):
+        return Annotated[list[_type_of(info.item_type)], Meta(**meta_kw)] if meta_kw else list
+    elif isinstance(info, inspect.DictType):
+        return dict
+    elif isinstance(info, inspect.StructType):
+        return info.cls
+    else:
+        return Any
+    return Annotated[base, Meta(**meta_kw)] if meta_kw else base
+
+
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "str", int: "int", float: "float", bool: "bool"}.get(
+        type(value), "null"
+    )

@@ -1,0 +1,126 @@
+"""``/v1/stats`` and ``orderq status``: one computation from the counters and stream lengths.
+
+Backlog needs no scan: processed entries are deleted in the same script that moves
+an order on, so the lengths of the intake and ready streams are exactly the orders
+still owed (pending entries included).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from orderq import keys
+from orderq.client import Redis
+from orderq.control import HOLDS_KEY
+
+TOTALS = (
+    "accepted",
+    "duplicates",
+    "invalid",
+    "shed",
+    "validated",
+    "rejected",
+    "review",
+    "held",
+    "executed",
+    "dead_letters",
+)
+EXTRA_COUNTERS = ("executed_vip", "executed_new", "executed_regular", "deferred", "dropped", "replayed")
+RATE_WINDOW_S = 5.0  # rates are averaged over this window
+
+
+async def backlog(r: Redis) -> tuple[int, dict[str, Any]]:
+    """Backlog and depth per stage in one pipelined round trip."""
+    pipe = r.client.pipeline(transaction=False)
+    for p in r.partitions:
+        pipe.xlen(p.intake)
+        for lane in p.lanes:
+            pipe.xlen(lane)
+        pipe.zcard(p.review)
+        pipe.xlen(p.deferred)
+        pipe.zcard(p.held)
+    res = await pipe.execute()
+    depth = {"intake": 0, "ready": {"vip": 0, "new": 0, "regular": 0}, "review": 0, "deferred": 0, "held": 0}
+    step = 7
+    for i in range(len(r.partitions)):
+        intake, vip, new, regular, review, deferred, held = res[i * step : (i + 1) * step]
+        depth["intake"] += intake
+        depth["ready"]["vip"] += vip
+        depth["ready"]["new"] += new
+        depth["ready"]["regular"] += regular
+        depth["review"] += review
+        depth["deferred"] += deferred
+        depth["held"] += held
+    total = depth["intake"] + sum(depth["ready"].values())
+    return total, depth
+
+
+async def totals(r: Redis) -> dict[str, int]:
+    pipe = r.client.pipeline(transaction=False)
+    for p in r.partitions:
+        pipe.hgetall(p.counters)
+    pipe.hgetall(keys.COUNTERS_GLOBAL)
+    out = dict.fromkeys(TOTALS + EXTRA_COUNTERS, 0)
+    for h in await pipe.execute():
+        for k, v in h.items():
+            name = k.decode()
+            out[name] = out.get(name, 0) + int(v)
+    return out
+
+
+class RateMeter:
+    """Per-second rates from counter samples kept over a short window."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[str, int]]] = []
+
+    def rates(self, now: float, t: dict[str, int]) -> dict[str, float]:
+        self.samples.append((now, t))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.pop(0)
+        t0, first = self.samples[0]
+        dt = now - t0
+
+        def rate(name: str) -> float:
+            return round((t.get(name, 0) - first.get(name, 0)) / dt, 1) if dt > 0 else 0.0
+
+        return {
+            "accepted_per_s": rate("accepted"),
+            "validated_per_s": rate("validated"),
+            "executed_per_s": rate("executed"),
+        }
+
+
+async def compute(r: Redis, meter: RateMeter) -> dict[str, Any]:
+    """The ``/v1/stats`` document (contract §4)."""
+    total, depth = await backlog(r)
+    t = await totals(r)
+    pipe = r.client.pipeline(transaction=False)
+    pipe.hgetall(keys.BREAKER_KEY)
+    pipe.hgetall(keys.WORKERS_KEY)
+    pipe.smembers(keys.PAUSED_KEY)
+    pipe.hgetall(HOLDS_KEY)
+    breaker, workers_raw, paused, holds = await pipe.execute()
+    now = time.time()
+    workers = []
+    for raw in workers_raw.values():
+        w = msgspec.json.decode(raw)
+        if now - float(w.get("ts", 0)) <= keys.WORKER_TTL_S:
+            workers.append({"stage": w["stage"], "pid": w["pid"], "host": w["host"]})
+    workers.sort(key=lambda w: (w["stage"], w["host"], w["pid"]))
+    return {
+        "stage": (breaker.get(b"stage") or b"normal").decode(),
+        "backlog": total,
+        "depth": {k: depth[k] for k in ("intake", "ready", "review", "deferred")},
+        "rates": meter.rates(time.monotonic(), t),
+        "totals": {k: t[k] for k in TOTALS},
+        "executed_by_priority": {p: t[f"executed_{p}"] for p in keys.PRIORITIES},
+        "syncs": {"deferred": t["deferred"], "dropped": t["dropped"], "replayed": t["replayed"]},
+        "held": depth["held"],
+        "holds": sorted(h.decode() for h in holds),
+        "workers": workers,
+        "paused": sorted(m.decode() for m in paused),
+    }

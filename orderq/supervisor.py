@@ -1,0 +1,135 @@
+"""``orderq up``: the embedded server (when no URL is set) and every stage as its own
+OS process (``python -m orderq <stage>``), restarted when it dies; SIGINT/SIGTERM stop
+the stages gracefully first and the server last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from orderq.server import EmbeddedServer
+from orderq.settings import Settings
+from orderq.tokens import ensure_tokens
+
+log = structlog.get_logger("orderq.supervisor")
+
+GRACE_S = 20.0  # a stage gets this long after SIGTERM to finish its batch
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # a crash-looping stage is retried ever slower
+STABLE_S = 30.0  # a stage up this long is healthy again: its backoff resets
+
+
+@dataclass
+class Child:
+    stage: str
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = 0.0
+    next_start: float = 0.0
+    failures: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = dict(os.environ if env is None else env)
+        self.server: EmbeddedServer | None = None
+        self.children: list[Child] = []
+        self.stopping = False
+
+    def plan(self) -> list[Child]:
+        s = self.settings
+        out = [Child("ingress", i) for i in range(s.ingress_processes)]
+        out += [Child("validate", i) for i in range(s.validate_processes)]
+        out += [Child("execute", i) for i in range(s.execute_processes)]
+        out.append(Child("breaker", 0))
+        return out
+
+    def start_server(self) -> None:
+        if self.settings.redis_url:
+            return
+        self.server = EmbeddedServer(self.settings.data_dir)
+        if self.server.adopt():
+            log.warning("server.adopted", url=self.server.url, message="reusing the server this data dir already runs")
+        else:
+            self.server.start()
+            log.info("server.started", url=self.server.url, data_dir=str(self.settings.data_dir))
+        self.env["ORDERQ_REDIS_URL"] = self.server.url
+
+    def spawn(self, child: Child) -> None:
+        cmd = [sys.executable, "-m", "orderq", child.stage]
+        child.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        log.info("stage.started", stage=child.stage, pid=child.proc.pid)
+
+    def run(self) -> int:
+        settings, token_file = ensure_tokens(self.settings)
+        if token_file is not None:
+            self.env["ORDERQ_CHANNEL_TOKENS"] = ",".join(f"{c}={t}" for c, t in settings.channel_tokens.items())
+            self.env["ORDERQ_ADMIN_TOKEN"] = settings.admin_token or ""
+            print(f"orderq: bearer tokens are in {token_file.resolve()}", flush=True)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.start_server()
+        try:
+            self.children = self.plan()
+            for c in self.children:
+                self.spawn(c)
+            print(
+                f"orderq: ingress on http://{settings.http_host}:{settings.http_port}  (Ctrl-C stops everything)",
+                flush=True,
+            )
+            self._watch()
+        finally:
+            self._stop_children()
+            if self.server is not None:
+                self.server.stop()
+                log.info("server.stopped")
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            for c in self.children:
+                if c.proc is not None and c.proc.poll() is not None:
+                    code = c.proc.returncode
+                    up_for = now - c.started
+                    if up_for >= STABLE_S:
+                        c.failures.clear()
+                    c.failures.append(now)
+                    delay = RESTART_BACKOFF_S[min(len(c.failures) - 1, len(RESTART_BACKOFF_S) - 1)]
+                    log.warning("stage.died", stage=c.stage, pid=c.proc.pid, exit_code=code, restart_in_s=delay)
+                    c.proc = None
+                    c.next_start = now + delay
+                if c.proc is None and now >= c.next_start and not self.stopping:
+                    c.restarts += 1
+                    self.spawn(c)
+            time.sleep(0.1)
+
+    def _stop_children(self) -> None:
+        live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        # Ingress first (stop accepting), then the workers finish their batches.
+        for stage_group in (("ingress",), ("validate", "execute", "breaker")):
+            group = [c for c in live if c.stage in stage_group]
+            for c in group:
+                assert c.proc is not None
+                c.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + GRACE_S
+            for c in group:
+                assert c.proc is not None
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("stage.killed", stage=c.stage, pid=c.proc.pid, reason="grace period over")
+                    c.proc.kill()
+                    c.proc.wait()

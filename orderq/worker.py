@@ -1,0 +1,199 @@
+"""The loop every stream-consuming stage shares: fetch a batch, process it in one
+script call per partition, reclaim what dead workers left, honour pause, drain and
+SIGTERM. Stages subclass :class:`StreamWorker` and supply ``fetch`` and ``process``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from orderq import keys
+from orderq.client import Redis, ensure_groups
+from orderq.control import Control
+
+log = structlog.get_logger("orderq.worker")
+
+BLOCK_MS = 500  # longest wait for new work: bounds how long a SIGTERM or pause waits
+ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
+RECLAIM_LIMIT = 1000  # entries claimed per stream per sweep
+
+
+@dataclass(slots=True)
+class Entry:
+    """One stream entry a worker owns until it acknowledges it."""
+
+    partition: keys.Partition
+    stream: str
+    id: str
+    fields: dict[bytes, bytes]
+    lane: int = 0  # executors: 1 vip, 2 new, 3 regular
+    delivered_again: bool = False
+
+    def get(self, name: bytes, default: bytes = b"") -> bytes:
+        return self.fields.get(name, default)
+
+
+@dataclass
+class BatchResult:
+    counts: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, tuple[Entry, str]] = field(default_factory=dict)  # entry id -> (entry, error)
+
+
+class StreamWorker:
+    """Base of the validate and execute workers."""
+
+    stage = ""
+    group = ""
+
+    def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
+        self.r = r
+        self.settings = r.settings
+        self.control = control
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = asyncio.Event()
+        self.batch = self.settings.worker_batch
+        self._next_reclaim = 0.0
+        self.processed = 0
+        self.log = log.bind(stage=self.stage, worker=self.consumer)
+
+    # --- what a stage supplies -------------------------------------------------------
+    def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
+        """The streams this stage consumes in partition ``p``, with their lane number."""
+        raise NotImplementedError
+
+    async def fetch(self, block_ms: int) -> list[Entry]:
+        raise NotImplementedError
+
+    async def process(self, entries: list[Entry]) -> BatchResult:
+        raise NotImplementedError
+
+    # --- the loop ---------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+
+    @property
+    def paused(self) -> bool:
+        return self.control is not None and self.stage in self.control.paused
+
+    async def run(self, drain: bool = False) -> int:
+        """Work until stopped; with ``drain``, until no work is left. Returns entries processed."""
+        errors = 0
+        while not self.stopping.is_set():
+            if self.paused:
+                await self._sleep(0.05)
+                continue
+            try:
+                entries = await self.reclaim() if time.monotonic() >= self._next_reclaim else []
+                if not entries:
+                    entries = await self.fetch(0 if drain else BLOCK_MS)
+                if not entries:
+                    if drain:
+                        break
+                    continue
+                await self._process(entries)
+                errors = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if "NOGROUP" in str(exc):  # a stream or group was deleted under us: recreate, at id 0
+                    await self._ensure_groups()
+                delay = ERROR_BACKOFF_S[min(errors, len(ERROR_BACKOFF_S) - 1)]
+                errors += 1
+                self.log.warning(f"{self.stage}.batch_failed", error=repr(exc), retry_in_s=delay)
+                await self._sleep(delay)
+        return self.processed
+
+    async def _ensure_groups(self) -> None:
+        try:
+            await ensure_groups(self.r)
+        except Exception as exc:
+            self.log.warning("groups.ensure_failed", error=repr(exc))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _process(self, entries: list[Entry]) -> None:
+        t0 = time.perf_counter()
+        result = await self.process(entries)
+        self.processed += len(entries) - len(result.failed)
+        if result.failed:
+            await self._record_failures(result.failed)
+        self.log.info(
+            f"{self.stage}.batch",
+            count=len(entries),
+            failed=len(result.failed),
+            duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+            **result.counts,
+        )
+
+    async def _record_failures(self, failed: dict[str, tuple[Entry, str]]) -> None:
+        """Keep the last error of entries left pending: a dead letter carries it."""
+        await self.r.run(
+            lambda pipe: [pipe.hset(e.partition.errors, entry_id, err[:500]) for entry_id, (e, err) in failed.items()]
+        )
+        for entry_id, (entry, error) in failed.items():
+            self.log.warning(
+                f"{self.stage}.entry_failed", entry_id=entry_id, order_key=entry.get(b"k").decode(), error=error[:200]
+            )
+
+    async def reclaim(self) -> list[Entry]:
+        """Claim entries idle past the lease (dead or stuck workers); dead-letter poison ones."""
+        s = self.settings
+        self._next_reclaim = time.monotonic() + max(0.2, min(2.0, s.claim_idle_ms / 2000))
+        targets = [(p, stream, lane) for p in self.r.partitions for stream, lane in self.streams_of(p)]
+
+        def build(pipe: Any) -> None:
+            for p, stream, _lane in targets:
+                self.r.script(
+                    pipe,
+                    "reclaim",
+                    [stream, p.dead, p.counters, p.errors],
+                    [self.group, self.consumer, s.claim_idle_ms, s.max_deliveries, RECLAIM_LIMIT],
+                )
+
+        results = await self.r.run(build)
+        entries: list[Entry] = []
+        dead = 0
+        for (p, stream, lane), (claimed, n_dead, _cursor) in zip(targets, results, strict=True):
+            dead += int(n_dead)
+            for entry_id, flat in claimed:
+                entries.append(Entry(p, stream, entry_id.decode(), _pairs(flat), lane, delivered_again=True))
+        if entries or dead:
+            self.log.warning(f"{self.stage}.reclaimed", claimed=len(entries), dead_lettered=dead)
+        return entries
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
+
+
+def parse_read(reply: Any, by_stream: dict[bytes, tuple[keys.Partition, int]]) -> list[Entry]:
+    """Turn an XREADGROUP reply (RESP2 list form) into entries."""
+    out: list[Entry] = []
+    if not reply:
+        return out
+    items = reply.items() if isinstance(reply, dict) else reply
+    for stream, messages in items:
+        p, lane = by_stream[stream]
+        if messages and isinstance(messages[0], list) and messages and not isinstance(messages[0][0], bytes):
+            messages = messages[0]
+        for entry_id, fields in messages:
+            if fields is None:  # deleted while pending
+                continue
+            out.append(
+                Entry(
+                    p, stream.decode(), entry_id.decode(), fields if isinstance(fields, dict) else _pairs(fields), lane
+                )
+            )
+    return out

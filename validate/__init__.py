@@ -1,0 +1,1 @@
+"""The validate stage: intake stream -> ready lanes by priority."""

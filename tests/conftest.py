@@ -1,0 +1,219 @@
+"""Shared fixtures: a private real Valkey per test session (no mocks), a clean keyspace
+per test, real ``orderq`` stage processes on free loopback ports, and in-process
+workers with a drain mode so a test can run them to completion deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from orderq import client as oq_client
+from orderq.control import Control
+from orderq.server import EmbeddedServer, free_port
+from orderq.settings import Settings
+
+CHANNEL_TOKENS = {
+    c: f"tok-{c}-{'x' * 16}" for c in ("tmall", "jd", "douyin", "pdd", "kuaishou", "shopify", "miniapp", "pos")
+}
+ADMIN_TOKEN = "tok-admin-" + "y" * 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def auth(channel: str = "tmall") -> dict[str, str]:
+    return {"Authorization": f"Bearer {CHANNEL_TOKENS[channel]}"}
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def make_order(n: int | str = 1, **over: Any) -> dict[str, Any]:
+    """A valid order (contract §3); ``over`` replaces top-level fields."""
+    o: dict[str, Any] = {
+        "channel": "tmall",
+        "order_id": f"T{n}",
+        "created_at": "2026-11-11T00:00:01+08:00",
+        "customer": {"id": f"u-{n}", "tier": "regular", "phone": "13812345678", "ip": "36.112.4.7"},
+        "ship_to": {
+            "name": "王芳",
+            "phone": "13812345678",
+            "province": "江苏省",
+            "city": "苏州市",
+            "district": "工业园区",
+            "address": "星湖街 328 号 5 幢 1201",
+        },
+        "lines": [{"sku": "SOFA-OAK-3", "qty": 1, "unit_price": "2999.00", "paid_price": "2899.00"}],
+        "paid_amount": "2899.00",
+        "currency": "CNY",
+    }
+    o.update(over)
+    return o
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """One private Valkey for the whole session, on a free loopback port."""
+    server = EmbeddedServer(tmp_path_factory.mktemp("valkey"), port=free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_env(valkey: EmbeddedServer, tmp_path: Path) -> Callable[..., dict[str, str]]:
+    """Environment for a stage process or Settings: the private server, fixed tokens."""
+
+    def make(**over: Any) -> dict[str, str]:
+        env = {
+            "ORDERQ_REDIS_URL": valkey.url,
+            "ORDERQ_DATA_DIR": str(tmp_path / "data"),
+            "ORDERQ_CHANNEL_TOKENS": ",".join(f"{c}={t}" for c, t in CHANNEL_TOKENS.items()),
+            "ORDERQ_ADMIN_TOKEN": ADMIN_TOKEN,
+            "ORDERQ_LOG_FORMAT": "json",
+            "ORDERQ_CLAIM_IDLE_MS": "1000",
+        }
+        env.update({k: str(v) for k, v in over.items()})
+        return env
+
+    return make
+
+
+@pytest.fixture
+def settings_for(make_env: Callable[..., dict[str, str]]) -> Callable[..., Settings]:
+    def make(**over: Any) -> Settings:
+        return Settings.from_mapping(make_env(**over))
+
+    return make
+
+
+@pytest.fixture
+def flushed(valkey: EmbeddedServer) -> EmbeddedServer:
+    """A clean keyspace for this test."""
+    with redis.Redis.from_url(valkey.url) as c:
+        c.flushall()
+    return valkey
+
+
+@pytest.fixture
+async def r(flushed: EmbeddedServer, settings_for: Callable[..., Settings]) -> AsyncIterator[oq_client.Redis]:
+    conn = await oq_client.connect(settings_for())
+    yield conn
+    await conn.close()
+
+
+async def drain(r: oq_client.Redis, rounds: int = 3) -> int:
+    """Run a validate and an execute worker in drain mode until no work is left."""
+    from execute.worker import ExecuteWorker
+    from validate.worker import ValidateWorker
+
+    control = await Control(r).start()
+    total = 0
+    try:
+        for _ in range(rounds):
+            n = await ValidateWorker(r, control, consumer="drain-v").run(drain=True)
+            n += await ExecuteWorker(r, control, consumer="drain-e").run(drain=True)
+            total += n
+            if n == 0:
+                break
+    finally:
+        await control.stop()
+    return total
+
+
+class StageProcess:
+    """A real ``python -m orderq <stage>`` process."""
+
+    def __init__(self, stage: str, env: dict[str, str], log_path: Path) -> None:
+        self.stage = stage
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StageProcess:
+        full = dict(os.environ)
+        full.update(self.env)
+        full.setdefault("PYTHONPATH", str(ROOT))
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orderq", self.stage], env=full, cwd=ROOT, stdout=self._log, stderr=self._log
+        )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture
+def stages(make_env: Callable[..., dict[str, str]], tmp_path: Path) -> Iterator[Callable[..., StageProcess]]:
+    """Start real stage processes; all are stopped at the end of the test."""
+    started: list[StageProcess] = []
+
+    def start(stage: str, **env: Any) -> StageProcess:
+        p = StageProcess(stage, make_env(**env), tmp_path / f"{stage}-{len(started)}.log").start()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def ingress(stages: Callable[..., StageProcess], flushed: EmbeddedServer) -> Callable[..., Any]:
+    """Start a real ingress (uvicorn) on a free port; returns its base URL once it answers."""
+
+    async def start(**env: Any) -> str:
+        port = free_port()
+        p = stages("ingress", ORDERQ_HTTP_PORT=port, **env)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        async with httpx.AsyncClient() as c:
+            while True:
+                if p.proc is not None and p.proc.poll() is not None:
+                    raise RuntimeError(f"ingress exited {p.proc.returncode}:\n{p.log()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await c.get(base + "/healthz")).status_code == 200:
+                        return base
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ingress did not start:\n{p.log()}")
+                await asyncio.sleep(0.05)
+
+    return start
+
+
+def unique(prefix: str = "T") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"

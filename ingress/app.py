@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from ingress.committer import Committer
 from ingress.limits import BodyLimit
+from ingress.ratelimit import Limiter
 from ingress.routes import Auth, Handlers
 from orderq import client as oq_client
 from orderq.control import Control
@@ -32,6 +33,7 @@ def build_app(settings: Settings) -> Any:
         state.redis = await oq_client.connect(settings)
         state.control = await Control(state.redis, "ingress").start()
         state.committer = Committer(state.redis)
+        state.limiter = Limiter(state.redis)
         if not settings.auth:
             log.warning("ingress.auth_off", message="ORDERQ_AUTH=off: every request is accepted without a token")
         log.info("ingress.started", redis=_safe_url(state.redis.url), durability=settings.durability)

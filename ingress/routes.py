@@ -150,6 +150,23 @@ class Handlers:
             return False
         return order.customer.tier != "vip" or c.backlog >= self.s.settings.shed_vip_depth
 
+    async def _rate(self, channel: str, n: int) -> None:
+        """429 + Retry-After when ``channel`` is over its ORDERQ_CHANNEL_RATE."""
+        limiter = self.s.limiter
+        if not limiter.limited(channel):
+            return
+        try:
+            wait = await limiter.take(channel, n)
+        except (RedisError, OSError) as exc:
+            raise ServerUnavailable(f"Redis: {exc}") from None
+        if wait:
+            raise Refusal(
+                429,
+                "rate_limited",
+                f"channel {channel!r} is over its rate; retry later",
+                headers={"Retry-After": str(wait)},
+            )
+
     async def _count(self, field: str, n: int = 1) -> None:
         try:
             await self.s.redis.client.hincrby(keys.COUNTERS_GLOBAL, field, n)
@@ -177,6 +194,7 @@ class Handlers:
             if self._shed(order):
                 await self._count("shed")
                 raise Refusal(503, "shedding", "backlog too high; retry later", headers=_retry_after(2))
+            await self._rate(order.channel, 1)
             key = order.key
             committer = self.s.committer
             (flag,) = await committer.wait([committer.submit(key, pack(order), order.customer.tier)])
@@ -210,6 +228,8 @@ class Handlers:
                     f"a batch holds 1 to {limit} orders",
                     [ErrorDetail(path="orders", message=f"expected 1 to {limit} orders, got {len(batch.orders)}")],
                 )
+            if token_channel is not None:
+                await self._rate(token_channel, len(batch.orders))
             results: list[dict[str, Any]] = []
             pending: list[tuple[int, asyncio_future]] = []
             seen: set[str] = set()

@@ -20,7 +20,7 @@ from orderq import keys
 from orderq.errors import ConfigError, ServerCheckError
 from orderq.settings import Settings
 
-SCRIPT_NAMES = ("intake", "handoff", "execute", "reclaim", "take", "replay")
+SCRIPT_NAMES = ("intake", "handoff", "execute", "reclaim", "take", "replay", "ratelimit")
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 
 

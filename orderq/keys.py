@@ -154,6 +154,11 @@ def partitions(count: int) -> tuple[Partition, ...]:
     return tuple(Partition(i, partition_tag(i, count)) for i in range(count))
 
 
+def bucket_key(channel: str) -> str:
+    """Token bucket of a channel's ORDERQ_CHANNEL_RATE; one tag so one call serves every channel."""
+    return f"{PREFIX}:{{rl}}:bucket:{channel}"
+
+
 def customer_key(channel: str, customer_id: str) -> str:
     """Who placed a customer's first order (value: that order key); decides priority ``new``."""
     return f"{PREFIX}:cust:{channel}:{customer_id}"

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from execute.actions import fulfilment_id, plan
-from orderq import keys
+from orderq import keys, metrics
 from orderq.schema import unpack_order
 from orderq.worker import BatchResult, Entry, StreamWorker, _pairs
 
@@ -88,7 +88,10 @@ class ExecuteWorker(StreamWorker):
         for items in by_part.values():
             for e, _key, outcome, _fid, _acts in items:  # type: ignore[misc]
                 if outcome == "e" and e.get(b"ta"):
-                    lat.append((LANES[e.lane - 1], now - int(e.get(b"ta")) / 1e6))
+                    prio = LANES[e.lane - 1]
+                    seconds = now - int(e.get(b"ta")) / 1e6
+                    lat.append((prio, seconds))
+                    metrics.E2E_LATENCY.observe(seconds, prio)
         self.latencies = lat
         result.counts = totals
         return result

@@ -17,6 +17,7 @@ from ingress.limits import BodyLimit
 from ingress.ratelimit import Limiter
 from ingress.routes import Auth, Handlers
 from orderq import client as oq_client
+from orderq import metrics
 from orderq.control import Control
 from orderq.settings import Settings
 from orderq.stats import RateMeter
@@ -34,6 +35,7 @@ def build_app(settings: Settings) -> Any:
         state.control = await Control(state.redis, "ingress").start()
         state.committer = Committer(state.redis)
         state.limiter = Limiter(state.redis)
+        flusher = metrics.start_flusher(state.redis)
         if not settings.auth:
             log.warning("ingress.auth_off", message="ORDERQ_AUTH=off: every request is accepted without a token")
         log.info("ingress.started", redis=_safe_url(state.redis.url), durability=settings.durability)
@@ -41,6 +43,7 @@ def build_app(settings: Settings) -> Any:
             yield
         finally:
             await state.committer.close()
+            await metrics.stop_flusher(flusher, state.redis)
             await state.control.stop()
             await state.redis.close()
 
@@ -51,6 +54,7 @@ def build_app(settings: Settings) -> Any:
         Route("/v1/stats", h.get_stats, methods=["GET"]),
         Route("/v1/admin/pause", h.pause, methods=["POST"]),
         Route("/v1/admin/resume", h.resume, methods=["POST"]),
+        Route("/metrics", h.metrics, methods=["GET"]),
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
     ]

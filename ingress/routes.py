@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import random
+import time
 from typing import Any
 
 import msgspec
@@ -14,7 +15,7 @@ from starlette.responses import Response
 
 from ingress import responses
 from orderq import control as ctl
-from orderq import keys, stats
+from orderq import keys, metrics, stats
 from orderq.errors import ServerUnavailable
 from orderq.schema import (
     ErrorDetail,
@@ -175,6 +176,7 @@ class Handlers:
 
     # --- orders ---------------------------------------------------------------------
     async def post_order(self, request: Request) -> Response:
+        t0 = time.perf_counter()
         try:
             token_channel = self.s.auth.channel_of(request)
             _require_json(request)
@@ -203,9 +205,11 @@ class Handlers:
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
         body_out = {"order_key": key, "status": "accepted", "duplicate": not flag, "stage": self.s.control.stage}
+        metrics.ACK_LATENCY.observe(time.perf_counter() - t0)
         return responses.json(body_out, 202 if flag else 200)
 
     async def post_batch(self, request: Request) -> Response:
+        t0 = time.perf_counter()
         try:
             token_channel = self.s.auth.channel_of(request)
             _require_json(request)
@@ -298,6 +302,7 @@ class Handlers:
         if intra_dups:
             extra["duplicates"] = intra_dups
         await self._count_many({k: v for k, v in extra.items() if v})
+        metrics.ACK_LATENCY.observe(time.perf_counter() - t0)
         return responses.json(
             {"results": results, "accepted": n_acc, "duplicates": n_dup, "invalid": n_invalid, "shed": n_shed},
             202,
@@ -364,6 +369,13 @@ class Handlers:
             return r.response()
         log.info("admin.paused" if paused else "admin.resumed", stage=doc.stage)
         return responses.json({"stage": doc.stage, "paused": paused})
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            text = await metrics.render(self.s.redis)
+        except RedisError as exc:
+            return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
+        return Response(text, 200, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def healthz(self, request: Request) -> Response:
         return responses.json({"status": "ok"})

@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from orderq import client as oq_client
+from orderq import metrics
 from orderq.control import Control
 from orderq.settings import Settings
 
@@ -23,9 +24,11 @@ async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     log.info(f"{stage}.started", worker=worker.consumer, partitions=settings.partitions)
+    flusher = metrics.start_flusher(r)
     try:
         await worker.run()
     finally:
+        await metrics.stop_flusher(flusher, r)
         log.info(f"{stage}.stopped", worker=worker.consumer, processed=worker.processed)
         await control.stop()
         await r.close()

@@ -1,0 +1,175 @@
+"""Prometheus metrics, aggregated across every process and host.
+
+Counters and gauges are read at scrape time from the totals the stage scripts keep
+in Redis (exact, shared). Latency histograms are observed in process memory and
+added to Redis once a second (one pipelined round trip), so ``/metrics`` on any
+ingress shows the sum over all processes — not one process's view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from orderq import keys, stats
+from orderq.client import Redis
+
+log = structlog.get_logger("orderq.metrics")
+
+FLUSH_S = 1.0  # how often a process adds its observations to Redis
+HIST_KEY = f"{keys.PREFIX}:m:h"  # hash per histogram: "<label>|<bucket index>" -> count, "<label>|sum"
+REASONS_KEY = f"{keys.PREFIX}:m:reasons"  # hash: reason code (SKU stripped) -> count
+
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Histogram:
+    """Local buckets, flushed to Redis; ``label`` is one label value (e.g. a priority)."""
+
+    def __init__(self, name: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.buckets = buckets
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, value: float, label: str = "") -> None:
+        c = self.counts.get(label)
+        if c is None:
+            c = self.counts[label] = [0] * (len(self.buckets) + 1)
+            self.sums[label] = 0.0
+        c[bisect.bisect_left(self.buckets, value)] += 1
+        self.sums[label] += value
+
+    def drain_into(self, pipe: Any) -> bool:
+        if not self.counts:
+            return False
+        key = f"{HIST_KEY}:{self.name}"
+        for label, counts in self.counts.items():
+            for i, n in enumerate(counts):
+                if n:
+                    pipe.hincrby(key, f"{label}|{i}", n)
+            pipe.hincrbyfloat(key, f"{label}|sum", self.sums[label])
+        self.counts, self.sums = {}, {}
+        return True
+
+
+ACK_LATENCY = Histogram("ack_latency", ACK_BUCKETS)
+E2E_LATENCY = Histogram("e2e_latency", E2E_BUCKETS)
+
+
+async def flush(r: Redis, hists: Iterable[Histogram] = (ACK_LATENCY, E2E_LATENCY)) -> None:
+    pipe = r.client.pipeline(transaction=False)
+    if any([h.drain_into(pipe) for h in hists]):
+        await pipe.execute()
+
+
+async def flush_forever(r: Redis) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_S)
+        try:
+            await flush(r)
+        except Exception as exc:  # metrics never take a stage down
+            log.warning("metrics.flush_failed", error=repr(exc))
+
+
+def start_flusher(r: Redis) -> asyncio.Task[None]:
+    return asyncio.create_task(flush_forever(r))
+
+
+async def stop_flusher(task: asyncio.Task[None], r: Redis) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    with contextlib.suppress(Exception):
+        await flush(r)
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Any]:
+        return self.families
+
+
+def _histogram(name: str, doc: str, raw: dict[bytes, bytes], buckets: tuple[float, ...], label: str | None) -> Any:
+    fam = HistogramMetricFamily(name, doc, labels=[label] if label else [])
+    per: dict[str, dict[str, float]] = {}
+    for k, v in raw.items():
+        lab, _, idx = k.decode().rpartition("|")
+        per.setdefault(lab, {})[idx] = float(v)
+    for lab, vals in sorted(per.items()):
+        cum = 0.0
+        bs = []
+        for i, le in enumerate((*buckets, float("inf"))):
+            cum += vals.get(str(i), 0.0)
+            bs.append(("+Inf" if le == float("inf") else str(le), cum))
+        fam.add_metric([lab] if label else [], bs, vals.get("sum", 0.0))
+    return fam
+
+
+async def render(r: Redis) -> bytes:
+    """The Prometheus text exposition of everything orderq knows, for any process to serve."""
+    backlog, depth = await stats.backlog(r)
+    t = await stats.totals(r)
+    pipe = r.client.pipeline(transaction=False)
+    pipe.hget(keys.BREAKER_KEY, "stage")
+    pipe.hgetall(f"{HIST_KEY}:ack_latency")
+    pipe.hgetall(f"{HIST_KEY}:e2e_latency")
+    pipe.hgetall(REASONS_KEY)
+    stage_raw, ack, e2e, reasons = await pipe.execute()
+    stage = (stage_raw or b"normal").decode()
+    fams: list[Any] = []
+
+    def counter(name: str, doc: str, value: float) -> None:
+        fams.append(CounterMetricFamily(f"orderq_{name}", doc, value=value))
+
+    counter("accepted", "Orders accepted (202)", t["accepted"])
+    counter("duplicates", "Idempotent replays of a known order key", t["duplicates"])
+    counter("invalid", "Orders refused by the schema (422 / invalid in a batch)", t["invalid"])
+    counter("shed", "Orders refused while shedding (503)", t["shed"])
+    counter("validated", "Orders validated and sent to execution", t["validated"])
+    counter("rejected", "Orders rejected by validation or a reviewer", t["rejected"])
+    counter("review", "Orders sent to manual review", t["review"])
+    counter("held", "Orders held by a region hold", t["held"])
+    counter("dead_letters", "Entries dead-lettered after too many deliveries", t["dead_letters"])
+    by_reason = CounterMetricFamily("orderq_reasons", "Rejection and review reasons", labels=["reason"])
+    for k, v in sorted(reasons.items()):
+        by_reason.add_metric([k.decode()], float(v))
+    fams.append(by_reason)
+    executed = CounterMetricFamily("orderq_executed", "Orders executed", labels=["priority"])
+    for p in keys.PRIORITIES:
+        executed.add_metric([p], t[f"executed_{p}"])
+    fams.append(executed)
+    syncs = CounterMetricFamily("orderq_syncs", "Non-core syncs skipped or replayed by the breaker", labels=["state"])
+    for state in ("deferred", "dropped", "replayed"):
+        syncs.add_metric([state], t[state])
+    fams.append(syncs)
+    fams.append(GaugeMetricFamily("orderq_backlog", "Accepted orders not yet executed/settled", value=backlog))
+    depth_g = GaugeMetricFamily("orderq_depth", "Entries per stage", labels=["stage"])
+    depth_g.add_metric(["intake"], depth["intake"])
+    for p in keys.PRIORITIES:
+        depth_g.add_metric([f"ready_{p}"], depth["ready"][p])
+    for name in ("review", "deferred", "held"):
+        depth_g.add_metric([name], depth[name])
+    fams.append(depth_g)
+    stage_g = GaugeMetricFamily("orderq_breaker_stage", "1 for the breaker's current stage", labels=["stage"])
+    for s in ("normal", "degraded", "shedding"):
+        stage_g.add_metric([s], 1.0 if s == stage else 0.0)
+    fams.append(stage_g)
+    fams.append(_histogram("orderq_ack_latency_seconds", "Ingress request to acknowledgement", ack, ACK_BUCKETS, None))
+    fams.append(
+        _histogram("orderq_e2e_latency_seconds", "Accepted to executed, by priority", e2e, E2E_BUCKETS, "priority")
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(fams))
+    return generate_latest(registry)

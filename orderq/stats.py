@@ -106,10 +106,16 @@ async def compute(r: Redis, meter: RateMeter) -> dict[str, Any]:
     breaker, workers_raw, paused, holds = await pipe.execute()
     now = time.time()
     workers = []
-    for raw in workers_raw.values():
+    gone = []
+    for wid, raw in workers_raw.items():
         w = msgspec.json.decode(raw)
-        if now - float(w.get("ts", 0)) <= keys.WORKER_TTL_S:
+        age = now - float(w.get("ts", 0))
+        if age <= keys.WORKER_TTL_S:
             workers.append({"stage": w["stage"], "pid": w["pid"], "host": w["host"]})
+        elif age > 60 * keys.WORKER_TTL_S:
+            gone.append(wid)
+    if gone:  # heartbeats of processes long dead
+        await r.client.hdel(keys.WORKERS_KEY, *gone)
     workers.sort(key=lambda w: (w["stage"], w["host"], w["pid"]))
     return {
         "stage": (breaker.get(b"stage") or b"normal").decode(),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from orderq.server import EmbeddedServer
+from orderq.server import EmbeddedServer, die_with_parent
 from orderq.settings import Settings
 from orderq.tokens import ensure_tokens
 
@@ -65,7 +65,11 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         cmd = [sys.executable, "-m", "orderq", child.stage]
-        child.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        # Own session: a terminal's Ctrl-C reaches only the supervisor, which stops the ingress
+        # first and the workers after (a second signal would make uvicorn force-exit).
+        child.proc = subprocess.Popen(
+            cmd, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
+        )
         child.started = time.monotonic()
         log.info("stage.started", stage=child.stage, pid=child.proc.pid)
 

@@ -23,6 +23,8 @@ log = structlog.get_logger("orderq.worker")
 BLOCK_MS = 500  # longest wait for new work: bounds how long a SIGTERM or pause waits
 ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
 RECLAIM_LIMIT = 1000  # entries claimed per stream per sweep
+PRUNE_EVERY_S = 300.0  # how often a worker forgets consumers of dead processes
+PRUNE_IDLE_MS = 3_600_000  # a consumer idle this long with nothing pending is gone for good
 
 
 @dataclass(slots=True)
@@ -60,6 +62,7 @@ class StreamWorker:
         self.stopping = asyncio.Event()
         self.batch = self.settings.worker_batch
         self._next_reclaim = 0.0
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
         self.processed = 0
         self.log = log.bind(stage=self.stage, worker=self.consumer)
 
@@ -90,7 +93,10 @@ class StreamWorker:
                 await self._sleep(0.05)
                 continue
             try:
-                entries = await self.reclaim() if time.monotonic() >= self._next_reclaim else []
+                now = time.monotonic()
+                if now >= self._next_prune:
+                    await self.prune_consumers()
+                entries = await self.reclaim() if now >= self._next_reclaim else []
                 if not entries:
                     entries = await self.fetch(0 if drain else BLOCK_MS)
                 if not entries:
@@ -138,8 +144,12 @@ class StreamWorker:
 
     async def _record_failures(self, failed: dict[str, tuple[Entry, str]]) -> None:
         """Keep the last error of entries left pending: a dead letter carries it."""
+        # Field "<stream>|<id>": entries of different streams of a partition can share an id.
         await self.r.run(
-            lambda pipe: [pipe.hset(e.partition.errors, entry_id, err[:500]) for entry_id, (e, err) in failed.items()]
+            lambda pipe: [
+                pipe.hset(e.partition.errors, f"{e.stream}|{entry_id}", err[:500])
+                for entry_id, (e, err) in failed.items()
+            ]
         )
         for entry_id, (entry, error) in failed.items():
             self.log.warning(
@@ -171,6 +181,26 @@ class StreamWorker:
         if entries or dead:
             self.log.warning(f"{self.stage}.reclaimed", claimed=len(entries), dead_lettered=dead)
         return entries
+
+    async def prune_consumers(self) -> int:
+        """Delete consumers (one per process ever started) idle for an hour with nothing pending."""
+        self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        streams = [stream for p in self.r.partitions for stream, _ in self.streams_of(p)]
+        infos = await self.r.run(
+            lambda pipe: [pipe.xinfo_consumers(s, self.group) for s in streams], raise_on_error=False
+        )
+        stale = []
+        for stream, info in zip(streams, infos, strict=True):
+            if isinstance(info, Exception):
+                continue
+            for c in info:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if c["pending"] == 0 and c["idle"] > PRUNE_IDLE_MS and name != self.consumer:
+                    stale.append((stream, name))
+        if stale:
+            await self.r.run(lambda pipe: [pipe.xgroup_delconsumer(s, self.group, n) for s, n in stale])
+            self.log.info(f"{self.stage}.consumers_pruned", count=len(stale))
+        return len(stale)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -12,6 +12,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from ingress import admin
 from ingress.committer import Committer
 from ingress.limits import BodyLimit
 from ingress.ratelimit import Limiter
@@ -57,6 +58,7 @@ def build_app(settings: Settings) -> Any:
         Route("/metrics", h.metrics, methods=["GET"]),
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
+        *admin.routes(state),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.orderq = state

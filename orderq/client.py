@@ -20,7 +20,21 @@ from orderq import keys
 from orderq.errors import ConfigError, ServerCheckError
 from orderq.settings import Settings
 
-SCRIPT_NAMES = ("intake", "handoff", "execute", "reclaim", "take", "replay", "ratelimit")
+SCRIPT_NAMES = (
+    "intake",
+    "handoff",
+    "execute",
+    "reclaim",
+    "take",
+    "replay",
+    "ratelimit",
+    # validation ledger, review and holds (issue 4)
+    "rules",
+    "release",
+    "restock",
+    "review",
+    "unhold",
+)
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 
 

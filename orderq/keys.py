@@ -162,3 +162,54 @@ def bucket_key(channel: str) -> str:
 def customer_key(channel: str, customer_id: str) -> str:
     """Who placed a customer's first order (value: that order key); decides priority ``new``."""
     return f"{PREFIX}:cust:{channel}:{customer_id}"
+
+
+# --- Validation ledger (issue 4): stock, coupons, subsidies, risk windows ----------------
+# Global, not per partition: a SKU's stock is shared by the orders of every partition.
+# Every ledger key carries the ONE hash tag {rules}, so an order's whole check-and-hold
+# (each line's stock, its single-use coupons, its customer's day subsidy, the IP and
+# duplicate windows) is a single-slot script, atomic, one call per batch, also on a
+# Redis Cluster. The price: one cluster master carries the ledger (the scripts are
+# O(lines) per order, so that is tens of thousands of orders/s). The ledger scripts
+# build these names from RULES_PREFIX themselves (same slot by construction); the
+# functions below are the Python side of the same formats.
+RULES_PREFIX = f"{PREFIX}:{{rules}}:"
+LEDGER_REPLAY_TTL_S = 24 * 3600  # decision of a validated/rejected order, for redelivered batches
+SUBSIDY_TTL_S = 2 * 24 * 3600  # a customer's day totals outlive their (Beijing) day
+IP_WINDOW_MS = 3600 * 1000  # the sliding hour of ORDERQ_IP_ORDERS_PER_HOUR
+BEIJING_OFFSET_MS = 8 * 3600 * 1000  # "one day" of the subsidy cap is a Beijing calendar day
+
+
+def stock_key(sku: str) -> str:
+    """Hash ``p`` physical, ``r`` reserved units of a SKU (no key: unknown SKU)."""
+    return f"{RULES_PREFIX}sku:{sku}"
+
+
+def holders_key(sku: str) -> str:
+    """Hash order key -> units it holds of ``sku``: what a release or a recount settles, once."""
+    return f"{RULES_PREFIX}sku:{sku}:h"
+
+
+def coupon_key(code: str) -> str:
+    """Hash ``pf`` platform, ``a`` amount (cents), ``x`` expiry (ms, 0 none), ``one`` single use, ``u`` used by."""
+    return f"{RULES_PREFIX}cpn:{code}"
+
+
+def subsidy_key(channel: str, customer_id: str, day: int) -> str:
+    """Hash ``g`` goods, ``c`` coupon cents of a customer's (Beijing) day ``day`` (days since the epoch)."""
+    return f"{RULES_PREFIX}sub:{channel}:{customer_id}:{day}"
+
+
+def ip_key(ip: str) -> str:
+    """Sorted set order key -> accept time (ms) of the orders from one IP in the last hour(s)."""
+    return f"{RULES_PREFIX}ip:{ip}"
+
+
+def dup_key(fingerprint: str) -> str:
+    """Sorted set order key -> accept time (ms) of orders with one recipient+items+amount fingerprint."""
+    return f"{RULES_PREFIX}dup:{fingerprint}"
+
+
+def ledger_key(order_key: str) -> str:
+    """JSON of what the ledger decided and holds for one order: makes replays and releases exact."""
+    return f"{RULES_PREFIX}o:{order_key}"

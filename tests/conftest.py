@@ -83,6 +83,10 @@ def make_env(valkey: EmbeddedServer, tmp_path: Path) -> Callable[..., dict[str, 
             "ORDERQ_ADMIN_TOKEN": ADMIN_TOKEN,
             "ORDERQ_LOG_FORMAT": "json",
             "ORDERQ_CLAIM_IDLE_MS": "1000",
+            # Validation rules inert unless a test turns them on (tests/test_validate_rules.py):
+            # make_order's orders share a recipient and a SKU without stock record.
+            "ORDERQ_UNKNOWN_SKU": "allow",
+            "ORDERQ_DUP_WINDOW_S": "0",
         }
         env.update({k: str(v) for k, v in over.items()})
         return env

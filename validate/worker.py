@@ -1,23 +1,59 @@
-"""Validate worker: reads intake batches, decides, hands off in one script call per partition."""
+"""Validate worker: reads intake batches, decides, hands off in one script call per partition.
+
+Round trips per batch: the read, one pipeline for the decisions (priorities + the
+ledger script, validate/rules.py), one pipeline for the hand-off (one ``handoff`` call
+per partition, plus the reason counters). Each process also sweeps region holds that
+were lifted (validate/holds.py) every few seconds.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections import Counter
 from typing import Any
 
 import msgspec
 
-from orderq import keys
+from orderq import keys, metrics
 from orderq.schema import json_encoder, unpack_order
 from orderq.worker import BatchResult, Entry, StreamWorker, parse_read
-from validate.rules import decide
+from validate import holds
+from validate.rules import Decision, decide
 
 
 class ValidateWorker(StreamWorker):
     stage = "validate"
     group = keys.GROUP_VALIDATE
 
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._held_provinces: dict[str, str] = {}  # held order key -> province, for the sweep
+
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
         return [(p.intake, 0)]
+
+    async def run(self, drain: bool = False) -> int:
+        if drain:  # tests and tools: one sweep, then work until nothing is left
+            await holds.sweep(self.r, self._held_provinces)
+            return await super().run(drain=True)
+        task = asyncio.create_task(self._sweep_holds())
+        try:
+            return await super().run()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sweep_holds(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                moved = await holds.sweep(self.r, self._held_provinces)
+                if moved:
+                    self.log.info("holds.released", orders=moved)
+            except Exception as exc:  # Redis away: the next sweep tries again
+                self.log.warning("holds.sweep_failed", error=repr(exc))
+            await self._sleep(holds.SWEEP_S)
 
     async def fetch(self, block_ms: int) -> list[Entry]:
         parts = self.r.partitions
@@ -41,10 +77,14 @@ class ValidateWorker(StreamWorker):
                 good.append(e)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 result.failed[e.id] = (e, f"undecodable order payload: {exc}")
-        decisions = await decide(self.r.client, orders) if orders else []
-        by_part: dict[keys.Partition, list[tuple[Entry, object]]] = {}
+        accepted_us = [int(e.get(b"ta") or 0) for e in good]
+        decisions = await decide(self.r, orders, accepted_us) if orders else []
+        by_part: dict[keys.Partition, list[tuple[Entry, Decision]]] = {}
+        reasons: Counter[str] = Counter()
         for e, d in zip(good, decisions, strict=True):
             by_part.setdefault(e.partition, []).append((e, d))
+            for reason in d.reasons:
+                reasons[reason.partition(":")[0]] += 1
         ttl = self.settings.status_ttl_s
 
         def build(pipe: Any) -> None:
@@ -64,9 +104,11 @@ class ValidateWorker(StreamWorker):
                         d.risk_score,
                     ]
                 self.r.script(pipe, "handoff", ks, args)
+            for reason, n in reasons.items():
+                pipe.hincrby(metrics.REASONS_KEY, reason, n)
 
         totals = {"validated": 0, "rejected": 0, "review": 0}
-        for res in await self.r.run(build) if by_part else []:
+        for res in (await self.r.run(build))[: len(by_part)] if by_part else []:
             totals["validated"] += int(res[0])
             totals["rejected"] += int(res[1])
             totals["review"] += int(res[2])

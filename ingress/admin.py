@@ -1,0 +1,192 @@
+"""Operator endpoints of issue 4 (contract §4): stock, coupons, region holds, review.
+
+Every route takes the admin token. Bodies are decoded straight into msgspec Structs;
+a body that fails gets the contract's error with msgspec's path in ``details``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import structlog
+from msgspec import Meta
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ingress import responses
+from ingress.routes import Refusal, _require_json, _retry_after
+from orderq.schema import ErrorDetail, Sku, Text
+from orderq.status import render
+from validate import coupons, holds, review, stock
+
+log = structlog.get_logger("orderq.admin")
+
+T = TypeVar("T")
+
+
+class StockItem(msgspec.Struct, forbid_unknown_fields=True):
+    sku: Sku
+    physical: Annotated[int, Meta(ge=0, le=stock.MAX_PHYSICAL)]
+
+
+class StockBody(msgspec.Struct, forbid_unknown_fields=True):
+    items: Annotated[list[StockItem], Meta(min_length=1, max_length=10_000)]
+
+
+class HoldBody(msgspec.Struct, forbid_unknown_fields=True):
+    province: Text
+    reason: Annotated[str, Meta(max_length=500)] = ""
+
+
+def _detail(exc: msgspec.ValidationError) -> ErrorDetail:
+    message, sep, path = str(exc).rpartition(" - at `")
+    if not sep:
+        return ErrorDetail(path="$", message=str(exc))
+    return ErrorDetail(path=path.rstrip("`").removeprefix("$").removeprefix(".") or "$", message=message)
+
+
+async def _body(request: Request, kind: type[T]) -> T:
+    _require_json(request)
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Refusal(422, "invalid_request", "the body fails the schema", [_detail(exc)]) from None
+    except msgspec.DecodeError as exc:
+        raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+class Admin:
+    def __init__(self, state: Any) -> None:
+        self.s = state  # app.state: settings, redis, auth, control
+
+    async def _guard(self, request: Request, work: Any) -> Response:
+        """Admin token, then ``work()``; refusals and Redis errors become the contract's errors."""
+        try:
+            self.s.auth.admin_only(request)
+            return await work()
+        except Refusal as r:
+            return r.response()
+        except RedisError as exc:
+            return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
+
+    # --- stock --------------------------------------------------------------------
+    async def put_stock(self, request: Request) -> Response:
+        async def work() -> Response:
+            body = await _body(request, StockBody)
+            items = await stock.set_stock(self.s.redis, [(i.sku, i.physical) for i in body.items])
+            log.info("admin.stock_set", skus=len(items))
+            return responses.json({"items": items})
+
+        return await self._guard(request, work)
+
+    async def get_stock(self, request: Request) -> Response:
+        async def work() -> Response:
+            sku = request.path_params["sku"]
+            doc = await stock.get_stock(self.s.redis, sku)
+            if doc is None:
+                return responses.error(404, "not_found", f"no stock record for SKU {sku!r}")
+            return responses.json(doc)
+
+        return await self._guard(request, work)
+
+    # --- coupons ------------------------------------------------------------------
+    async def put_coupons(self, request: Request) -> Response:
+        async def work() -> Response:
+            body = await _body(request, coupons.CouponsBody)
+            known = self.s.settings.channels
+            bad = [
+                ErrorDetail(path=f"coupons[{i}].platform", message=f"unknown channel {c.platform!r}")
+                for i, c in enumerate(body.coupons)
+                if c.platform not in known
+            ]
+            if bad:
+                raise Refusal(422, "invalid_request", "the body fails the schema", bad)
+            n = await coupons.put_coupons(self.s.redis, body.coupons)
+            log.info("admin.coupons_set", coupons=n)
+            return responses.json({"coupons": n})
+
+        return await self._guard(request, work)
+
+    # --- region holds -------------------------------------------------------------
+    async def post_hold(self, request: Request) -> Response:
+        async def work() -> Response:
+            body = await _body(request, HoldBody)
+            doc = await holds.set_hold(self.s.redis, body.province, body.reason)
+            log.info("admin.hold_set", province=body.province, reason=body.reason)
+            return responses.json(doc, 201)
+
+        return await self._guard(request, work)
+
+    async def delete_hold(self, request: Request) -> Response:
+        async def work() -> Response:
+            province = request.path_params["province"]
+            existed, moved = await holds.delete_hold(self.s.redis, province)
+            log.info("admin.hold_lifted", province=province, existed=existed, released=moved)
+            if not existed:
+                return responses.error(404, "not_found", f"no hold on {province!r}")
+            return responses.json({"province": province, "released": moved})
+
+        return await self._guard(request, work)
+
+    async def get_holds(self, request: Request) -> Response:
+        async def work() -> Response:
+            return responses.json({"holds": await holds.list_holds(self.s.redis)})
+
+        return await self._guard(request, work)
+
+    # --- review -------------------------------------------------------------------
+    async def get_review(self, request: Request) -> Response:
+        async def work() -> Response:
+            raw = request.query_params.get("limit", "100")
+            if not raw.isdigit() or not 1 <= int(raw) <= review.MAX_LIST:
+                raise Refusal(
+                    422,
+                    "invalid_request",
+                    "bad limit",
+                    [ErrorDetail(path="limit", message=f"an integer from 1 to {review.MAX_LIST}")],
+                )
+            return responses.json({"items": await review.list_review(self.s.redis, int(raw))})
+
+        return await self._guard(request, work)
+
+    async def approve(self, request: Request) -> Response:
+        return await self._decide(request, "approve")
+
+    async def reject(self, request: Request) -> Response:
+        return await self._decide(request, "reject")
+
+    async def _decide(self, request: Request, decision: str) -> Response:
+        async def work() -> Response:
+            key = f"{request.path_params['channel']}:{request.path_params['order_id']}"
+            done, status = await review.decide(self.s.redis, key, decision)
+            if not status:
+                return responses.error(404, "not_found", f"no order {key!r}")
+            wanted = "validated" if decision == "approve" else "rejected"
+            # a repeated decision answers like the first; another one is a conflict
+            if not done and not (status == wanted or (decision == "approve" and status in ("held", "executed"))):
+                return responses.error(409, "not_in_review", f"order {key!r} is {status}, not in review")
+            log.info("review.decided", order_key=key, decision=decision, now=done)
+            r = self.s.redis
+            h = await r.client.hgetall(r.partition_of(key).status(key))
+            return responses.json(render(key, h))
+
+        return await self._guard(request, work)
+
+
+def routes(state: Any) -> list[Route]:
+    a = Admin(state)
+    return [
+        Route("/v1/admin/stock", a.put_stock, methods=["PUT"]),
+        Route("/v1/admin/stock/{sku:path}", a.get_stock, methods=["GET"]),
+        Route("/v1/admin/coupons", a.put_coupons, methods=["PUT"]),
+        Route("/v1/admin/holds", a.post_hold, methods=["POST"]),
+        Route("/v1/admin/holds", a.get_holds, methods=["GET"]),
+        Route("/v1/admin/holds/{province}", a.delete_hold, methods=["DELETE"]),
+        Route("/v1/review", a.get_review, methods=["GET"]),
+        Route("/v1/review/{channel}/{order_id}/approve", a.approve, methods=["POST"]),
+        Route("/v1/review/{channel}/{order_id}/reject", a.reject, methods=["POST"]),
+    ]

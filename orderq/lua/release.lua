@@ -1,0 +1,35 @@
+-- Release what orders hold in the validation ledger (a reviewer rejected them): their
+-- reserved units, single-use coupons and day subsidy. Idempotent: units come back only
+-- for holders still listed under sku:<sku>:h (a recount may have settled them), and the
+-- order's record is marked released.
+-- KEYS[1] a key of the ledger slot (routing); ARGV[1] ledger prefix, ARGV[2..] order keys
+-- Returns the number of orders released now
+local P = ARGV[1]
+local n = 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local rkey = P .. 'o:' .. key
+  local raw = redis.call('GET', rkey)
+  if raw then
+    local d = cjson.decode(raw)
+    if d.o ~= 'r' and not d.z then
+      local h = d.h or {}
+      for j = 1, #h, 2 do
+        if redis.call('HDEL', P .. 'sku:' .. h[j] .. ':h', key) == 1 then
+          redis.call('HINCRBY', P .. 'sku:' .. h[j], 'r', -h[j + 1])
+        end
+      end
+      for _, code in ipairs(d.c or {}) do
+        if redis.call('HGET', P .. 'cpn:' .. code, 'u') == key then redis.call('HDEL', P .. 'cpn:' .. code, 'u') end
+      end
+      if d.d and d.d ~= '' and redis.call('EXISTS', d.d) == 1 then
+        redis.call('HINCRBY', d.d, 'g', -(d.g or 0))
+        if (d.k or 0) > 0 then redis.call('HINCRBY', d.d, 'c', -d.k) end
+      end
+      d.z = 1
+      redis.call('SET', rkey, cjson.encode(d), 'KEEPTTL')
+      n = n + 1
+    end
+  end
+end
+return n

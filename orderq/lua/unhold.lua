@@ -1,0 +1,30 @@
+-- Lift region holds for orders of one partition: each still 'held' order goes back to
+-- its ready lane by priority (status validated), atomically; executors that know the
+-- current holds then execute it (or hold it again if its province was held anew).
+-- Only orders whose status is still 'held' move, so concurrent sweeps move each once.
+-- KEYS[1] held zset, KEYS[2] parked payloads, KEYS[3..5] ready lanes vip/new/regular,
+-- KEYS[6] counters, KEYS[7..] status record per order; ARGV[1..] order keys
+-- Returns the number of orders moved
+local lanes = {vip = KEYS[3], new = KEYS[4], regular = KEYS[5]}
+local t = redis.call('TIME')
+local now_us = t[1] * 1000000 + t[2]
+local n = 0
+for i = 7, #KEYS do
+  local key, status = ARGV[i - 6], KEYS[i]
+  local st = redis.call('HGET', status, 's')
+  local payload = redis.call('HGET', KEYS[2], key)
+  if st == 'held' and payload then
+    local lane = lanes[redis.call('HGET', status, 'p')] or KEYS[5]
+    redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', redis.call('HGET', status, 'ta') or now_us)
+    redis.call('HSET', status, 's', 'validated')
+    redis.call('ZREM', KEYS[1], key)
+    redis.call('HDEL', KEYS[2], key)
+    n = n + 1
+  elseif not st then
+    -- the order's record expired while held: drop the leftovers
+    redis.call('ZREM', KEYS[1], key)
+    redis.call('HDEL', KEYS[2], key)
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[6], 'unheld', n) end
+return n

@@ -1,0 +1,89 @@
+"""Risk signals that need only the order itself, the weights table, and the duplicate
+fingerprint. The windows that need history (IP burst, duplicates) are counted in the
+ledger script (orderq/lua/rules.lua); their weights live here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+from orderq.schema import Order
+
+# Every risk signal's weight, in one table. An order whose total reaches
+# ORDERQ_RISK_REVIEW_SCORE (80) goes to review. One signal alone sends an order to
+# review only when it is a strong one on its own (half price: the 2 a.m. mis-pricing);
+# the weaker ones need company (virtual phone + IP burst = 90; IP burst + pickup = 80).
+WEIGHTS: dict[str, int] = {
+    "risk_virtual_phone": 40,
+    "risk_ip_burst": 50,
+    "risk_pickup_point_address": 30,
+    "risk_price_anomaly": 80,
+}
+
+VIRTUAL_PREFIXES = ("162", "165", "167", "170", "171")  # virtual carriers (MVNO number ranges)
+PICKUP_WORDS = ("代收点", "驿站", "自提")
+# A door or room number: "1201室", "5-1201", "5幢1201", "2单元302", or an address ending
+# in a 3-4 digit number. A street number ("328号") alone does not say which door.
+_DOOR = re.compile(r"\d+\s*(?:室|房|户)|\d+\s*[-－—–]\s*\d+|(?:栋|幢|座|单元|楼)\s*\d{2,}|\d{3,}\s*$")
+_NOT_DIGIT = re.compile(r"\D")
+_SPACE = re.compile(r"\s+")
+
+
+def phone_digits(phone: str | None) -> str:
+    """Digits of a phone number without the +86 / 0086 country code."""
+    if not phone:
+        return ""
+    d = _NOT_DIGIT.sub("", phone)
+    if len(d) > 11:
+        for cc in ("0086", "86"):
+            if d.startswith(cc):
+                return d[len(cc) :]
+    return d
+
+
+def virtual_phone(order: Order) -> bool:
+    return any(phone_digits(p).startswith(VIRTUAL_PREFIXES) for p in (order.ship_to.phone, order.customer.phone) if p)
+
+
+def pickup_point_address(order: Order) -> bool:
+    """An address naming a pickup point with no door/room number."""
+    addr = order.ship_to.address
+    return any(w in addr for w in PICKUP_WORDS) and not _DOOR.search(unicodedata.normalize("NFKC", addr))
+
+
+def price_anomaly(order: Order) -> bool:
+    """A line paid under half its unit price."""
+    for line in order.lines:
+        if line.unit_price and line.paid_price and 2 * cents(line.paid_price) < cents(line.unit_price):
+            return True
+    return False
+
+
+def assess(order: Order) -> tuple[int, list[str]]:
+    """Score and reasons of the signals the order alone shows."""
+    reasons = []
+    if virtual_phone(order):
+        reasons.append("risk_virtual_phone")
+    if pickup_point_address(order):
+        reasons.append("risk_pickup_point_address")
+    if price_anomaly(order):
+        reasons.append("risk_price_anomaly")
+    return sum(WEIGHTS[r] for r in reasons), reasons
+
+
+def fingerprint(order: Order, lines: dict[str, int]) -> str:
+    """Recipient (name, phone, address), items and amount: equal for the same buyer's
+    order arriving twice, whatever its key, channel or spacing of the address."""
+    st = order.ship_to
+    address = _SPACE.sub("", unicodedata.normalize("NFKC", st.address)).lower()
+    items = ",".join(f"{sku}*{qty}" for sku, qty in sorted(lines.items()))
+    raw = "\x1f".join((st.name.strip(), phone_digits(st.phone), address, items, str(cents(order.paid_amount))))
+    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+def cents(money: str) -> int:
+    """``"1999.5"`` -> 199950 (the schema guarantees at most 2 decimals)."""
+    whole, _, frac = money.partition(".")
+    return int(whole) * 100 + int((frac + "00")[:2])

@@ -151,6 +151,14 @@ class OrderMaker:
         self.channels = channels
         self.weights = [CHANNEL_WEIGHTS.get(c, 1) for c in channels]
         self.skus = list(CATALOGUE)
+        # `locust --processes N` forks after importing the locustfile: each child needs its
+        # own run id, or two processes would send the same order keys.
+        if rid is None and seed is None and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.rid = run_id()
+        self.rnd = random.Random()
 
     def channel(self) -> str:
         return self.rnd.choices(self.channels, self.weights)[0]

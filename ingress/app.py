@@ -12,7 +12,7 @@ import structlog
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from ingress import admin
+from ingress import admin, dashboard, openapi
 from ingress.committer import Committer
 from ingress.limits import BodyLimit
 from ingress.ratelimit import Limiter
@@ -59,7 +59,9 @@ def build_app(settings: Settings) -> Any:
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
         *admin.routes(state),
+        *dashboard.routes(state),
     ]
+    routes.append(openapi.route(routes, settings))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.orderq = state
     return BodyLimit(app, settings.max_body_bytes, settings.batch_body_bytes)

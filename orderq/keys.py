@@ -41,6 +41,20 @@ WORKER_TTL_S = 10  # a worker whose heartbeat is older than this is not listed
 COUNTERS_GLOBAL = f"{PREFIX}:n"  # hash: counters with no partition (invalid, shed)
 CUSTOMER_TTL_S = 400 * 24 * 3600  # "first order seen" memory: over a year of sales
 
+# --- Operator views and alerts (issue 5) -------------------------------------------------
+# Global, plain commands: the breaker process writes them once a second, the dashboard,
+# /metrics and the alert evaluator read them. None is ever touched by a partition script.
+HISTORY_KEY = f"{PREFIX}:hist"  # list, newest first: one JSON sample a second for the dashboard chart
+HISTORY_LEN = 600  # samples kept by LTRIM: ten minutes of chart in a few hundred KB
+HISTORY_LOCK = f"{PREFIX}:hist:lock"  # SET NX PX: one sample a second even with several breaker processes
+ALERTS_STATE_KEY = f"{PREFIX}:alerts:state"  # hash: active alert id -> JSON; HSETNX fires each onset once
+ALERTS_COUNT_KEY = f"{PREFIX}:alerts:n"  # hash: alert kind -> times fired (orderq_alerts_total)
+ALERTS_HOURLY_KEY = f"{PREFIX}:alerts:hourly"  # hash: window index -> "accepted total,ts" at its first sample
+ALERT_KINDS = ("order_surge", "execution_lag", "dead_letters", "sku_out_of_stock")  # listed at 0 in /metrics
+# hash: SKU -> consecutive out-of-stock refusals; the validate stage increments it on an
+# out_of_stock refusal and deletes the field when the SKU is reserved again.
+OOS_STREAK_KEY = f"{PREFIX}:alerts:oos_streak"
+
 _SLOTS = 16384
 
 

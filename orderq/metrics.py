@@ -130,7 +130,8 @@ async def render(r: Redis) -> bytes:
     pipe.hgetall(f"{HIST_KEY}:ack_latency")
     pipe.hgetall(f"{HIST_KEY}:e2e_latency")
     pipe.hgetall(REASONS_KEY)
-    stage_raw, ack, e2e, reasons = await pipe.execute()
+    pipe.hgetall(keys.ALERTS_COUNT_KEY)
+    stage_raw, ack, e2e, reasons, alerts = await pipe.execute()
     stage = (stage_raw or b"normal").decode()
     fams: list[Any] = []
 
@@ -170,6 +171,11 @@ async def render(r: Redis) -> bytes:
     for s in ("normal", "degraded", "shedding"):
         stage_g.add_metric([s], 1.0 if s == stage else 0.0)
     fams.append(stage_g)
+    fired = {k.decode(): float(v) for k, v in alerts.items()}
+    alerts_c = CounterMetricFamily("orderq_alerts", "Alerts fired (onsets), by kind", labels=["kind"])
+    for kind in sorted(set(keys.ALERT_KINDS) | set(fired)):
+        alerts_c.add_metric([kind], fired.get(kind, 0.0))
+    fams.append(alerts_c)
     fams.append(_histogram("orderq_ack_latency_seconds", "Ingress request to acknowledgement", ack, ACK_BUCKETS, None))
     fams.append(
         _histogram("orderq_e2e_latency_seconds", "Accepted to executed, by priority", e2e, E2E_BUCKETS, "priority")

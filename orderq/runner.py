@@ -35,7 +35,9 @@ async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
 
 
 async def run_breaker(settings: Settings) -> None:
+    from breaker.alerts import Alerts
     from breaker.controller import Breaker
+    from orderq import history
 
     r = await oq_client.connect(settings)
     control = await Control(r, "breaker").start()
@@ -44,9 +46,13 @@ async def run_breaker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, b.stopping.set)
     log.info("breaker.started", open_depth=settings.breaker_open_depth, shed_depth=settings.shed_depth)
+    # The dashboard's history and the alerts: once a second each, beside the 10/s sampler.
+    side = [asyncio.create_task(history.run(r, b.stopping)), asyncio.create_task(Alerts(r).run(b.stopping))]
     try:
         await b.run()
     finally:
+        b.stopping.set()
+        await asyncio.gather(*side, return_exceptions=True)
         await control.stop()
         await r.close()
 

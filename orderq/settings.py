@@ -86,6 +86,13 @@ def _redis_url(name: str, raw: str) -> str | None:
     return v
 
 
+def _http_url(name: str, raw: str) -> str:
+    v = raw.strip()
+    if not v.startswith(("http://", "https://")):
+        raise ConfigError(name, f"expected an http:// or https:// URL, got {v!r}")
+    return v
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """Read a ``.env`` file: ``KEY=value`` lines, ``#`` comments, optional quotes."""
     values: dict[str, str] = {}
@@ -150,6 +157,10 @@ class Settings:
     worker_batch: int = 200
     ack_deadline_ms: int = 2000
     outbox_maxlen: int = 1_000_000
+    # Alerts (issue 5): evaluated by the breaker process.
+    alert_webhook: str | None = None
+    alert_window_s: int = 3600
+    alert_lag_s: float = 60.0
 
     @property
     def batch_body_bytes(self) -> int:
@@ -210,6 +221,9 @@ class Settings:
         get("ORDERQ_WORKER_BATCH", lambda n, r: _int(n, r, 1, 10_000))
         get("ORDERQ_ACK_DEADLINE_MS", lambda n, r: _int(n, r, 10))
         get("ORDERQ_OUTBOX_MAXLEN", lambda n, r: _int(n, r, 1000))
+        get("ORDERQ_ALERT_WEBHOOK", _http_url)
+        get("ORDERQ_ALERT_WINDOW_S", lambda n, r: _int(n, r, 1))
+        get("ORDERQ_ALERT_LAG_S", lambda n, r: _float(n, r, 0.001))
 
         s = cls(**kw)
         s.check()

@@ -174,8 +174,9 @@ def bucket_key(channel: str) -> str:
 
 
 def customer_key(channel: str, customer_id: str) -> str:
-    """Who placed a customer's first order (value: that order key); decides priority ``new``."""
-    return f"{PREFIX}:cust:{channel}:{customer_id}"
+    """Who placed a customer's first order (value: that order key); decides priority ``new``.
+    In the validation ledger's slot: the ledger script sets it with the rest of the batch."""
+    return f"{RULES_PREFIX}cust:{channel}:{customer_id}"
 
 
 # --- Validation ledger (issue 4): stock, coupons, subsidies, risk windows ----------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -69,16 +70,14 @@ def test_reserved_never_exceeds_buffered_physical(sync: Any, ops: list[Any], buf
             for sku, qty in op[2]:
                 want[sku] = want.get(sku, 0) + qty
             before = {sku: _reserved(c, sku) for sku in SKUS}
-            args = [key, "t", 1, 0, 0, "", "", "", 0, 0, len(want)]
-            for sku, qty in want.items():
-                args += [sku, qty]
-            args.append(0)
-            ((outcome, *_),) = c.evalsha(shas["rules"], 1, keys.RULES_PREFIX, *head, *args)
+            lines = [x for sku, qty in want.items() for x in (sku, qty)]
+            batch = rules.msgpack_encode([[key, "t", "c", 1, 0, 0, "", "", 0, 0, 0, lines, []]])
+            ((outcome, *_),) = msgspec.msgpack.decode(c.evalsha(shas["rules"], 1, keys.RULES_PREFIX, *head, batch))
             if key in decided:  # a replay: nothing changes
                 assert {sku: _reserved(c, sku) for sku in SKUS} == before
                 continue
             fits = all(sku in physical and q <= _cap(physical[sku], buffer) - before[sku] for sku, q in want.items())
-            assert (outcome == b"v") == fits, (want, physical, before)
+            assert (outcome == "v") == fits, (want, physical, before)
             decided[key] = fits
             if fits:
                 holds[key] = dict(want)

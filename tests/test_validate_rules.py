@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from orderq import client as oq_client
+from orderq import keys
 from orderq.schema import normalise, order_decoder, pack
 from orderq.settings import Settings
 from orderq.status import render
@@ -355,3 +356,16 @@ async def test_thirty_orders_race_for_twenty_units(ingress, stages, settings_for
             assert p.stop() == 0
     finally:
         await r.close()
+
+
+async def test_out_of_stock_streak_for_the_alert(rr):
+    """The validate stage keeps each SKU's run of out-of-stock refusals; a reservation ends it."""
+    await stock.set_stock(rr, [("GONE", 0), ("SOFA-OAK-3", 100)])
+    for _ in range(2):  # two batches: refusals add up across them
+        await run(rr, *(order(lines=[line("GONE"), line("SOFA-OAK-3")]) for _ in range(3)))
+    assert await rr.client.hget(keys.OOS_STREAK_KEY, "GONE") == b"6"
+    assert await rr.client.hget(keys.OOS_STREAK_KEY, "SOFA-OAK-3") is None
+    await stock.set_stock(rr, [("GONE", 5)])
+    (s,) = await run(rr, order(lines=[line("GONE")]))
+    assert s["status"] == "executed"
+    assert await rr.client.hget(keys.OOS_STREAK_KEY, "GONE") is None

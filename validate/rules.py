@@ -1,9 +1,11 @@
 """Validation decisions for a whole batch: outcome, priority, reasons, risk score.
 
-The schema was checked at the edge. Here, per batch and in ONE pipelined round trip:
-the priority class of each order (``SET NX GET`` per customer) and one call of the
-ledger script (orderq/lua/rules.lua) that checks and holds stock, coupons and the
-subsidy cap and counts the IP and duplicate windows, atomically per order. What needs
+The schema was checked at the edge. Here, per batch and in ONE round trip: one call of
+the ledger script (orderq/lua/rules.lua) that tells each customer's first order (for
+priority ``new``), checks and holds stock, coupons and the subsidy cap and counts the
+IP and duplicate windows, atomically per order. The batch travels as one msgpack
+argument and the answer as one msgpack string: argument packing in redis-py costs more
+than the Lua work, so orders are never spread over thousands of arguments. What needs
 only the order itself (virtual phones, pickup points, half prices, a coupon of another
 platform) is decided here in Python before that call.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from orderq import keys
 from orderq.client import Redis
@@ -58,26 +62,8 @@ class Decision:
     risk_score: int = 0
 
 
-def queue_classify(pipe: Any, orders: list[Order]) -> None:
-    """Queue on ``pipe`` what :func:`read_classify` needs: ``SET NX GET`` records which
-    order was the customer's first, so a redelivered order is classified the same way."""
-    for o in orders:
-        pipe.set(keys.customer_key(o.channel, o.customer.id), o.key, nx=True, get=True, ex=keys.CUSTOMER_TTL_S)
-
-
-def read_classify(orders: list[Order], firsts: list[Any]) -> list[str]:
-    """Priority per order: ``vip`` by tier, ``new`` for a customer's first order seen, else ``regular``."""
-    out = []
-    for o, first in zip(orders, firsts, strict=True):
-        if o.customer.tier == "vip":
-            out.append("vip")
-        else:
-            out.append("new" if first is None or first == o.key.encode() else "regular")
-    return out
-
-
 def ledger_args(settings: Settings) -> list[object]:
-    """The ledger script's settings arguments (ARGV[1..12])."""
+    """The ledger script's settings arguments (ARGV[1..13])."""
     return [
         keys.RULES_PREFIX,
         round(settings.stock_buffer * 1_000_000),
@@ -91,11 +77,12 @@ def ledger_args(settings: Settings) -> list[object]:
         settings.status_ttl_s,
         keys.LEDGER_REPLAY_TTL_S,
         keys.SUBSIDY_TTL_S,
+        keys.CUSTOMER_TTL_S,
     ]
 
 
-def order_args(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool = True) -> list[object]:
-    """One order's arguments to the ledger script."""
+def order_row(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool = True) -> list[object]:
+    """One order as the ledger script reads it (an element of its msgpack batch)."""
     lines: dict[str, int] = {}
     goods = 0
     for line in o.lines:
@@ -106,25 +93,24 @@ def order_args(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: boo
     coupon_total = sum(risk.cents(c.amount) for c in o.coupons)
     if not goods:  # no line prices: what was paid plus what the coupons took off
         goods = risk.cents(o.paid_amount) + coupon_total
-    day = (accepted_ms + keys.BEIJING_OFFSET_MS) // DAY_MS
-    args: list[object] = [
+    flat: list[object] = []
+    for sku, qty in lines.items():
+        flat += (sku, qty)
+    return [
         o.key,
         o.channel,
+        o.customer.id,
         accepted_ms,
         base,
         1 if pre_reject else 0,
         o.customer.ip or "",
         risk.fingerprint(o, lines) if dup else "",
-        f"{o.channel}:{o.customer.id}:{day}",
+        (accepted_ms + keys.BEIJING_OFFSET_MS) // DAY_MS,
         goods,
         coupon_total,
-        len(lines),
+        flat,
+        [c.code for c in o.coupons],
     ]
-    for sku, qty in lines.items():
-        args += (sku, qty)
-    args.append(len(o.coupons))
-    args += [c.code for c in o.coupons]
-    return args
 
 
 def _rank(reason: str) -> int:
@@ -132,7 +118,7 @@ def _rank(reason: str) -> int:
 
 
 async def decide(r: Redis, orders: list[Order], accepted_us: list[int]) -> list[Decision]:
-    """Decide a batch in one round trip: priorities plus one ledger script call.
+    """Decide a batch with one ledger script call (one round trip).
 
     ``accepted_us`` is each order's accept time (the intake entry's ``ta``): the risk
     windows and the subsidy day count in the server's clock, never the channel's.
@@ -142,37 +128,34 @@ async def decide(r: Redis, orders: list[Order], accepted_us: list[int]) -> list[
     # The ledger sees the batch in acceptance order: first come, first served for stock
     # and single-use coupons; the IP and duplicate windows count in arrival order.
     seq = sorted(range(len(orders)), key=lambda i: (accepted_us[i], orders[i].key))
-    pre: list[tuple[int, list[str]]] = []
-    args = ledger_args(r.settings)
     dup = r.settings.dup_window_s > 0  # 0 turns the duplicate rule off
+    pre: list[tuple[int, list[str]]] = []
     for o in orders:
         base, reasons = risk.assess(o)
-        cross = any(c.platform != o.channel for c in o.coupons)
-        if cross:
+        if any(c.platform != o.channel for c in o.coupons):
             reasons.append("coupon_cross_platform")
         pre.append((base, reasons))
-    for i in seq:
-        o = orders[i]
-        args += order_args(o, accepted_us[i] // 1000, pre[i][0], "coupon_cross_platform" in pre[i][1], dup)
-
-    def build(pipe: Any) -> None:
-        queue_classify(pipe, orders)
-        r.script(pipe, "rules", [keys.RULES_PREFIX], args)
-
-    res = await r.run(build)
-    prios = read_classify(orders, res[: len(orders)])
+    batch = [
+        order_row(orders[i], accepted_us[i] // 1000, pre[i][0], "coupon_cross_platform" in pre[i][1], dup) for i in seq
+    ]
+    args = [*ledger_args(r.settings), msgpack_encode(batch)]
+    (raw,) = await r.run(lambda pipe: r.script(pipe, "rules", [keys.RULES_PREFIX], args))
     rows: list[Any] = [None] * len(orders)
-    for i, row in zip(seq, res[len(orders)], strict=True):
+    for i, row in zip(seq, _decode_rows(raw), strict=True):
         rows[i] = row
     out = []
-    for o, prio, (base, reasons), row in zip(orders, prios, pre, rows, strict=True):
-        outcome = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
+    for o, (base, reasons), row in zip(orders, pre, rows, strict=True):
+        outcome, extra, first = row[0], row[1], row[2]
         seen = set(reasons)
-        for x in row[2:]:
-            text = x.decode()
+        for text in row[3:]:
             if text not in seen:
                 seen.add(text)
                 reasons.append(text)
         reasons.sort(key=_rank)
-        out.append(Decision(order=o, outcome=outcome, priority=prio, reasons=reasons, risk_score=base + int(row[1])))
+        prio = "vip" if o.customer.tier == "vip" else ("new" if first else "regular")
+        out.append(Decision(order=o, outcome=outcome, priority=prio, reasons=reasons, risk_score=base + int(extra)))
     return out
+
+
+msgpack_encode = msgspec.msgpack.Encoder().encode
+_decode_rows = msgspec.msgpack.Decoder(list[list[Any]]).decode

@@ -85,6 +85,7 @@ class ValidateWorker(StreamWorker):
             by_part.setdefault(e.partition, []).append((e, d))
             for reason in d.reasons:
                 reasons[reason.partition(":")[0]] += 1
+        streaks = oos_streaks(decisions, accepted_us)
         ttl = self.settings.status_ttl_s
 
         def build(pipe: Any) -> None:
@@ -106,6 +107,13 @@ class ValidateWorker(StreamWorker):
                 self.r.script(pipe, "handoff", ks, args)
             for reason, n in reasons.items():
                 pipe.hincrby(metrics.REASONS_KEY, reason, n)
+            for sku, (op, n) in streaks.items():
+                if op == "del":
+                    pipe.hdel(keys.OOS_STREAK_KEY, sku)
+                elif op == "set":
+                    pipe.hset(keys.OOS_STREAK_KEY, sku, n)
+                else:
+                    pipe.hincrby(keys.OOS_STREAK_KEY, sku, n)
 
         totals = {"validated": 0, "rejected": 0, "review": 0}
         for res in (await self.r.run(build))[: len(by_part)] if by_part else []:
@@ -114,3 +122,22 @@ class ValidateWorker(StreamWorker):
             totals["review"] += int(res[2])
         result.counts = totals
         return result
+
+
+def oos_streaks(decisions: list[Decision], accepted_us: list[int]) -> dict[str, tuple[str, int]]:
+    """What this batch does to each SKU's out-of-stock streak (the alert "one SKU out of
+    stock 5 times in a row"): refusals add one each, in acceptance order; an order that
+    reserved the SKU ends its streak. Per SKU: ("incr", n), ("set", n) or ("del", 0)."""
+    out: dict[str, tuple[str, int]] = {}
+    for i in sorted(range(len(decisions)), key=lambda i: accepted_us[i]):
+        d = decisions[i]
+        short = [r.partition(":")[2] for r in d.reasons if r.startswith("out_of_stock:")]
+        for sku in short:
+            op, n = out.get(sku, ("incr", 0))
+            out[sku] = (op if op != "del" else "set", n + 1)
+        if d.outcome != "r":
+            unknown = {r.partition(":")[2] for r in d.reasons if r.startswith("unknown_sku:")}
+            for line in d.order.lines:
+                if line.sku not in unknown:
+                    out[line.sku] = ("del", 0)
+    return out

@@ -11,23 +11,23 @@ for i = 2, #ARGV do
   local rkey = P .. 'o:' .. key
   local raw = redis.call('GET', rkey)
   if raw then
-    local d = cjson.decode(raw)
-    if d.o ~= 'r' and not d.z then
-      local h = d.h or {}
+    local d = cmsgpack.unpack(raw)  -- see rules.lua for the record's fields
+    if d[1] ~= 'r' and d[9] == 0 then
+      local h = d[4]
       for j = 1, #h, 2 do
         if redis.call('HDEL', P .. 'sku:' .. h[j] .. ':h', key) == 1 then
           redis.call('HINCRBY', P .. 'sku:' .. h[j], 'r', -h[j + 1])
         end
       end
-      for _, code in ipairs(d.c or {}) do
+      for _, code in ipairs(d[5]) do
         if redis.call('HGET', P .. 'cpn:' .. code, 'u') == key then redis.call('HDEL', P .. 'cpn:' .. code, 'u') end
       end
-      if d.d and d.d ~= '' and redis.call('EXISTS', d.d) == 1 then
-        redis.call('HINCRBY', d.d, 'g', -(d.g or 0))
-        if (d.k or 0) > 0 then redis.call('HINCRBY', d.d, 'c', -d.k) end
+      if redis.call('EXISTS', d[6]) == 1 then
+        redis.call('HINCRBY', d[6], 'g', -d[7])
+        if d[8] > 0 then redis.call('HINCRBY', d[6], 'c', -d[8]) end
       end
-      d.z = 1
-      redis.call('SET', rkey, cjson.encode(d), 'KEEPTTL')
+      d[9] = 1
+      redis.call('SET', rkey, cmsgpack.pack(d), 'KEEPTTL')
       n = n + 1
     end
   end

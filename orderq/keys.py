@@ -182,14 +182,15 @@ def customer_key(channel: str, customer_id: str) -> str:
 # --- Validation ledger (issue 4): stock, coupons, subsidies, risk windows ----------------
 # Global, not per partition: a SKU's stock is shared by the orders of every partition.
 # Every ledger key carries the ONE hash tag {rules}, so an order's whole check-and-hold
-# (each line's stock, its single-use coupons, its customer's day subsidy, the IP and
-# duplicate windows) is a single-slot script, atomic, one call per batch, also on a
-# Redis Cluster. The price: one cluster master carries the ledger (the scripts are
-# O(lines) per order, so that is tens of thousands of orders/s). The ledger scripts
-# build these names from RULES_PREFIX themselves (same slot by construction); the
-# functions below are the Python side of the same formats.
+# (each line's stock, its single-use coupons, its customer's day subsidy and first order,
+# the IP and duplicate windows) is a single-slot script, atomic, one call per batch, also
+# on a Redis Cluster. The price: one cluster master carries the ledger (the script costs
+# tens of microseconds of server time per order). The ledger scripts build these names
+# from RULES_PREFIX themselves (same slot by construction); the functions below (and
+# customer_key above) are the Python side of the same formats.
 RULES_PREFIX = f"{PREFIX}:{{rules}}:"
 LEDGER_REPLAY_TTL_S = 24 * 3600  # decision of a validated/rejected order, for redelivered batches
+# (an order in review keeps its record as long as its status record: a reject releases by it)
 SUBSIDY_TTL_S = 2 * 24 * 3600  # a customer's day totals outlive their (Beijing) day
 IP_WINDOW_MS = 3600 * 1000  # the sliding hour of ORDERQ_IP_ORDERS_PER_HOUR
 BEIJING_OFFSET_MS = 8 * 3600 * 1000  # "one day" of the subsidy cap is a Beijing calendar day
@@ -221,10 +222,10 @@ def ip_key(ip: str) -> str:
 
 
 def dup_key(fingerprint: str) -> str:
-    """Sorted set order key -> accept time (ms) of orders with one recipient+items+amount fingerprint."""
+    """``<order key>|<accept ms>`` of the latest order with one recipient+items+amount fingerprint."""
     return f"{RULES_PREFIX}dup:{fingerprint}"
 
 
 def ledger_key(order_key: str) -> str:
-    """JSON of what the ledger decided and holds for one order: makes replays and releases exact."""
+    """msgpack of what the ledger decided and holds for one order: makes replays and releases exact."""
     return f"{RULES_PREFIX}o:{order_key}"

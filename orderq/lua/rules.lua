@@ -57,6 +57,8 @@ for n, o in ipairs(orders) do
         if policy == 'reject' then reject = true else review = true end
         reasons[#reasons + 1] = 'unknown_sku:' .. sku
       end
+    elseif redis.call('HEXISTS', P .. 'sku:' .. sku .. ':h', key) == 1 then
+      -- this order holds the SKU already (a replay older than its record): hold nothing more
     elseif qty > math.floor(s.p * ppm / 1000000) - s.r then
       reject = true
       reasons[#reasons + 1] = 'out_of_stock:' .. sku

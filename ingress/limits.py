@@ -37,6 +37,17 @@ class BodyLimit:
                     await self._refuse(send, limit)
                     return
                 break
+        else:
+            # No Content-Length (chunked): read up to the cap before the app sees anything.
+            # Raising from inside the app instead would reach Starlette's error middleware
+            # first, which answers 500.
+            body = await self._read_capped(receive, limit)
+            if body is None:
+                # Keep the connection: the server discards the rest of the upload unbuffered,
+                # and a client still sending gets its 413 instead of a reset connection.
+                await self._refuse(send, limit, close=False)
+                return
+            receive = _replay(body, receive)
         seen = 0
         started = False
 
@@ -62,13 +73,37 @@ class BodyLimit:
                 await self._refuse(send, limit)
 
     @staticmethod
-    async def _refuse(send: Send, limit: int) -> None:
+    async def _read_capped(receive: Receive, limit: int) -> Message | None:
+        """The whole body as one message, or None once it passes ``limit``."""
+        parts: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message  # disconnected: let the app see it
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                return None
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+    @staticmethod
+    async def _refuse(send: Send, limit: int, close: bool = True) -> None:
         body = error_bytes("body_too_large", f"request body exceeds {limit} bytes")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
+        headers = [(b"content-type", b"application/json")]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _replay(first: Message, receive: Receive) -> Receive:
+    """A receive that gives the buffered body once, then the client's later messages."""
+    pending = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay

@@ -2,6 +2,7 @@
 -- looped to the end or the limit) for this consumer; entries delivered more than the
 -- limit go to the dead-letter stream with their last error instead.
 -- KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] counters, KEYS[4] errors hash
+-- (field "<stream>|<id>": the streams of a partition can hold entries with the same id)
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle (ms), ARGV[4] max deliveries,
 -- ARGV[5] limit (entries claimed per call)
 -- Returns {claimed entries as {id, {field, value, ...}}, dead-lettered count, cursor}
@@ -17,13 +18,14 @@ repeat
     local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
     local deliveries = (p[1] and tonumber(p[1][4])) or 1
     if deliveries > max_deliveries then
-      local err = redis.call('HGET', KEYS[4], id) or 'delivered too many times'
+      local err_field = KEYS[1] .. '|' .. id
+      local err = redis.call('HGET', KEYS[4], err_field) or 'delivered too many times'
       local rec = {'stream', KEYS[1], 'id', id, 'deliveries', deliveries, 'error', err}
       for j = 1, #fields do rec[#rec + 1] = fields[j] end
       redis.call('XADD', KEYS[2], '*', unpack(rec))
       redis.call('XACK', KEYS[1], group, id)
       redis.call('XDEL', KEYS[1], id)
-      redis.call('HDEL', KEYS[4], id)
+      redis.call('HDEL', KEYS[4], err_field)
       dead = dead + 1
     else
       claimed[#claimed + 1] = entry

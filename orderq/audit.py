@@ -29,16 +29,40 @@ async def _stream_keys(r: Redis, stream: str, field: bytes = b"k") -> list[bytes
         start = "(" + entries[-1][0].decode()
 
 
+async def _where(r: Redis, p: keys.Partition) -> tuple[set[bytes], set[bytes], set[bytes]]:
+    """Order keys in the intake stream, in the ready lanes, and dead-lettered."""
+    intake = set(await _stream_keys(r, p.intake))
+    ready: set[bytes] = set()
+    for lane in p.lanes:
+        ready.update(await _stream_keys(r, lane))
+    return intake, ready, set(await _stream_keys(r, p.dead))
+
+
+async def _recheck(r: Redis, p: keys.Partition, suspects: list[tuple[str, bytes]]) -> list[str]:
+    """The suspects that are really lost. On a live system an order can move on between
+    the stream reads and its status read (or be accepted after them). Streams read now,
+    after each status was read, and the status read again after that: an order whose
+    status did not change and that is in none of its stage's streams is lost."""
+    intake, ready, dead = await _where(r, p)
+    pipe = r.client.pipeline(transaction=False)
+    for order_key, _ in suspects:
+        pipe.hget(p.status(order_key), "s")
+    lost = []
+    for (order_key, before), now in zip(suspects, await pipe.execute(), strict=True):
+        okb = order_key.encode()
+        where = intake if before == b"accepted" else ready
+        if (now or b"accepted") == before and okb not in where and okb not in dead:
+            lost.append(order_key)
+    return lost
+
+
 async def run(r: Redis) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     lost: list[str] = []
     duplicate_effects: list[str] = []
     for p in r.partitions:
-        intake = set(await _stream_keys(r, p.intake))
-        ready: set[bytes] = set()
-        for lane in p.lanes:
-            ready.update(await _stream_keys(r, lane))
-        dead = set(await _stream_keys(r, p.dead))
+        intake, ready, dead = await _where(r, p)
+        suspects: list[tuple[str, bytes]] = []
         cursor = 0
         prefix = p.status("")
         while True:
@@ -56,15 +80,17 @@ async def run(r: Redis) -> dict[str, Any]:
                     elif status == "accepted":
                         counts["in_flight"] += 1
                         if okb not in intake:
-                            lost.append(order_key)
+                            suspects.append((order_key, s or b"accepted"))
                     elif status == "validated":
                         counts["in_flight"] += 1
                         if okb not in ready:
-                            lost.append(order_key)
+                            suspects.append((order_key, s))
                     else:
                         counts[status] += 1
             if cursor == 0:
                 break
+        if suspects:
+            lost += await _recheck(r, p, suspects)
         for action in keys.ACTIONS:
             seen = Counter(await _stream_keys(r, p.outbox(action)))
             duplicate_effects += [f"{k.decode()}:{action}" for k, n in seen.items() if n > 1]

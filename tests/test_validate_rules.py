@@ -88,6 +88,25 @@ async def stock_of(r: oq_client.Redis, sku: str) -> dict[str, Any]:
     return doc
 
 
+async def _started(procs: list[Any], timeout: float = 20) -> list[Any]:
+    """Wait until every validate process is up and working (so the race is a real one)."""
+    deadline = time.monotonic() + timeout
+    while not all('"validate.started"' in p.log() for p in procs):
+        assert time.monotonic() < deadline, [p.log() for p in procs]
+        await asyncio.sleep(0.05)
+    return procs
+
+
+async def _settled(r: oq_client.Redis, ks: list[str], timeout: float = 30) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        docs = [await status(r, k) for k in ks]
+        if all(d["status"] != "accepted" for d in docs):
+            return docs
+        assert time.monotonic() < deadline, [d["status"] for d in docs]
+        await asyncio.sleep(0.05)
+
+
 # --- stock -----------------------------------------------------------------------------
 async def test_stock_reserved_until_sellable_runs_out(rr):
     await stock.set_stock(rr, [("CHAIR", 10)])  # sellable floor(9.5) = 9
@@ -211,7 +230,7 @@ async def test_single_use_coupon_raced_by_two_validate_processes(rr, stages):
         rr, [coupons.CouponRecord(code="RACE", platform="tmall", amount="10.00", single_use=True)]
     )
     env = {**RULES_ON, "ORDERQ_WORKER_BATCH": 1}
-    procs = [stages("validate", **env) for _ in range(2)]
+    procs = await _started([stages("validate", **env) for _ in range(2)])
     for _round in range(3):  # a few races, each a fresh coupon use
         await rr.client.hdel("oq:{rules}:cpn:RACE", "u")
         ks = await accept(rr, *(order(coupons=[cpn("RACE")]) for _ in range(2)))
@@ -319,22 +338,12 @@ async def test_duplicate_suspect_across_channels(rr):
 
 
 # --- the race ---------------------------------------------------------------------------
-async def _settled(r: oq_client.Redis, ks: list[str], timeout: float = 30) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        docs = [await status(r, k) for k in ks]
-        if all(d["status"] != "accepted" for d in docs):
-            return docs
-        assert time.monotonic() < deadline, [d["status"] for d in docs]
-        await asyncio.sleep(0.05)
-
-
 async def test_thirty_orders_race_for_twenty_units(ingress, stages, settings_for):
     """Two real validate processes, small batches, orders arriving in several requests:
     exactly floor(20 x 0.95) = 19 orders get a unit, the other 11 are out of stock."""
     env = {**RULES_ON, "ORDERQ_WORKER_BATCH": 3}
     base = await ingress(**env)
-    procs = [stages("validate", **env) for _ in range(2)]
+    procs = await _started([stages("validate", **env) for _ in range(2)])
     r = await oq_client.connect(settings_for(**env))
     try:
         async with httpx.AsyncClient(base_url=base) as c:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import random
 import time
@@ -30,6 +31,8 @@ from orderq.settings import STAGE_NAMES
 from orderq.status import render
 
 log = structlog.get_logger("orderq.ingress")
+
+READY_TIMEOUT_S = 1.0  # /readyz: Redis must answer a PING within this
 
 
 class Refusal(Exception):
@@ -382,9 +385,10 @@ class Handlers:
 
     async def readyz(self, request: Request) -> Response:
         try:
-            await self.s.redis.client.ping()
-        except (RedisError, OSError) as exc:
-            return responses.error(503, "unavailable", f"Redis unreachable: {exc}")
+            # a probe wants an answer within its own timeout, not the client's socket timeout
+            await asyncio.wait_for(self.s.redis.client.ping(), READY_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return responses.error(503, "unavailable", f"Redis unreachable: {exc!r}")
         stage = self.s.control.stage
         if stage == "shedding":
             return responses.error(503, "shedding", "ingress is shedding load", headers=_retry_after(2))

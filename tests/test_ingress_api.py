@@ -384,3 +384,30 @@ async def test_pause_and_resume_execute(api: httpx.AsyncClient, r: Redis, stages
         await asyncio.sleep(0.05)
     assert doc["totals"]["executed"] == 20, worker.log()
     assert doc["paused"] == [] and doc["backlog"] == 0
+
+
+async def test_stalled_redis_gets_503_not_a_hang(ingress: Any, r: Redis, valkey: Any) -> None:
+    """Redis stops answering (SIGSTOP): order writes and readiness answer 503 with
+    Retry-After instead of hanging; once it is back, a retry is a replay or a new order."""
+    base = await ingress(ORDERQ_ACK_DEADLINE_MS=500)
+    async with httpx.AsyncClient(base_url=base, timeout=15) as c:
+        valkey.pause()
+        try:
+            resp = await c.post("/v1/orders", json=make_order(1), headers=auth())
+            assert_error(resp, 503)
+            assert int(resp.headers["retry-after"]) >= 1
+            resp = await c.get("/readyz")
+            assert_error(resp, 503)
+            assert (await c.get("/healthz")).status_code == 200  # alive, just not ready
+        finally:
+            valkey.resume()
+        # the first write may have landed once Redis woke up: a retry is then a replay
+        resp = await c.post("/v1/orders", json=make_order(1), headers=auth())
+        assert resp.status_code in (200, 202), resp.text
+        for _ in range(100):
+            if (await c.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await c.get("/readyz")).status_code == 200
+    entries = [e for p in r.partitions for e in await r.client.xrange(p.intake)]
+    assert [e[1][b"k"] for e in entries] == [b"tmall:T1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -105,4 +106,9 @@ def serve(settings: Settings) -> None:
     )
     server = uvicorn.Server(config)
     sock = bind(settings.http_host, settings.http_port)
+    # uvicorn re-raises the SIGTERM/SIGINT it shut down for, under the handler it found at
+    # start: with the default one the process dies "killed by signal" after a graceful stop.
+    # A graceful stop exits 0 (contract §1); before uvicorn takes over, this asks it to stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
     server.run(sockets=[sock])

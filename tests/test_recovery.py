@@ -298,3 +298,53 @@ async def test_audit_while_orders_flow_reports_nothing_lost(r: Redis, stages: An
         assert rep["lost"] == 0, rep["lost_keys"]
         assert rep["duplicate_effects"] == 0
     assert reports[-1]["executed"] == 12 * 150
+
+
+async def test_ingress_sigterm_under_load_loses_no_acknowledged_order(r: Redis, stages: Any) -> None:
+    """Every order answered 202 before or during a graceful ingress stop is queued."""
+    import httpx
+
+    from orderq.server import free_port
+    from tests.conftest import auth
+
+    port = free_port()
+    proc = stages("ingress", ORDERQ_HTTP_PORT=port)
+    base = f"http://127.0.0.1:{port}"
+    acked: list[str] = []
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+
+        async def up() -> bool:
+            try:
+                return (await c.get("/healthz")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await until(up, what="ingress to answer")
+
+        async def client(n: int) -> None:
+            for i in range(100):
+                order = make_order(f"C{n}-{i}")
+                try:
+                    resp = await c.post("/v1/orders", json=order, headers=auth())
+                except httpx.HTTPError:
+                    return  # the server went away: this order was never acknowledged
+                if resp.status_code != 202:
+                    return
+                acked.append(f"tmall:{order['order_id']}")
+
+        clients = [asyncio.create_task(client(n)) for n in range(20)]
+        await until(lambda: _true(len(acked) >= 200), what="200 acks")
+        proc.signal(signal.SIGTERM)
+        await asyncio.gather(*clients)
+    assert proc.proc is not None
+    assert proc.proc.wait(20) == 0, proc.log()
+    assert 200 <= len(acked) < 2000, "stopped mid-load"
+    queued = {e[1][b"k"].decode() for p in r.partitions for e in await r.client.xrange(p.intake)}
+    assert set(acked) <= queued
+    assert await total(r, "accepted") == len(queued)
+    report = await audit.run(r)
+    assert report["lost"] == 0
+
+
+async def _true(value: bool) -> bool:
+    return value

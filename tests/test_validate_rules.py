@@ -174,6 +174,22 @@ async def test_redelivered_batch_reserves_once(rr):
     assert (await stock_of(rr, "DESK"))["reserved"] == 3
 
 
+async def test_recount_settles_in_chunks(rr, monkeypatch):
+    """A recount settles executed holders chunk by chunk, and sets physical stock last."""
+    monkeypatch.setattr(stock, "CHUNK", 2)
+    await stock.set_stock(rr, [("BULK", 100), ("OTHER", 10)])
+    await run(rr, *(order(lines=[line("BULK"), line("OTHER")]) for _ in range(7)))
+    (waiting,) = await run(rr, order(lines=[line("BULK", 1, "100.00", "40.00")], paid_amount="40.00"))
+    assert waiting["status"] == "review"
+    assert (await stock_of(rr, "BULK"))["reserved"] == 8
+    views = await stock.set_stock(rr, [("BULK", 90), ("OTHER", 3)])
+    assert views == [
+        {"sku": "BULK", "physical": 90, "reserved": 1, "sellable": 84},
+        {"sku": "OTHER", "physical": 3, "reserved": 0, "sellable": 2},
+    ]
+    assert await rr.client.hkeys(keys.holders_key("BULK")) == [waiting["order_key"].encode()]
+
+
 # --- coupons ---------------------------------------------------------------------------
 def cpn(code: str, platform: str = "tmall", amount: str = "10.00") -> dict[str, str]:
     return {"code": code, "platform": platform, "amount": amount}

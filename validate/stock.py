@@ -19,6 +19,8 @@ from orderq.client import Redis
 SLOT_KEY = keys.RULES_PREFIX  # names the ledger's slot for script routing
 SETTLED = frozenset({b"executed", b"rejected"})  # holders whose units a recount settles
 MAX_PHYSICAL = 1_000_000_000  # keeps physical x buffer (ppm) exact in Lua's doubles
+SCAN_COUNT = 10_000  # holders read per HSCAN page
+CHUNK = 5_000  # holders per status pipeline and per restock call
 
 
 def buffer_ppm(buffer: float) -> int:
@@ -43,28 +45,44 @@ async def get_stock(r: Redis, sku: str) -> dict[str, Any] | None:
 
 async def set_stock(r: Redis, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
     """Set physical stock and settle the reservations of executed (or gone) orders.
-    Three round trips per request, whatever the number of SKUs: holders, their
-    statuses, one ``restock`` call."""
+
+    Round trips: the holder lists (one per page of ``SCAN_COUNT`` holders, all SKUs in
+    each), their statuses (one per ``CHUNK`` holders), then one pipeline of ``restock``
+    calls. Holders are paged and settled in chunks so that a SKU with a million
+    holders neither blocks the server nor builds one giant script call; settling is
+    idempotent per holder, and physical stock is set by the last call of each SKU."""
     skus = list(dict.fromkeys(sku for sku, _ in items))
     physical = dict(items)  # the last value of a repeated SKU wins
-    pipe = r.client.pipeline(transaction=False)
-    for sku in skus:
-        pipe.hkeys(keys.holders_key(sku))
-    holders = [[k.decode() for k in ks] for ks in await pipe.execute()]
-    unique = list(dict.fromkeys(k for ks in holders for k in ks))
-    status: dict[str, bytes | None] = {}
-    if unique:
+    holders: dict[str, list[str]] = {sku: [] for sku in skus}
+    cursors = dict.fromkeys(skus, 0)
+    while cursors:
         pipe = r.client.pipeline(transaction=False)
-        for k in unique:
+        for sku, cur in cursors.items():
+            pipe.hscan(keys.holders_key(sku), cur, count=SCAN_COUNT)
+        for sku, (cur, page) in zip(list(cursors), await pipe.execute(), strict=True):
+            holders[sku] += [k.decode() for k in page]
+            if cur:
+                cursors[sku] = cur
+            else:
+                del cursors[sku]
+    unique = list(dict.fromkeys(k for ks in holders.values() for k in ks))
+    status: dict[str, bytes | None] = {}
+    for i in range(0, len(unique), CHUNK):
+        chunk = unique[i : i + CHUNK]
+        pipe = r.client.pipeline(transaction=False)
+        for k in chunk:
             pipe.hget(r.partition_of(k).status(k), "s")
-        status = dict(zip(unique, await pipe.execute(), strict=True))
-    args: list[object] = [keys.RULES_PREFIX]
-    for sku, ks in zip(skus, holders, strict=True):
-        done = [k for k in ks if status.get(k) is None or status[k] in SETTLED]
-        args += [sku, physical[sku], len(done), *done]
-    res = await r.run(lambda pipe: r.script(pipe, "restock", [SLOT_KEY], args))
+        status.update(zip(chunk, await pipe.execute(), strict=True))
+    calls: list[list[object]] = []
+    for sku in skus:
+        done = [k for k in holders[sku] if status.get(k) is None or status[k] in SETTLED]
+        for i in range(0, len(done), CHUNK):
+            calls.append([keys.RULES_PREFIX, sku, "-", len(done[i : i + CHUNK]), *done[i : i + CHUNK]])
+        calls.append([keys.RULES_PREFIX, sku, physical[sku], 0])
+    res = await r.run(lambda pipe: [r.script(pipe, "restock", [SLOT_KEY], args) for args in calls])
     buf = r.settings.stock_buffer
-    return [view(sku, int(p), int(rv), buf) for sku, (p, rv) in zip(skus, res[0], strict=True)]
+    final = [row for args, row in zip(calls, res, strict=True) if args[2] != "-"]
+    return [view(sku, int(p), int(rv), buf) for sku, ((p, rv),) in zip(skus, final, strict=True)]
 
 
 async def release(r: Redis, order_keys: list[str]) -> int:

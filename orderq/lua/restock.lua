@@ -3,7 +3,7 @@
 -- the new count no longer contains them) and orders gone or rejected. A holder settled
 -- here is removed from sku:<sku>:h, so a later release cannot return its units twice.
 -- KEYS[1] a key of the ledger slot (routing); ARGV[1] ledger prefix, then per SKU:
---   sku, physical, n, order key x n (holders to settle)
+--   sku, physical ('-': leave it), n, order key x n (holders to settle)
 -- Returns per SKU {physical, reserved}
 local P = ARGV[1]
 local out = {}
@@ -18,8 +18,9 @@ while a <= #ARGV do
       redis.call('HINCRBY', skey, 'r', -tonumber(qty))
     end
   end
-  redis.call('HSET', skey, 'p', physical)
-  out[#out + 1] = {tonumber(physical), tonumber(redis.call('HGET', skey, 'r') or 0)}
+  if physical ~= '-' then redis.call('HSET', skey, 'p', physical) end
+  local v = redis.call('HMGET', skey, 'p', 'r')
+  out[#out + 1] = {tonumber(v[1] or 0), tonumber(v[2] or 0)}
   a = a + 3 + n
 end
 return out

@@ -14,10 +14,12 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from ingress import admin, dashboard, openapi
+from ingress.channels import ChannelHandlers, load_mappings
 from ingress.committer import Committer
 from ingress.limits import BodyLimit
 from ingress.ratelimit import Limiter
 from ingress.routes import Auth, Handlers
+from ingress.shopify import ShopifyHandler
 from orderq import client as oq_client
 from orderq import metrics
 from orderq.control import Control
@@ -30,6 +32,7 @@ log = structlog.get_logger("orderq.ingress")
 def build_app(settings: Settings) -> Any:
     state = SimpleNamespace(settings=settings, auth=Auth(settings), meter=RateMeter())
     h = Handlers(state)
+    mappings = load_mappings(settings)  # compiled once; a broken file stops start-up (ConfigError)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -61,6 +64,8 @@ def build_app(settings: Settings) -> Any:
         Route("/readyz", h.readyz, methods=["GET"]),
         *admin.routes(state),
         *dashboard.routes(state),
+        *ChannelHandlers(h, mappings).routes(),
+        *ShopifyHandler(h, mappings.get("shopify")).routes(),
     ]
     routes.append(openapi.route(routes, settings))
     app = Starlette(routes=routes, lifespan=lifespan)

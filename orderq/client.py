@@ -34,6 +34,8 @@ SCRIPT_NAMES = (
     "restock",
     "review",
     "unhold",
+    # downstream dispatch (issue 6): ack+delete delivered outbox entries, dead-letter given-up ones
+    "dispatched",
 )
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 

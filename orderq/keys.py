@@ -229,3 +229,26 @@ def dup_key(fingerprint: str) -> str:
 def ledger_key(order_key: str) -> str:
     """msgpack of what the ledger decided and holds for one order: makes replays and releases exact."""
     return f"{RULES_PREFIX}o:{order_key}"
+
+
+# --- Integrations (issue 6): Shopify webhook dedup, downstream dispatch ------------------
+# The dispatcher reads each configured action's outbox stream with its own group, created
+# at id 0 like the others, so actions written before the dispatcher first ran are delivered.
+GROUP_DISPATCH = "dispatch"
+# Shopify retries an unanswered delivery for up to 48 hours: a webhook id is remembered a
+# day longer, so a redelivery within Shopify's whole retry window is still a duplicate.
+WEBHOOK_DEDUP_TTL_S = 3 * 24 * 3600
+
+
+def webhook_key(p: Partition, source: str, webhook_id: str) -> str:
+    """String: the order key a delivered webhook became (SET NX GET with a TTL). Placed in the
+    partition of ``<source>-webhook:<webhook id>`` itself, not of the order: a redelivery whose
+    body (even its order id) changed is still found."""
+    return f"{p.base}:wh:{source}:{webhook_id}"
+
+
+def dispatch_dead(p: Partition) -> str:
+    """Stream: downstream deliveries given up after ORDERQ_MAX_DELIVERIES (or refused with a 4xx),
+    with action, order key, last error and payload. Apart from ``p.dead`` (orders that could not
+    be processed): these orders did execute."""
+    return f"{p.base}:dl:dispatch"

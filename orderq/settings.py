@@ -12,13 +12,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+from orderq import keys
 from orderq.errors import ConfigError
 
 T = TypeVar("T")
 
 DEFAULT_CHANNELS = ("tmall", "jd", "douyin", "pdd", "kuaishou", "shopify", "miniapp", "pos")
 STAGE_NAMES = ("validate", "execute")
+# The channel mappings shipped with orderq: ``mappings/`` beside the packages, in a source
+# checkout (``make run``) and in an installed wheel alike (shipped as package data).
+SHIPPED_MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
+WEBHOOK_PREFIX = "ORDERQ_WEBHOOK_"  # + action, upper case, "." -> "_": ORDERQ_WEBHOOK_WMS_PICK
+WEBHOOK_VARIABLES = {WEBHOOK_PREFIX + a.upper().replace(".", "_"): a for a in keys.ACTIONS}
 
 
 def _int(name: str, raw: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -161,6 +168,16 @@ class Settings:
     alert_webhook: str | None = None
     alert_window_s: int = 3600
     alert_lag_s: float = 60.0
+    # Integrations (issue 6): channel mappings, the Shopify webhook, downstream webhooks.
+    mappings_dir: Path = SHIPPED_MAPPINGS
+    shopify_secret: str | None = None
+    webhooks: Mapping[str, str] = field(default_factory=dict)  # action -> URL (ORDERQ_WEBHOOK_<ACTION>)
+    dispatch_timeout_s: float = 5.0
+    dispatch_concurrency: int = 16
+    dispatch_backoff_s: float = 0.5
+    dispatch_failures: int = 5
+    dispatch_open_s: float = 5.0
+    dispatch_probe_timeout_s: float = 2.0
 
     @property
     def batch_body_bytes(self) -> int:
@@ -224,6 +241,15 @@ class Settings:
         get("ORDERQ_ALERT_WEBHOOK", _http_url)
         get("ORDERQ_ALERT_WINDOW_S", lambda n, r: _int(n, r, 1))
         get("ORDERQ_ALERT_LAG_S", lambda n, r: _float(n, r, 0.001))
+        get("ORDERQ_MAPPINGS_DIR", _directory)
+        get("ORDERQ_SHOPIFY_SECRET", lambda n, r: r.strip())
+        get("ORDERQ_DISPATCH_TIMEOUT_S", lambda n, r: _float(n, r, 0.01, 300))
+        get("ORDERQ_DISPATCH_CONCURRENCY", lambda n, r: _int(n, r, 1, 1000))
+        get("ORDERQ_DISPATCH_BACKOFF_S", lambda n, r: _float(n, r, 0.001, 3600))
+        get("ORDERQ_DISPATCH_FAILURES", lambda n, r: _int(n, r, 1, 1000))
+        get("ORDERQ_DISPATCH_OPEN_S", lambda n, r: _float(n, r, 0.01, 3600))
+        get("ORDERQ_DISPATCH_PROBE_TIMEOUT_S", lambda n, r: _float(n, r, 0.01, 300))
+        kw["webhooks"] = _webhooks(env)
 
         s = cls(**kw)
         s.check()
@@ -260,6 +286,34 @@ def _channels(name: str, raw: str) -> tuple[str, ...]:
             raise ConfigError(name, f"channel names are letters, digits and _, got {c!r}")
     # Configuration may add channels; the contract's eight always exist.
     return tuple(dict.fromkeys(DEFAULT_CHANNELS + names))
+
+
+def _directory(name: str, raw: str) -> Path:
+    path = Path(raw.strip())
+    if not path.is_dir():
+        raise ConfigError(name, f"not a directory: {raw.strip()!r}")
+    return path
+
+
+def _webhooks(env: Mapping[str, str]) -> dict[str, str]:
+    """``ORDERQ_WEBHOOK_<ACTION>=https://…`` -> {action: URL}; an unknown action is a typo, refused."""
+    out: dict[str, str] = {}
+    for name, raw in env.items():
+        if not name.startswith(WEBHOOK_PREFIX) or not raw.strip():
+            continue
+        action = WEBHOOK_VARIABLES.get(name)
+        if action is None:
+            raise ConfigError(name, f"unknown action (known: {', '.join(sorted(WEBHOOK_VARIABLES))})")
+        url = _http_url(name, raw)
+        parsed = urlsplit(url)
+        try:
+            port_ok = parsed.port is None or parsed.port > 0
+        except ValueError:
+            port_ok = False
+        if not parsed.hostname or not port_ok or any(c.isspace() for c in url):
+            raise ConfigError(name, f"expected an http:// or https:// URL with a host, got {url!r}")
+        out[action] = url
+    return out
 
 
 def _rates(name: str, raw: str) -> dict[str, float]:

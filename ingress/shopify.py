@@ -106,8 +106,8 @@ class ShopifyHandler:
         be pointed at ``order_key`` once it is queued). A first delivery claims the id for
         ``order_key`` in one atomic SET NX GET; a replay costs one more read."""
         r = self.h.s.redis
-        prev = await r.client.execute_command(
-            "SET", self._webhook_key(webhook_id), order_key, "NX", "GET", "EX", keys.WEBHOOK_DEDUP_TTL_S
+        prev = await r.client.set(
+            self._webhook_key(webhook_id), order_key, nx=True, get=True, ex=keys.WEBHOOK_DEDUP_TTL_S
         )
         if prev is None:
             return None, False

@@ -13,7 +13,7 @@ import msgspec
 from orderq.errors import ConfigError, OrderqError
 from orderq.settings import Settings
 
-STAGES = ("ingress", "validate", "execute", "breaker")
+STAGES = ("ingress", "validate", "execute", "breaker", "dispatch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,8 +57,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
     cmd = args.command
     if cmd == "up":
+        from ingress.channels import load_mappings
         from orderq.supervisor import Supervisor
 
+        load_mappings(settings)  # a broken mapping file stops `orderq up` at once, not in a restart loop
         return Supervisor(settings).run()
     if cmd == "ingress":
         from ingress.app import serve
@@ -82,6 +84,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if cmd == "breaker":
         runner.run(runner.run_breaker(settings))
+        return 0
+    if cmd == "dispatch":
+        from dispatch.worker import serve as dispatch
+
+        runner.run(dispatch(settings))
         return 0
     if cmd == "status":
         return asyncio.run(_status(settings, args.json, args.watch))

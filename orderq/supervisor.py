@@ -50,6 +50,8 @@ class Supervisor:
         out += [Child("validate", i) for i in range(s.validate_processes)]
         out += [Child("execute", i) for i in range(s.execute_processes)]
         out.append(Child("breaker", 0))
+        if s.webhooks:  # downstream endpoints configured: deliver the outbox to them
+            out.append(Child("dispatch", 0))
         return out
 
     def start_server(self) -> None:
@@ -123,7 +125,7 @@ class Supervisor:
     def _stop_children(self) -> None:
         live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         # Ingress first (stop accepting), then the workers finish their batches.
-        for stage_group in (("ingress",), ("validate", "execute", "breaker")):
+        for stage_group in (("ingress",), ("validate", "execute", "breaker", "dispatch")):
             group = [c for c in live if c.stage in stage_group]
             for c in group:
                 assert c.proc is not None

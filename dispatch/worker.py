@@ -1,0 +1,446 @@
+"""The dispatch stage: POSTs each executed action to its downstream system.
+
+For every action with an ``ORDERQ_WEBHOOK_<ACTION>`` URL, the dispatcher reads the
+action's outbox streams (one per partition) through the consumer group ``dispatch``
+and POSTs each entry as JSON ``{"order_key", "action", "fulfilment_id", "order"}`` with
+``Idempotency-Key: <order key>:<action>``: delivery is at least once, and the key lets
+the target apply it once. A delivered entry is acknowledged and deleted in one script
+call per batch, so the outbox holds exactly the undelivered actions.
+
+Each target (action) runs on its own: its own loop, HTTP connection pool, concurrency,
+backoff and circuit breaker, so a target that is down delays only its own actions.
+
+* Unreachable (connection refused, connect timeout): not a delivery; the entry waits
+  with backoff and the circuit counts a failure. A target down for hours loses nothing.
+* 5xx, 408/409/425/429, read timeouts: a failed delivery; retried with exponential
+  backoff and jitter, dead-lettered after ``ORDERQ_MAX_DELIVERIES`` of them.
+* Other 4xx: the target refuses this request for good; dead-lettered at once.
+
+Dead letters go to the partition's dispatch dead-letter stream, with the action marked
+``failed`` in the order's status record and counted in ``/v1/stats`` dead letters.
+Entries held by a live dispatcher are kept fresh (``XCLAIM … JUSTID``); those of a dead
+one are claimed after ``ORDERQ_CLAIM_IDLE_MS`` by the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+import structlog
+
+from dispatch.circuit import CLOSED, HALF_OPEN, OPEN, Circuit
+from orderq import keys
+from orderq.client import Redis
+from orderq.control import Control
+from orderq.schema import unpack_order
+from orderq.worker import parse_read
+
+log = structlog.get_logger("orderq.dispatch")
+
+BLOCK_MS = 500  # longest blocking read when a target has nothing to do: bounds a SIGTERM's wait
+READ_COUNT = 100  # entries read per stream per read
+HOLD_FACTOR = 8  # a target holds at most concurrency x this entries; the rest wait in Redis
+POLL_S = 0.1  # longest sleep while held entries wait for their backoff (new entries are read then)
+BACKOFF_MAX_S = 60.0  # cap of one retry delay
+RECLAIM_LIMIT = 500  # entries claimed from dead dispatchers per stream per sweep
+ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
+RETRYABLE = frozenset({408, 409, 425, 429})  # 4xx that mean "later", not "never"
+USER_AGENT = "orderq-dispatch/0.1"
+_json = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class Held:
+    """An outbox entry this dispatcher owns until it is delivered or dead-lettered."""
+
+    partition: keys.Partition
+    stream: str
+    id: str
+    key: str  # order key
+    fid: str  # fulfilment id
+    payload: bytes  # msgpack order
+    attempts: int = 0  # deliveries the target answered with a failure (the dead-letter budget)
+    tries: int = 0  # every failure, unreachable included (the backoff exponent)
+    due: float = 0.0
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Outcome:
+    kind: str  # ok | refused | retry | unreachable
+    detail: str = ""
+    retry_after: float = 0.0
+
+
+def request_body(action: str, h: Held) -> bytes:
+    """The JSON an action is delivered as (the order with UTC times to the microsecond)."""
+    order = unpack_order(h.payload)
+    doc = msgspec.to_builtins(order)
+    doc["created_at"] = order.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _json.encode({"order_key": h.key, "action": action, "fulfilment_id": h.fid, "order": doc})
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", "0")))
+    except ValueError:
+        return 0.0
+
+
+class Target:
+    """One downstream endpoint (one action): its queue, pool, breaker and loop."""
+
+    def __init__(self, d: Dispatcher, action: str, url: str) -> None:
+        s = d.settings
+        self.d = d
+        self.action = action
+        self.url = url
+        self.concurrency = s.dispatch_concurrency
+        self.hold_max = s.dispatch_concurrency * HOLD_FACTOR
+        self.circuit = Circuit(action, s.dispatch_failures, s.dispatch_open_s)
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(s.dispatch_timeout_s),
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
+            follow_redirects=False,
+        )
+        self.held: dict[tuple[str, str], Held] = {}
+        self.streams = {p.outbox(action): p for p in d.r.partitions}
+        self.delivered = 0
+        self.dead_lettered = 0
+        self._next_reclaim = 0.0
+        self._state = self.circuit.state
+        self.log = log.bind(action=action, target=url)
+
+    # --- the loop -------------------------------------------------------------------------
+    async def run(self, drain: bool = False) -> None:
+        errors = 0
+        while not self.d.stopping.is_set():
+            try:
+                if not await self.step(drain):
+                    break
+                errors = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if "NOGROUP" in str(exc):  # a stream or group was deleted under us: recreate, at id 0
+                    await self.d.ensure_groups()
+                delay = ERROR_BACKOFF_S[min(errors, len(ERROR_BACKOFF_S) - 1)]
+                errors += 1
+                self.log.warning("dispatch.batch_failed", error=repr(exc), retry_in_s=delay)
+                await self.d.sleep(delay)
+
+    async def step(self, drain: bool) -> bool:
+        """One round: take new work, send what is due (as the breaker allows), settle it.
+        False when draining and nothing is left."""
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            await self.reclaim()
+        got = 0
+        if len(self.held) < self.hold_max and self.circuit.state != OPEN:
+            block = 0 if (self.held or drain) else BLOCK_MS
+            got = await self.read(min(READ_COUNT, self.hold_max - len(self.held)), block)
+        if not self.held:
+            return not (drain and got == 0)
+        now = time.monotonic()
+        if self.circuit.state == CLOSED:
+            due = sorted((h for h in self.held.values() if h.due <= now), key=lambda h: h.due)
+            n = min(len(due), self.concurrency)
+        else:  # the breaker spaces the requests now: its probe takes the entry waiting longest
+            n = self.circuit.allowed(1)
+            due = sorted(self.held.values(), key=lambda h: h.due)[:1] if n else []
+        self._note_state()
+        if n == 0:
+            waits = [h.due - now for h in self.held.values() if h.due > now]
+            if self.circuit.state == OPEN:
+                waits = [self.circuit.wait_s()]
+            await self.d.sleep(min([POLL_S, *waits]) if waits else POLL_S)
+            return True
+        batch = due[:n]
+        probe = self.circuit.half_open
+        t0 = time.perf_counter()
+        outcomes = await asyncio.gather(*(self.post(h, probe) for h in batch))
+        await self.settle(batch, outcomes, t0)
+        return True
+
+    def _note_state(self) -> None:
+        if self.circuit.state != self._state:
+            self._state = self.circuit.state
+            level = self.log.info if self._state == "closed" else self.log.warning
+            level("dispatch.circuit", state=self._state, held=len(self.held), open_s=round(self.circuit.open_s, 3))
+
+    # --- HTTP -----------------------------------------------------------------------------
+    async def post(self, h: Held, probe: bool) -> Outcome:
+        s = self.d.settings
+        headers = {"Idempotency-Key": f"{h.key}:{self.action}", "X-Orderq-Attempt": str(h.tries + 1)}
+        try:
+            body = request_body(self.action, h)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return Outcome("refused", f"undecodable order payload: {exc}")
+        timeout = min(s.dispatch_probe_timeout_s, s.dispatch_timeout_s) if probe else s.dispatch_timeout_s
+        try:
+            resp = await self.http.post(self.url, content=body, headers=headers, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return Outcome("unreachable", f"{type(exc).__name__}: {exc}"[:300])
+        except httpx.HTTPError as exc:  # sent, maybe received: retry, the target dedups by key
+            return Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])
+        code = resp.status_code
+        if 200 <= code < 300:
+            return Outcome("ok")
+        detail = f"HTTP {code}: {resp.text[:200]}"
+        if code >= 500 or code in RETRYABLE:
+            return Outcome("retry", detail, _retry_after(resp))
+        return Outcome("refused", detail)
+
+    def backoff(self, h: Held, retry_after: float) -> float:
+        base = min(BACKOFF_MAX_S, self.d.settings.dispatch_backoff_s * 2 ** min(h.tries - 1, 30))
+        delay = random.uniform(base / 2, base)  # jitter: the entries of one outage do not return in step
+        return max(delay, min(retry_after, BACKOFF_MAX_S))
+
+    # --- Redis ----------------------------------------------------------------------------
+    async def read(self, count: int, block_ms: int) -> int:
+        """New entries of this action's outbox streams (every partition), into ``held``."""
+        r = self.d.r
+        by_stream = {s.encode(): (p, 0) for s, p in self.streams.items()}
+        group, consumer = keys.GROUP_DISPATCH, self.d.consumer
+        if r.settings.redis_cluster:  # one stream per call: the partitions live on different slots
+            replies = await r.run(
+                lambda pipe: [pipe.xreadgroup(group, consumer, {s: ">"}, count=count) for s in self.streams]
+            )
+            entries = [e for reply in replies for e in parse_read(reply, by_stream)]
+            if not entries and block_ms:
+                await self.d.sleep(min(block_ms / 1000, POLL_S * 2))
+        else:
+            reply = await r.client.xreadgroup(
+                group, consumer, dict.fromkeys(self.streams, ">"), count=count, block=block_ms or None
+            )
+            entries = parse_read(reply, by_stream)
+        now = time.monotonic()
+        for e in entries:
+            slot = (e.stream, e.id)
+            if slot not in self.held:
+                self.held[slot] = Held(
+                    e.partition, e.stream, e.id, e.get(b"k").decode(), e.get(b"f").decode(), e.get(b"d"), due=now
+                )
+        return len(entries)
+
+    async def reclaim(self) -> None:
+        """Claim entries a dead dispatcher held past the lease; dead-letter ones claimed too often."""
+        r, s = self.d.r, self.d.settings
+        self._next_reclaim = time.monotonic() + max(0.2, min(2.0, s.claim_idle_ms / 2000))
+        targets = list(self.streams.items())
+        results = await r.run(
+            lambda pipe: [
+                r.script(
+                    pipe,
+                    "reclaim",
+                    [stream, keys.dispatch_dead(p), p.counters, p.errors],
+                    [keys.GROUP_DISPATCH, self.d.consumer, s.claim_idle_ms, s.max_deliveries, RECLAIM_LIMIT],
+                )
+                for stream, p in targets
+            ]
+        )
+        now = time.monotonic()
+        claimed = 0
+        for (stream, p), (entries, n_dead, _cursor) in zip(targets, results, strict=True):
+            self.dead_lettered += int(n_dead)
+            for entry_id, flat in entries:
+                it = iter(flat)
+                fields = dict(zip(it, it, strict=True))
+                slot = (stream, entry_id.decode())
+                if slot in self.held:  # our own, idle during a long request
+                    continue
+                k, f, d = (fields.get(name, b"") for name in (b"k", b"f", b"d"))
+                self.held[slot] = Held(p, stream, slot[1], k.decode(), f.decode(), d, due=now)
+                claimed += 1
+        if claimed:
+            self.log.warning("dispatch.reclaimed", claimed=claimed)
+
+    async def settle(self, batch: list[Held], outcomes: list[Outcome], t0: float) -> None:
+        """Breaker, retries and the batch's Redis writes: one script call per stream."""
+        s = self.d.settings
+        now = time.monotonic()
+        probed = self.circuit.state == HALF_OPEN
+        done: dict[str, list[Held]] = {}
+        dead: dict[str, list[Held]] = {}
+        retried = 0
+        for h, out in zip(batch, outcomes, strict=True):
+            if out.kind == "ok":
+                self.circuit.success()
+                done.setdefault(h.stream, []).append(h)
+                continue
+            h.error = out.detail
+            if out.kind == "refused":  # the target is up and said no: not its health's fault
+                h.attempts += 1
+                self.circuit.success()
+                dead.setdefault(h.stream, []).append(h)
+                continue
+            self.circuit.failure()
+            h.tries += 1
+            if out.kind == "retry":
+                h.attempts += 1
+            if h.attempts >= s.max_deliveries:
+                dead.setdefault(h.stream, []).append(h)
+            else:
+                h.due = now + self.backoff(h, out.retry_after)
+                retried += 1
+        if probed and self.circuit.state == CLOSED:  # the target is back: what waited on it goes now
+            for h in self.held.values():
+                h.due = min(h.due, now)
+        self._note_state()
+        streams = sorted(set(done) | set(dead))
+        if streams:
+            r = self.d.r
+
+            def build(pipe: Any) -> None:
+                for stream in streams:
+                    p = self.streams[stream]
+                    ok, gone = done.get(stream, []), dead.get(stream, [])
+                    args: list[Any] = [keys.GROUP_DISPATCH, self.action, len(ok), *(h.id for h in ok)]
+                    for h in gone:
+                        args += [h.id, h.key, h.fid, h.payload, h.attempts, h.error[:500]]
+                    r.script(
+                        pipe,
+                        "dispatched",
+                        [stream, keys.dispatch_dead(p), p.counters, *(p.status(h.key) for h in gone)],
+                        args,
+                    )
+
+            await r.run(build)
+        for group in (done, dead):
+            for items in group.values():
+                for h in items:
+                    self.held.pop((h.stream, h.id), None)
+        n_done = sum(len(v) for v in done.values())
+        n_dead = sum(len(v) for v in dead.values())
+        self.delivered += n_done
+        self.dead_lettered += n_dead
+        for items in dead.values():
+            for h in items:
+                self.log.warning(
+                    "dispatch.dead_letter", order_key=h.key, entry_id=h.id, deliveries=h.attempts, error=h.error[:200]
+                )
+        self.log.info(
+            "dispatch.batch",
+            count=len(batch),
+            delivered=n_done,
+            retried=retried,
+            dead_lettered=n_dead,
+            held=len(self.held),
+            circuit=self.circuit.state,
+            duration_ms=round((time.perf_counter() - t0) * 1000, 2),
+        )
+
+
+class Dispatcher:
+    """Every configured target, each in its own task; a keep-alive for the entries they hold."""
+
+    stage = "dispatch"
+
+    def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
+        self.r = r
+        self.settings = r.settings
+        self.control = control
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = asyncio.Event()
+        self.targets = {a: Target(self, a, url) for a, url in self.settings.webhooks.items()}
+
+    @property
+    def delivered(self) -> int:
+        return sum(t.delivered for t in self.targets.values())
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
+        except TimeoutError:
+            pass
+
+    async def ensure_groups(self) -> None:
+        """The ``dispatch`` group on each configured outbox stream, at id 0 (never ``$``)."""
+        pipe = self.r.client.pipeline(transaction=False)
+        for t in self.targets.values():
+            for stream in t.streams:
+                pipe.xgroup_create(stream, keys.GROUP_DISPATCH, id="0", mkstream=True)
+        for res in await pipe.execute(raise_on_error=False):
+            if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
+                raise res
+
+    async def run(self, drain: bool = False) -> int:
+        """Deliver until stopped; with ``drain``, until nothing is left to deliver (or given up).
+        Returns the entries delivered."""
+        await self.ensure_groups()
+        keeper = asyncio.create_task(self._keep_alive())
+        try:
+            await asyncio.gather(*(t.run(drain) for t in self.targets.values()))
+        finally:
+            keeper.cancel()
+            try:
+                await keeper
+            except asyncio.CancelledError:
+                pass
+        return self.delivered
+
+    async def _keep_alive(self) -> None:
+        """Reset the idle time of every held entry (XCLAIM JUSTID: no delivery counted), so entries
+        waiting out a backoff or an open circuit are not taken for a dead dispatcher's."""
+        every = max(0.1, self.settings.claim_idle_ms / 3000)
+        while True:
+            await asyncio.sleep(every)
+            held = [(stream, [h.id for h in hs]) for t in self.targets.values() for stream, hs in _by_stream(t)]
+            if not held:
+                continue
+            try:
+                await self.r.run(lambda pipe, held=held: [self._claim(pipe, stream, ids) for stream, ids in held])
+            except Exception as exc:
+                log.warning("dispatch.keepalive_failed", error=repr(exc))
+
+    def _claim(self, pipe: Any, stream: str, ids: list[str]) -> None:
+        pipe.xclaim(stream, keys.GROUP_DISPATCH, self.consumer, 0, ids, justid=True)
+
+    async def close(self) -> None:
+        for t in self.targets.values():
+            await t.http.aclose()
+
+
+def _by_stream(t: Target) -> list[tuple[str, list[Held]]]:
+    out: dict[str, list[Held]] = {}
+    for h in list(t.held.values()):
+        out.setdefault(h.stream, []).append(h)
+    return list(out.items())
+
+
+async def serve(settings: Any) -> None:
+    """``orderq dispatch``: run until SIGTERM/SIGINT; in-flight requests finish, held entries stay
+    pending in Redis for the next dispatcher."""
+    import signal
+
+    from orderq import client as oq_client
+    from orderq.errors import ConfigError
+
+    if not settings.webhooks:
+        raise ConfigError("ORDERQ_WEBHOOK_<ACTION>", "no downstream webhook is set: nothing to dispatch")
+    r = await oq_client.connect(settings)
+    control = await Control(r, "dispatch").start()
+    d = Dispatcher(r, control)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.stop)
+    log.info("dispatch.started", worker=d.consumer, targets=dict(settings.webhooks))
+    try:
+        await d.run()
+    finally:
+        log.info("dispatch.stopped", worker=d.consumer, delivered=d.delivered)
+        await d.close()
+        await control.stop()
+        await r.close()

@@ -27,26 +27,30 @@ one element) and optionally ``keep_if`` / ``drop_if`` = ``{ path = "...", in = [
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import tomllib
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+from ingress.convert import (
+    CENT,
+    MISSING,
+    Bad,
+    amount_of,
+    enum_step,
+    key_of,
+    money_text,
+    split_step,
+    time_step,
+    to_int,
+    to_str,
+)
 from orderq.errors import ConfigError
 from orderq.schema import Coupon, Customer, Gift, Line, Order, ShipTo
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-MISSING: Any = _Missing()  # the channel payload has no value here (absent, null or "")
 
 Key = tuple[str, ...]  # a key path inside the mapping file, for error messages with a line
 Getter = Callable[[Any], Any]  # channel object -> value or MISSING; raises MappingError
@@ -60,10 +64,6 @@ class MappingError(Exception):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
-
-
-class _Bad(Exception):
-    """A conversion step refused a value (the field path is added by the caller)."""
 
 
 class SpecError(Exception):
@@ -81,11 +81,6 @@ LISTS: dict[str, type] = {"lines": Line, "coupons": Coupon, "gifts": Gift}
 FIELD_KEYS = frozenset({"path", "join", "sep", "const", "split", "enum", "default", "type", "money", "per", "time"})
 SOURCES = ("path", "join", "const")
 LIST_KEYS = frozenset({"path", "fields", "keep_if", "drop_if"})
-CENT = Decimal("0.01")
-UTC = dt.UTC
-# China has kept UTC+8 without daylight saving since 1991: used if the system has no tzdata.
-FIXED_ZONES = {"Asia/Shanghai": 8, "Asia/Chongqing": 8, "Asia/Harbin": 8, "PRC": 8, "UTC": 0, "Etc/UTC": 0}
-_OFFSET = re.compile(r"^([+-])(\d{2}):(\d{2})$")
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d*)\]|(\.)")
 
 
@@ -174,168 +169,21 @@ def _collect(cur: Any, segs: list[str | int | None], i: int) -> list[Any]:
     return [cur] if _present(cur) else []
 
 
-# --- conversion steps ----------------------------------------------------------------------
-def _key(v: Any) -> str:
-    """How a channel value is looked up in an ``enum`` / ``in`` table (TOML keys are strings)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def _split(sep: str) -> Callable[[Any], Any]:
-    def step(v: Any) -> Any:
-        if isinstance(v, list):
-            return [p.strip() for x in v for p in str(x).split(sep) if p.strip()]
-        if not isinstance(v, str):
-            raise _Bad(f"expected a string to split, got {type(v).__name__}")
-        return [p.strip() for p in v.split(sep) if p.strip()]
-
-    return step
-
-
-def _enum(table: dict[str, Any], default: Any) -> Callable[[Any], Any]:
-    values = {str(k): v for k, v in table.items()}
-    choices = ", ".join(repr(k) for k in values)
-
-    def step(v: Any) -> Any:
-        for item in v if isinstance(v, list) else (v,):
-            hit = values.get(_key(item), MISSING)
-            if hit is not MISSING:
-                return hit
-        if default is not MISSING:
-            return default
-        raise _Bad(f"unknown value {v!r} (the mapping knows {choices})")
-
-    return step
-
-
-def _to_str(v: Any) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _Bad(f"expected a string or a number, got {type(v).__name__}")
-    if isinstance(v, float) and not v.is_integer():
-        raise _Bad(f"expected a whole number, got {v!r}")
-    return str(int(v))
-
-
-def _to_int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise _Bad("expected an integer, got a boolean")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+\s*", v):
-        return int(v)
-    raise _Bad(f"expected an integer, got {v!r}")
-
-
-def _decimal(v: Any) -> Decimal:
-    if isinstance(v, bool):
-        raise _Bad("expected an amount, got a boolean")
-    try:
-        if isinstance(v, int):
-            return Decimal(v)
-        if isinstance(v, float):
-            return Decimal(repr(v))  # shortest repr: 19.9 -> Decimal("19.9"), not its binary value
-        if isinstance(v, str):
-            return Decimal(v.strip())
-    except InvalidOperation:
-        pass
-    raise _Bad(f"expected an amount, got {v!r}")
-
-
-def _money_text(d: Decimal) -> str:
-    if not d.is_finite() or d < 0:
-        raise _Bad(f"expected a non-negative amount, got {d}")
-    q = d.quantize(CENT)
-    if q != d:
-        raise _Bad(f"amount {d} has more than 2 decimals")
-    return f"{q:.2f}"
-
-
-def _amount(unit: str) -> Callable[[Any], Decimal]:
-    """``yuan``: a decimal (string or number) of yuan; ``fen``: an integer of fen (cents)."""
-    if unit == "yuan":
-        return _decimal
-
-    def fen(v: Any) -> Decimal:
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise _Bad(f"expected an integer amount of fen, got {v!r}")
-        return Decimal(v) / 100
-
-    return fen
-
-
+# --- conversion steps: ingress/convert.py; only the one needing a quantity lives here --------
 def _per(amount: Callable[[Any], Decimal], count: Getter, count_path: str) -> Callable[[Any, Any], str]:
     """A line total -> a unit price: divided by the element's quantity, rounded half up to the fen."""
 
     def step(v: Any, src: Any) -> str:
         c = count(src)
         try:
-            n = _to_int(c) if c is not MISSING else 0
-        except _Bad as exc:
+            n = to_int(c) if c is not MISSING else 0
+        except Bad as exc:
             raise MappingError(count_path, str(exc)) from None
         if n <= 0:
             raise MappingError(count_path, f"cannot divide an amount by a quantity of {c!r}")
-        return _money_text((amount(v) / n).quantize(CENT, rounding=ROUND_HALF_UP))
+        return money_text((amount(v) / n).quantize(CENT, rounding=ROUND_HALF_UP))
 
     return step
-
-
-def zone_of(name: str) -> dt.tzinfo:
-    """An IANA zone name, ``UTC`` or a fixed ``+08:00`` offset."""
-    m = _OFFSET.match(name)
-    if m:
-        sign = 1 if m.group(1) == "+" else -1
-        return dt.timezone(sign * dt.timedelta(hours=int(m.group(2)), minutes=int(m.group(3))))
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        if name in FIXED_ZONES:
-            return dt.timezone(dt.timedelta(hours=FIXED_ZONES[name]))
-        raise
-
-
-def _time(spec: str) -> Callable[[Any], Any]:
-    """Channel time -> RFC 3339 UTC to the microsecond. Strings without an offset are read in
-    the zone ``spec`` names; ``epoch_s`` / ``epoch_ms`` read Unix times (UTC by definition)."""
-    if spec in ("epoch_s", "epoch_ms"):
-        scale = 1000 if spec == "epoch_ms" else 1
-
-        def epoch(v: Any) -> str:
-            if isinstance(v, str) and v.strip().isdigit():
-                v = int(v)
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise _Bad(f"expected a Unix time, got {v!r}")
-            try:
-                t = dt.datetime.fromtimestamp(v / scale, UTC)
-            except (OverflowError, OSError, ValueError):
-                raise _Bad(f"Unix time {v!r} out of range") from None
-            return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-        return epoch
-    tz = zone_of(spec)
-
-    def text(v: Any) -> str:
-        if not isinstance(v, str):
-            raise _Bad(f"expected a date-time string, got {v!r}")
-        try:
-            t = dt.datetime.fromisoformat(v.strip())
-        except ValueError:
-            raise _Bad(f"expected a date-time like 2026-11-11 00:00:01, got {v!r}") from None
-        if t.tzinfo is None:
-            t = t.replace(tzinfo=tz)
-        return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-    return text
 
 
 # --- compiling -------------------------------------------------------------------------------
@@ -529,12 +377,12 @@ def _filter(spec: Any, key: Key, keep: bool) -> Callable[[Any], bool] | None:
         get = path_getter(table["path"])
     except ValueError as exc:
         raise SpecError((*key, "path"), str(exc)) from None
-    values = frozenset(_key(v) for v in table["in"])
+    values = frozenset(key_of(v) for v in table["in"])
     empty_in = "" in values
 
     def test(item: Any) -> bool:
         v = get(item)
-        hit = empty_in if v is MISSING else _key(v) in values
+        hit = empty_in if v is MISSING else key_of(v) in values
         return hit if keep else not hit
 
     return test
@@ -565,13 +413,13 @@ def _field(spec: Any, key: Key) -> tuple[Getter, str]:
     if "split" in table:
         if not isinstance(table["split"], str) or not table["split"]:
             raise SpecError((*key, "split"), "split takes a separator string")
-        steps.append(_split(table["split"]))
+        steps.append(split_step(table["split"]))
     if "enum" in table:
         if not isinstance(table["enum"], dict) or not table["enum"]:
             raise SpecError((*key, "enum"), 'enum takes a table like { "3" = "vip" }')
-        steps.append(_enum(table["enum"], default))
+        steps.append(enum_step(table["enum"], default))
     if "type" in table:
-        conv = {"str": _to_str, "int": _to_int}.get(table["type"])
+        conv = {"str": to_str, "int": to_int}.get(table["type"])
         if conv is None:
             raise SpecError((*key, "type"), f"type is 'str' or 'int', got {table['type']!r}")
         steps.append(conv)
@@ -581,26 +429,29 @@ def _field(spec: Any, key: Key) -> tuple[Getter, str]:
             raise SpecError((*key, "money"), f"money is 'yuan' or 'fen', got {table['money']!r}")
         if "time" in table:
             raise SpecError((*key, "time"), "money and time exclude each other")
-        amount = _amount(table["money"])
+        amount = amount_of(table["money"])
         if "per" in table:
             try:
                 per = _per(amount, path_getter(table["per"]), table["per"])
             except ValueError as exc:
                 raise SpecError((*key, "per"), str(exc)) from None
         else:
-            steps.append(lambda v, a=amount: _money_text(a(v)))
+            steps.append(lambda v, a=amount: money_text(a(v)))
     elif "per" in table:
         raise SpecError((*key, "per"), "per goes with money")
     if "time" in table:
         try:
             if not isinstance(table["time"], str):
                 raise ValueError
-            steps.append(_time(table["time"]))
+            steps.append(time_step(table["time"]))
         except (ValueError, zoneinfo.ZoneInfoNotFoundError):
             raise SpecError(
                 (*key, "time"),
                 f"time is a zone (Asia/Shanghai, UTC, +08:00), epoch_s or epoch_ms; got {table['time']!r}",
             ) from None
+
+    if not steps and per is None and default is MISSING:
+        return read, src_name  # a plain path or join: the reader itself, no wrapper call
 
     def get(src: Any) -> Any:
         v = read(src)
@@ -611,7 +462,7 @@ def _field(spec: Any, key: Key) -> tuple[Getter, str]:
                 v = step(v)
             if per is not None:
                 v = per(v, src)
-        except _Bad as exc:
+        except Bad as exc:
             raise MappingError(src_name, str(exc)) from None
         return v
 
@@ -637,7 +488,7 @@ def _reader(table: dict[str, Any], key: Key) -> tuple[Getter, str]:
                     if v is MISSING:
                         continue
                     for x in v if isinstance(v, list) else (v,):
-                        s = _key(x).strip() if not isinstance(x, dict | list) else ""
+                        s = key_of(x).strip() if not isinstance(x, dict | list) else ""
                         if s:
                             parts.append(s)
                 return sep.join(parts) if parts else MISSING

@@ -171,3 +171,19 @@ async def test_without_a_secret_every_webhook_is_refused(ingress, r):
             resp = await c.post("/v1/webhooks/shopify", content=body, headers=signed(body, secret=secret))
             assert resp.status_code == 401
     assert await queued(r) == {}
+
+
+async def test_a_large_shopify_order_is_not_refused_for_its_size(shop, r):
+    """Shopify's order payloads carry much per line (taxes, properties, allocations): one with
+    150 lines passes the single-order body limit (64 KB) and must still be taken."""
+    item = SAMPLE["line_items"][0]
+    lines = [
+        {**item, "id": i, "sku": f"LAMP-{i}", "properties": [{"name": "engraving", "value": "x" * 300}]}
+        for i in range(150)
+    ]
+    body = body_of(line_items=lines)
+    assert len(body) > 65536
+    resp = await shop.post(HOOK, content=body, headers=signed(body))
+    assert resp.status_code == 202, resp.text
+    [o] = (await queued(r)).values()
+    assert len(o.lines) == 150

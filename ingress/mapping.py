@@ -22,7 +22,8 @@ split, enum, type, money, time; ``default`` stands in when the source is absent 
 "" count as absent) or, with ``enum``, when no value maps. Lists (``lines``, ``coupons``,
 ``gifts``) are tables with ``path`` (the channel's list), ``fields`` (specs relative to
 one element) and optionally ``keep_if`` / ``drop_if`` = ``{ path = "...", in = [...] }``.
-``extra`` takes any names. ``channel`` is the file's own name, never mapped.
+``extra`` takes any names. ``channel`` is the file's own name, never mapped;
+``description`` is free text for the operator.
 """
 
 from __future__ import annotations

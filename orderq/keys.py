@@ -189,8 +189,11 @@ def customer_key(channel: str, customer_id: str) -> str:
 # from RULES_PREFIX themselves (same slot by construction); the functions below (and
 # customer_key above) are the Python side of the same formats.
 RULES_PREFIX = f"{PREFIX}:{{rules}}:"
-LEDGER_REPLAY_TTL_S = 24 * 3600  # decision of a validated/rejected order, for redelivered batches
+LEDGER_REPLAY_TTL_S = 24 * 3600  # decisions of a batch, for its redelivery
 # (an order in review keeps its record as long as its status record: a reject releases by it)
+# Windows, day totals and decisions live in time-bucketed hashes, one write per bucket per
+# batch: inside a script, one write call costs several microseconds, one more field of it
+# a fraction of one.
 SUBSIDY_TTL_S = 2 * 24 * 3600  # a customer's day totals outlive their (Beijing) day
 IP_WINDOW_MS = 3600 * 1000  # the sliding hour of ORDERQ_IP_ORDERS_PER_HOUR
 BEIJING_OFFSET_MS = 8 * 3600 * 1000  # "one day" of the subsidy cap is a Beijing calendar day
@@ -211,23 +214,32 @@ def coupon_key(code: str) -> str:
     return f"{RULES_PREFIX}cpn:{code}"
 
 
-def subsidy_key(channel: str, customer_id: str, day: int) -> str:
-    """Hash ``g`` goods, ``c`` coupon cents of a customer's (Beijing) day ``day`` (days since the epoch)."""
-    return f"{RULES_PREFIX}sub:{channel}:{customer_id}:{day}"
+def subsidy_key(day: int) -> str:
+    """Hash ``<channel>:<customer id>|g`` goods and ``|c`` coupon cents of each customer on
+    (Beijing) day ``day`` (days since the epoch); one hash per day, expiring as a whole."""
+    return f"{RULES_PREFIX}sub:{day}"
 
 
-def ip_key(ip: str) -> str:
-    """Sorted set order key -> accept time (ms) of the orders from one IP in the last hour(s)."""
-    return f"{RULES_PREFIX}ip:{ip}"
+def ip_key(hour: int) -> str:
+    """Hash IP -> accept times (ms) of its latest orders, the hour bucket ``hour`` (ms // 3600000)
+    of the latest; each write carries the older times forward, so the newest bucket is whole."""
+    return f"{RULES_PREFIX}ip:{hour}"
 
 
-def dup_key(fingerprint: str) -> str:
-    """``<order key>|<accept ms>`` of the latest order with one recipient+items+amount fingerprint."""
-    return f"{RULES_PREFIX}dup:{fingerprint}"
+def dup_key(bucket: int) -> str:
+    """Hash fingerprint (recipient+items+amount) -> ``<order key>|<accept ms>`` of the latest
+    order, per bucket of ORDERQ_DUP_WINDOW_S (accept ms // window ms)."""
+    return f"{RULES_PREFIX}dup:{bucket}"
+
+
+def decided_key(hour: int) -> str:
+    """Hash order key -> ``<outcome><extra score>|reason|...`` of the orders accepted in
+    ``hour``: a redelivered batch gets its first decision back (LEDGER_REPLAY_TTL_S)."""
+    return f"{RULES_PREFIX}od:{hour}"
 
 
 def ledger_key(order_key: str) -> str:
-    """msgpack of what the ledger decided and holds for one order: makes replays and releases exact."""
+    """msgpack of what an order in review decided and holds: its reject releases by it."""
     return f"{RULES_PREFIX}o:{order_key}"
 
 

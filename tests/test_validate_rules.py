@@ -158,18 +158,24 @@ async def test_redelivered_batch_reserves_once(rr):
     raw = [
         order(lines=[line("DESK", 2)], coupons=[{"code": "ONE", "platform": "tmall", "amount": "10.00"}]),
         order(lines=[line("DESK", 1)]),
+        order(lines=[line("DESK", 1), line("SOFA-OAK-3")]),  # short, and an unknown SKU
     ]
     parsed = [order_decoder.decode(msgspec.json.encode(o)) for o in raw]
-    ta = [time.time_ns() // 1000] * 2
+    ta = [time.time_ns() // 1000 + i for i in range(3)]
     first = await rules.decide(rr, parsed, ta)
+    await rr.client.hset(keys.stock_key("DESK"), "p", 100)  # a replay must not decide anew
     again = await rules.decide(rr, parsed, ta)
-    assert [d.outcome for d in first] == [d.outcome for d in again] == ["v", "v"]
-    assert [d.reasons for d in first] == [d.reasons for d in again]
+    await rr.client.hset(keys.stock_key("DESK"), "p", 4)
+    assert [d.outcome for d in first] == [d.outcome for d in again] == ["v", "v", "r"]
+    assert first[2].reasons == ["out_of_stock:DESK", "unknown_sku:SOFA-OAK-3"]
+    assert [(d.reasons, d.risk_score, d.priority) for d in first] == [
+        (d.reasons, d.risk_score, d.priority) for d in again
+    ]
     assert (await stock_of(rr, "DESK"))["reserved"] == 3
     assert (await coupons.get_coupon(rr, "ONE"))["used_by"] == parsed[0].key  # type: ignore[index]
     # even a replay older than its record holds no unit twice (the holder list says so)
-    await rr.client.delete(*(keys.ledger_key(o.key) for o in parsed))
-    late = await rules.decide(rr, parsed, ta)
+    await rr.client.delete(keys.decided_key(ta[0] // 1000 // 3_600_000))
+    late = await rules.decide(rr, parsed[:2], ta[:2])
     assert [d.outcome for d in late] == ["v", "v"]
     assert (await stock_of(rr, "DESK"))["reserved"] == 3
 
@@ -290,16 +296,54 @@ async def test_virtual_phone_adds_to_the_score(rr):
 
 async def test_sixth_order_from_one_ip_in_the_hour_is_a_burst(rr):
     await stock.set_stock(rr, [("SOFA-OAK-3", 100)])
-    ks = []
-    for _ in range(7):  # one at a time: each its own accept time
+
+    def from_ip() -> dict[str, Any]:
         o = order()
         o["customer"]["ip"] = "36.112.4.7"
-        ks += await accept(rr, o)
+        return o
+
+    docs = []
+    for _ in range(3):  # three batches of one: the window carries over between batches
+        docs += await run(rr, from_ip())
+    ks = []
+    for _ in range(4):  # then one at a time into the intake, validated as one batch
+        ks += await accept(rr, from_ip())
     await drain(rr)
-    docs = [await status(rr, k) for k in ks]
+    docs += [await status(rr, k) for k in ks]
     assert [d["reasons"] for d in docs[:5]] == [[]] * 5
     assert [d["reasons"] for d in docs[5:]] == [["risk_ip_burst"]] * 2
     assert docs[5]["risk_score"] == 50 and docs[5]["status"] == "executed"  # alone, under 80
+    # orders accepted in the same instant (one batch request) count one each
+    same = await run(rr, *(order(customer={"id": "u-same", "ip": "36.1.1.1"}) for _ in range(6)))
+    assert sum(d["reasons"] == ["risk_ip_burst"] for d in same) == 1
+
+
+async def test_windows_follow_the_accept_time(rr):
+    """The IP hour and the duplicate window slide with the orders' accept times, across
+    batches and across the hourly buckets they are kept in."""
+    await stock.set_stock(rr, [("SOFA-OAK-3", 1000)])
+    minute = 60_000_000  # µs
+    t = (time.time_ns() // 1000 // (60 * minute) + 1) * 60 * minute  # the next full hour
+
+    async def one(o: dict[str, Any], at: int) -> rules.Decision:
+        (d,) = await rules.decide(rr, [order_decoder.decode(msgspec.json.encode(o))], [at])
+        return d
+
+    def from_ip() -> dict[str, Any]:
+        o = order()
+        o["customer"]["ip"] = "9.9.9.9"
+        return o
+
+    offsets = [-40, -20, -1, 5, 9, 15, 71]  # minutes around the hour; one order per batch
+    got = [(await one(from_ip(), t + m * minute)).reasons for m in offsets]
+    # the 6th falls within an hour of the 1st; at +71 only +15 (and itself) are within one
+    assert got == [[], [], [], [], [], ["risk_ip_burst"], []]
+
+    same = make_order("FP1")
+    assert (await one(same, t)).reasons == []
+    assert (await one(make_order("FP2", channel="pdd"), t + 179 * 10**6)).reasons == ["duplicate_suspect:tmall:TFP1"]
+    later = await one(make_order("FP3", channel="jd"), t + 400 * 10**6)  # FP2 was 221 s before
+    assert later.reasons == [] and later.outcome == "v"
 
 
 async def test_pickup_point_without_door_number(rr):

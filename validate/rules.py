@@ -99,7 +99,7 @@ def order_row(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool
     return [
         o.key,
         o.channel,
-        o.customer.id,
+        f"{o.channel}:{o.customer.id}",
         accepted_ms,
         base,
         1 if pre_reject else 0,
@@ -110,6 +110,7 @@ def order_row(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool
         coupon_total,
         flat,
         [c.code for c in o.coupons],
+        str(accepted_ms),  # Lua formats numbers slowly
     ]
 
 

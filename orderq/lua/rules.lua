@@ -74,6 +74,16 @@ local function read_groups(into)  -- bucket -> {field -> value or nil}
   end
   return out
 end
+local function merge(into, more)  -- bucket -> fields, from a second read
+  for b, m in pairs(more) do
+    local have = into[b]
+    if have then
+      for f, v in pairs(m) do have[f] = v end
+    else
+      into[b] = m
+    end
+  end
+end
 local function hour(ms) return math.floor(ms / 3600000) end
 -- Lua turns a number into a string slowly (microseconds): bucket names are made once each
 local names = {}
@@ -132,7 +142,7 @@ for b, m in pairs(ipv) do
     if not m[ip] then group(bucket('ip', h - 1), ip, ip_prev) end
   end
 end
-for b, m in pairs(read_groups(ip_prev)) do ipv[b] = m end
+merge(ipv, read_groups(ip_prev))
 -- a fingerprint not seen in this window's bucket: the previous bucket may hold it
 local dup_prev = {}
 for b, m in pairs(dupv) do
@@ -141,7 +151,7 @@ for b, m in pairs(dupv) do
     if not m[fp] then group(bucket('dup', k - 1), fp, dup_prev) end
   end
 end
-for b, m in pairs(read_groups(dup_prev)) do dupv[b] = m end
+merge(dupv, read_groups(dup_prev))
 local stock = {}  -- sku -> {p = physical or false, r = reserved, d = delta, held = {key -> true}, h = {...}}
 for sku, g in pairs(stock_orders) do
   local v = redis.call('HMGET', P .. 'sku:' .. sku, 'p', 'r')

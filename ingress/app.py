@@ -11,9 +11,10 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.routing import Route
 
-from ingress import admin, dashboard, openapi
+from ingress import admin, dashboard, openapi, responses
 from ingress.channels import ChannelHandlers, load_mappings
 from ingress.committer import Committer
 from ingress.limits import BodyLimit
@@ -70,7 +71,30 @@ def build_app(settings: Settings) -> Any:
     routes.append(openapi.route(routes, settings))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.orderq = state
-    return BodyLimit(app, settings.max_body_bytes, settings.batch_body_bytes)
+    fast = FastPaths(app, {"/v1/orders": h.post_order, "/v1/orders/batch": h.post_batch})
+    return BodyLimit(fast, settings.max_body_bytes, settings.batch_body_bytes)
+
+
+class FastPaths:
+    """Pure ASGI dispatch of the two hot endpoints straight to their handlers, past the
+    router and Starlette's middleware stack (same handlers, same responses); everything
+    else goes to the Starlette app."""
+
+    def __init__(self, app: Any, routes: dict[str, Any]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await handler(Request(scope, receive))
+        except Exception:
+            log.exception("ingress.unhandled", path=scope["path"])
+            response = responses.error(500, "internal", "unexpected error; the order may not be queued")
+        await response(scope, receive, send)
 
 
 def _safe_url(url: str) -> str:

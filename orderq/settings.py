@@ -162,6 +162,7 @@ class Settings:
     max_deliveries: int = 5
     claim_idle_ms: int = 30000
     worker_batch: int = 200
+    worker_concurrency: int = 3
     ack_deadline_ms: int = 2000
     outbox_maxlen: int = 1_000_000
     # Alerts (issue 5): evaluated by the breaker process.
@@ -236,6 +237,7 @@ class Settings:
         get("ORDERQ_MAX_DELIVERIES", lambda n, r: _int(n, r, 1, 1000))
         get("ORDERQ_CLAIM_IDLE_MS", lambda n, r: _int(n, r, 100))
         get("ORDERQ_WORKER_BATCH", lambda n, r: _int(n, r, 1, 10_000))
+        get("ORDERQ_WORKER_CONCURRENCY", lambda n, r: _int(n, r, 1, 64))
         get("ORDERQ_ACK_DEADLINE_MS", lambda n, r: _int(n, r, 10))
         get("ORDERQ_OUTBOX_MAXLEN", lambda n, r: _int(n, r, 1000))
         get("ORDERQ_ALERT_WEBHOOK", _http_url)

@@ -86,7 +86,19 @@ class StreamWorker:
         return self.control is not None and self.stage in self.control.paused
 
     async def run(self, drain: bool = False) -> int:
-        """Work until stopped; with ``drain``, until no work is left. Returns entries processed."""
+        """Work until stopped; with ``drain``, until no work is left. Returns entries processed.
+
+        Outside drain mode, ``ORDERQ_WORKER_CONCURRENCY`` batches are kept in flight, so one
+        batch's Python work overlaps another's script time in Redis (each loop reads its own
+        entries from the consumer group; scripts keep every hand-off atomic)."""
+        loops = 1 if drain else self.settings.worker_concurrency
+        if loops == 1:
+            await self._loop(drain)
+        else:
+            await asyncio.gather(*(self._loop(drain) for _ in range(loops)))
+        return self.processed
+
+    async def _loop(self, drain: bool) -> None:
         errors = 0
         while not self.stopping.is_set():
             if self.paused:
@@ -114,7 +126,6 @@ class StreamWorker:
                 errors += 1
                 self.log.warning(f"{self.stage}.batch_failed", error=repr(exc), retry_in_s=delay)
                 await self._sleep(delay)
-        return self.processed
 
     async def _ensure_groups(self) -> None:
         try:

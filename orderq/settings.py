@@ -154,6 +154,7 @@ class Settings:
     risk_review_score: int = 80
     ip_orders_per_hour: int = 5
     dup_window_s: int = 180
+    rules: bool = True
     durability: str = "fast"
     log_format: str | None = None
     log_level: str = "info"
@@ -230,6 +231,7 @@ class Settings:
         get("ORDERQ_RISK_REVIEW_SCORE", lambda n, r: _int(n, r, 0))
         get("ORDERQ_IP_ORDERS_PER_HOUR", lambda n, r: _int(n, r, 0))
         get("ORDERQ_DUP_WINDOW_S", lambda n, r: _int(n, r, 0))
+        get("ORDERQ_RULES", _bool)
         get("ORDERQ_DURABILITY", lambda n, r: _choice(n, r, ("fast", "fsync")))
         get("ORDERQ_LOG_FORMAT", lambda n, r: _choice(n, r, ("console", "json")))
         get("ORDERQ_LOG_LEVEL", lambda n, r: _choice(n, r, ("debug", "info", "warning", "error")))
@@ -274,7 +276,7 @@ class Settings:
                 )
 
 
-_FIELD_OVERRIDES = {"ORDERQ_REDIS_CLUSTER": "redis_cluster", "ORDERQ_AUTH": "auth"}
+_FIELD_OVERRIDES = {"ORDERQ_REDIS_CLUSTER": "redis_cluster", "ORDERQ_AUTH": "auth", "ORDERQ_RULES": "rules"}
 
 
 def _field_of(env_name: str) -> str:

@@ -23,6 +23,8 @@ log = structlog.get_logger("orderq.worker")
 BLOCK_MS = 500  # longest wait for new work: bounds how long a SIGTERM or pause waits
 ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
 RECLAIM_LIMIT = 1000  # entries claimed per stream per sweep
+LINGER_S = 0.004  # a small batch waits this long for more: fewer round trips per order at low load
+IDLE_LOOP_S = 0.01  # how often an extra loop checks whether the stage fell behind
 PRUNE_EVERY_S = 300.0  # how often a worker forgets consumers of dead processes
 PRUNE_IDLE_MS = 3_600_000  # a consumer idle this long with nothing pending is gone for good
 
@@ -62,6 +64,7 @@ class StreamWorker:
         self.stopping = asyncio.Event()
         self.batch = self.settings.worker_batch
         self._next_reclaim = 0.0
+        self.behind = False  # the last fetch came back at least half full
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         self.processed = 0
         self.log = log.bind(stage=self.stage, worker=self.consumer)
@@ -93,16 +96,18 @@ class StreamWorker:
         entries from the consumer group; scripts keep every hand-off atomic)."""
         loops = 1 if drain else self.settings.worker_concurrency
         if loops == 1:
-            await self._loop(drain)
+            await self._loop(drain, 0)
         else:
-            await asyncio.gather(*(self._loop(drain) for _ in range(loops)))
+            await asyncio.gather(*(self._loop(drain, i) for i in range(loops)))
         return self.processed
 
-    async def _loop(self, drain: bool) -> None:
+    async def _loop(self, drain: bool, index: int) -> None:
         errors = 0
         while not self.stopping.is_set():
-            if self.paused:
-                await self._sleep(0.05)
+            if self.paused or (index and not self.behind):
+                # Extra loops help only while the stage is behind; at low load they would
+                # split the trickle into more, smaller round trips.
+                await self._sleep(0.05 if self.paused else IDLE_LOOP_S)
                 continue
             try:
                 now = time.monotonic()
@@ -111,6 +116,11 @@ class StreamWorker:
                 entries = await self.reclaim() if now >= self._next_reclaim else []
                 if not entries:
                     entries = await self.fetch(0 if drain else BLOCK_MS)
+                    self.behind = len(entries) >= self.batch // 2
+                    if entries and not drain and len(entries) < self.batch // 4:
+                        # A trickle: wait a moment for more, so one round trip carries many orders.
+                        await asyncio.sleep(LINGER_S)
+                        entries += await self.fetch(0)
                 if not entries:
                     if drain:
                         break

@@ -73,7 +73,7 @@ class ExecuteWorker(StreamWorker):
         def build(pipe: Any) -> None:
             for p, items in by_part.items():
                 ks = [p.counters, *p.lanes, p.deferred, p.held, p.parked, *(p.outbox(a) for a in keys.ACTIONS)]
-                args: list[object] = [self.group, self.settings.outbox_maxlen]
+                args: list[object] = [self.group, self.settings.outbox_trim]
                 for e, key, outcome, fid, acts in items:  # type: ignore[misc]
                     ks.append(p.status(key))
                     args += [e.lane, e.id, key, outcome, fid, acts, e.get(b"d")]

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from orderq import keys
 from orderq.errors import ConfigError
+from orderq.keys import ACTIONS
 
 T = TypeVar("T")
 
@@ -180,6 +181,13 @@ class Settings:
     dispatch_failures: int = 5
     dispatch_open_s: float = 5.0
     dispatch_probe_timeout_s: float = 2.0
+
+    @property
+    def outbox_trim(self) -> str:
+        """Per action, how many outbox entries to keep (``name=maxlen,...``): an action with a
+        webhook is never trimmed (the dispatcher deletes what it delivered, and trimming would
+        drop undelivered actions); the others keep the last ``ORDERQ_OUTBOX_MAXLEN``."""
+        return ",".join(f"{a}={0 if a in self.webhooks else self.outbox_maxlen}" for a in ACTIONS)
 
     @property
     def batch_body_bytes(self) -> int:

@@ -47,3 +47,21 @@ async def test_fsync_durability_acknowledges_after_the_aof_write(ingress, r, mod
         assert batch.json()["accepted"] == 20
     info = await r.client.info("persistence")
     assert info["aof_enabled"] == 1
+
+
+async def test_outbox_of_an_action_with_a_webhook_is_never_trimmed(ingress, flushed, settings_for):
+    """Trimming keeps outbox memory bounded, but must never drop what a dispatcher has not delivered."""
+    base = await ingress(ORDERQ_PARTITIONS=1)
+    r = await oq_client.connect(
+        settings_for(ORDERQ_PARTITIONS=1, ORDERQ_OUTBOX_MAXLEN=1000, ORDERQ_WEBHOOK_WMS_PICK="http://127.0.0.1:9/wms")
+    )
+    async with httpx.AsyncClient(base_url=base, headers=auth()) as c:
+        for _ in range(3):
+            orders = [make_order(unique()) for _ in range(600)]
+            assert (await c.post("/v1/orders/batch", json={"orders": orders})).json()["accepted"] == 600
+            await drain(r)
+    picks = sum([await r.client.xlen(p.outbox("wms.pick")) for p in r.partitions])
+    sms = [await r.client.xlen(p.outbox("notify.sms")) for p in r.partitions]
+    await r.close()
+    assert picks == 1800  # the webhook's action: every entry kept for the dispatcher
+    assert sum(sms) < 1800 and max(sms) <= 1000 + 200  # the others: trimmed (approximately) per stream

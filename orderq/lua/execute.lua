@@ -5,7 +5,8 @@
 -- KEYS[1] counters, KEYS[2..4] lanes vip/new/regular, KEYS[5] deferred stream,
 -- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8..12] outbox streams (ACTIONS order),
 -- KEYS[13..] status record per order
--- ARGV[1] group, ARGV[2] outbox maxlen, then per order 7 values: lane (1..3), entry id,
+-- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
+--   trimmed, the dispatcher deletes what it delivered), then per order 7 values: lane (1..3), entry id,
 --   order key, outcome (e executed | h held), fulfilment id, actions ("name=state,..."),
 --   payload
 local t = redis.call('TIME')
@@ -13,7 +14,17 @@ local now_us = t[1] * 1000000 + t[2]
 local outbox = {['wms.pick'] = KEYS[8], ['notify.sms'] = KEYS[9], ['invoice.request'] = KEYS[10],
                 ['crm.remark_sync'] = KEYS[11], ['crm.gift_sync'] = KEYS[12]}
 local prio_names = {'vip', 'new', 'regular'}
-local maxlen = ARGV[2]
+local trim = {}
+for name, n in string.gmatch(ARGV[2], '([^=,]+)=(%d+)') do
+  if n ~= '0' then trim[name] = n end
+end
+local function to_outbox(name, key, fid, payload)
+  if trim[name] then
+    redis.call('XADD', outbox[name], 'MAXLEN', '~', trim[name], '*', 'k', key, 'f', fid, 'd', payload)
+  else
+    redis.call('XADD', outbox[name], '*', 'k', key, 'f', fid, 'd', payload)
+  end
+end
 local acks = {{}, {}, {}}
 local n = {executed = 0, held = 0, deferred = 0, dropped = 0, executed_vip = 0,
            executed_new = 0, executed_regular = 0}
@@ -35,7 +46,7 @@ for i = 13, #KEYS do
       for name, state in string.gmatch(actions, '([^=,]+)=([^,]+)') do
         if redis.call('HSETNX', status, 'x:' .. name, state) == 1 then
           if state == 'done' then
-            redis.call('XADD', outbox[name], 'MAXLEN', '~', maxlen, '*', 'k', key, 'f', fid, 'd', payload)
+            to_outbox(name, key, fid, payload)
           elseif state == 'deferred' then
             redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'd', payload)
             n.deferred = n.deferred + 1

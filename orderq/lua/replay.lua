@@ -2,9 +2,13 @@
 -- is applied only while its ledger field still says 'deferred'.
 -- KEYS[1] deferred stream, KEYS[2] counters, KEYS[3..7] outbox streams (ACTIONS order),
 -- KEYS[8..] status record per entry
--- ARGV[1] outbox maxlen, then per entry 5 values: entry id, order key, action, fulfilment id, payload
+-- ARGV[1] outbox trim per action ("name=maxlen,..."; 0 or absent: never trimmed), then per entry 5 values: entry id, order key, action, fulfilment id, payload
 local outbox = {['wms.pick'] = KEYS[3], ['notify.sms'] = KEYS[4], ['invoice.request'] = KEYS[5],
                 ['crm.remark_sync'] = KEYS[6], ['crm.gift_sync'] = KEYS[7]}
+local trim = {}
+for name, n in string.gmatch(ARGV[1], '([^=,]+)=(%d+)') do
+  if n ~= '0' then trim[name] = n end
+end
 local replayed = 0
 local ids = {}
 for i = 8, #KEYS do
@@ -13,7 +17,11 @@ for i = 8, #KEYS do
   ids[#ids + 1] = id
   if redis.call('HGET', KEYS[i], 'x:' .. action) == 'deferred' then
     redis.call('HSET', KEYS[i], 'x:' .. action, 'done')
-    redis.call('XADD', outbox[action], 'MAXLEN', '~', ARGV[1], '*', 'k', key, 'f', fid, 'd', payload)
+    if trim[action] then
+      redis.call('XADD', outbox[action], 'MAXLEN', '~', trim[action], '*', 'k', key, 'f', fid, 'd', payload)
+    else
+      redis.call('XADD', outbox[action], '*', 'k', key, 'f', fid, 'd', payload)
+    end
     replayed = replayed + 1
   end
 end

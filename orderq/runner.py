@@ -20,6 +20,7 @@ async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
     r = await oq_client.connect(settings)
     control = await Control(r, stage).start()
     worker = worker_cls(r, control)
+    structlog.contextvars.bind_contextvars(stage=stage, worker=worker.consumer)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -68,6 +68,7 @@ class StreamWorker:
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         self.processed = 0
         self.log = log.bind(stage=self.stage, worker=self.consumer)
+        self.debug = self.settings.log_level == "debug"
 
     # --- what a stage supplies -------------------------------------------------------
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
@@ -155,6 +156,17 @@ class StreamWorker:
         self.processed += len(entries) - len(result.failed)
         if result.failed:
             await self._record_failures(result.failed)
+        if self.debug:  # per-order lines only at DEBUG: at INFO, one canonical line per batch
+            for e in entries:
+                failed = result.failed.get(e.id)
+                self.log.debug(
+                    f"{self.stage}.order",
+                    order_key=e.get(b"k").decode(),
+                    entry_id=e.id,
+                    outcome="failed" if failed else "done",
+                    redelivered=e.delivered_again,
+                    error=failed[1][:200] if failed else None,
+                )
         self.log.info(
             f"{self.stage}.batch",
             count=len(entries),

@@ -72,7 +72,7 @@ def build_app(settings: Settings) -> Any:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.orderq = state
     fast = FastPaths(app, {"/v1/orders": h.post_order, "/v1/orders/batch": h.post_batch})
-    return BodyLimit(fast, settings.max_body_bytes, settings.batch_body_bytes)
+    return BodyLimit(fast, settings.max_body_bytes, settings.batch_body_bytes, settings.read_deadline_s)
 
 
 class FastPaths:

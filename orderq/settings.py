@@ -166,6 +166,7 @@ class Settings:
     worker_batch: int = 200
     worker_concurrency: int = 3
     ack_deadline_ms: int = 2000
+    read_deadline_s: float = 10.0  # a request body must arrive whole within this (408)
     outbox_maxlen: int = 1_000_000
     # Alerts (issue 5): evaluated by the breaker process.
     alert_webhook: str | None = None
@@ -249,6 +250,7 @@ class Settings:
         get("ORDERQ_WORKER_BATCH", lambda n, r: _int(n, r, 1, 10_000))
         get("ORDERQ_WORKER_CONCURRENCY", lambda n, r: _int(n, r, 1, 64))
         get("ORDERQ_ACK_DEADLINE_MS", lambda n, r: _int(n, r, 10))
+        get("ORDERQ_READ_DEADLINE_S", lambda n, r: _float(n, r, 0.1, 3600))
         get("ORDERQ_OUTBOX_MAXLEN", lambda n, r: _int(n, r, 1000))
         get("ORDERQ_ALERT_WEBHOOK", _http_url)
         get("ORDERQ_ALERT_WINDOW_S", lambda n, r: _int(n, r, 1))

@@ -14,6 +14,7 @@ from orderq.schema import unpack_order
 from orderq.worker import BatchResult, Entry, StreamWorker, _pairs
 
 LANES = keys.PRIORITIES  # lane 1 vip, 2 new, 3 regular
+CLUSTER_BLOCK_MS = 50  # cluster: longest wait on one partition before all are taken from again
 
 
 class ExecuteWorker(StreamWorker):
@@ -23,6 +24,7 @@ class ExecuteWorker(StreamWorker):
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
         self.latencies: list[tuple[str, float]] = []  # (priority, seconds) since accept, per batch
+        self._rotation = 0  # cluster: the partition the next idle wait blocks on
 
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
         return [(lane, i) for i, lane in enumerate(p.lanes, 1)]
@@ -50,6 +52,17 @@ class ExecuteWorker(StreamWorker):
         if not entries and block_ms and not self.settings.redis_cluster:
             # Wait (consuming nothing) until any lane gets an entry past what was delivered.
             await self.r.client.xread(waits, count=1, block=block_ms)
+        elif not entries and block_ms and waits:
+            # Cluster: a read across partitions would be cross-slot. Wait on one partition's
+            # lanes (one slot), in rotation, for a short while: no spin, little added latency.
+            self._rotation = (self._rotation + 1) % len(parts)
+            lanes = parts[self._rotation].lanes
+            one = {lane: waits[lane] for lane in lanes if lane in waits}
+            if one:
+                block = min(block_ms, CLUSTER_BLOCK_MS)
+                await self.r.client.execute_command(
+                    "XREAD", "COUNT", 1, "BLOCK", block, "STREAMS", *one, *one.values(), **self.r.route(lanes[0])
+                )
         return entries
 
     async def process(self, entries: list[Entry]) -> BatchResult:

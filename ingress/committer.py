@@ -68,13 +68,21 @@ class Committer:
                     ks.append(p.status(key))
                     args += [key, payload, "vip" if tier == "vip" else ""]
                 self.r.script(pipe, "intake", ks, args)
-            if fsync:  # same connection as the writes: one fsync wait for the whole group
-                pipe.execute_command("WAITAOF", 1, 0, self.settings.ack_deadline_ms)
+            for route in waits:  # same connection as the writes: one fsync wait for the whole group
+                pipe.execute_command("WAITAOF", 1, 0, self.settings.ack_deadline_ms, **route)
 
+        # Cluster: one WAITAOF per master written to, routed there: redis-py sends a node's
+        # commands in order on one connection, so it waits for exactly these writes.
+        waits: list[dict[str, Any]] = []
+        if fsync and self.settings.redis_cluster:
+            routes = (self.r.route(p.intake) for p in by_part)
+            waits = list({route["target_nodes"].name: route for route in routes}.values())
+        elif fsync:
+            waits = [{}]
         try:
             async with asyncio.timeout(self.settings.ack_deadline_ms / 1000):
                 results = await self.r.run(build)
-            if fsync and int(results[-1][0]) < 1:
+            if waits and any(_local(res) < 1 for res in results[len(results) - len(waits) :]):
                 raise ServerUnavailable("the write did not reach the append-only file in time")
         except (RedisError, OSError, ServerUnavailable, TimeoutError) as exc:
             if isinstance(exc, ServerUnavailable):
@@ -97,3 +105,10 @@ class Committer:
             self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _local(res: Any) -> int:
+    """WAITAOF's numlocal (redis-py may wrap a routed command's answer by node name)."""
+    if isinstance(res, dict):
+        res = next(iter(res.values()))
+    return int(res[0])

@@ -56,6 +56,16 @@ async def _recheck(r: Redis, p: keys.Partition, suspects: list[tuple[str, bytes]
     return lost
 
 
+async def _scan(r: Redis, p: keys.Partition, cursor: int) -> tuple[int, list[bytes]]:
+    """One SCAN step over ``p``'s status records. On a cluster, on the master holding the
+    partition's slot (a keyless SCAN would go to one arbitrary node)."""
+    if not r.settings.redis_cluster:
+        return await r.client.scan(cursor, match=p.status_pattern, count=1000)  # type: ignore[no-any-return]
+    node = r.client.get_node_from_key(p.intake)
+    cursors, batch = await r.client.scan(cursor, match=p.status_pattern, count=1000, target_nodes=node)
+    return (int(next(iter(cursors.values()))) if isinstance(cursors, dict) else int(cursors)), batch
+
+
 async def run(r: Redis) -> dict[str, Any]:
     counts: Counter[str] = Counter()
     lost: list[str] = []
@@ -66,7 +76,7 @@ async def run(r: Redis) -> dict[str, Any]:
         cursor = 0
         prefix = p.status("")
         while True:
-            cursor, batch = await r.client.scan(cursor, match=p.status_pattern, count=1000)
+            cursor, batch = await _scan(r, p, cursor)
             if batch:
                 pipe = r.client.pipeline(transaction=False)
                 for k in batch:

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="one screen for an operator")
     st.add_argument("--json", action="store_true", help="print /v1/stats as JSON")
     st.add_argument("--watch", action="store_true", help="refresh every second")
+    cd = sub.add_parser("cluster-dev", help="run a local 3-master Valkey cluster under ORDERQ_DATA_DIR/cluster")
+    cd.add_argument("--masters", type=int, default=3)
     au = sub.add_parser("audit", help="reconcile accepted orders with what happened to them")
     au.add_argument("--json", action="store_true")
     be = sub.add_parser("bench", help="headless benchmark; prints a report")
@@ -94,6 +96,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_status(settings, args.json, args.watch))
     if cmd == "audit":
         return asyncio.run(_audit(settings, args.json))
+    if cmd == "cluster-dev":
+        from orderq import clusterdev
+
+        return clusterdev.main(settings.data_dir, args.masters)
     if cmd == "bench":
         from orderq import bench
 

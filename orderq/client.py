@@ -85,9 +85,28 @@ class Redis:
     def partition_of(self, order_key: str) -> keys.Partition:
         return self.partitions[keys.partition_of(order_key, self.settings.partitions)]
 
+    def route(self, key: str) -> dict[str, Any]:
+        """Cluster: ``target_nodes`` for a command on ``key``'s slot. redis-py would otherwise ask
+        the server (COMMAND GETKEYS, one round trip) where XREAD/XREADGROUP's keys are, every call."""
+        if not self.settings.redis_cluster:
+            return {}
+        return {"target_nodes": self.client.get_node_from_key(key)}
+
+    def xreadgroup(
+        self, target: Any, group: str, consumer: str, stream: str, count: int, block: int | None = None
+    ) -> Any:
+        """``XREADGROUP ... STREAMS stream >`` on ``target`` (client or pipeline), routed to the
+        stream's master on a cluster (redis-py's ``xreadgroup`` takes no ``target_nodes``)."""
+        pieces: list[Any] = ["GROUP", group, consumer, "COUNT", count]
+        if block is not None:
+            pieces += ["BLOCK", block]
+        return target.execute_command("XREADGROUP", *pieces, "STREAMS", stream, ">", **self.route(stream))
+
     def script(self, pipe: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> None:
-        """Queue script ``name`` on ``pipe`` (``EVALSHA``; loaded once at connect)."""
-        pipe.evalsha(self.shas[name], len(keys), *keys, *args)
+        """Queue script ``name`` on ``pipe`` (``EVALSHA``; loaded once at connect). Through
+        ``execute_command``: redis-py refuses ``pipe.evalsha`` in a cluster pipeline, though it
+        routes the command itself by its first key like any other."""
+        pipe.execute_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
 
     async def run(self, build: Callable[[Any], object], raise_on_error: bool = True) -> list[Any]:
         """Build and execute one pipeline (one round trip). A server that lost its script
@@ -109,34 +128,46 @@ class Redis:
 
 
 async def check_server(client: Any) -> dict[str, Any]:
-    """Refuse a server orderq cannot keep its guarantee on."""
-    info = await client.info("server")
+    """Refuse a server orderq cannot keep its guarantee on; on a cluster, every master."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # learn the topology: no masters are known before the first command
+        out: dict[str, Any] = {}
+        for node in client.get_primaries():  # each master holds some partitions: check them all
+            out = await _check_node(client, f"cluster node {node.host}:{node.port}: ", {"target_nodes": node})
+        return out
+    return await _check_node(client, "", {})
+
+
+async def _check_node(client: Any, where: str, kw: dict[str, Any]) -> dict[str, Any]:
+    info = await client.info("server", **kw)
     if isinstance(info, dict) and info and all(isinstance(v, dict) for v in info.values()):
-        info = next(iter(info.values()))  # cluster: one node's answer is enough to check
+        info = next(iter(info.values()))  # a per-node answer (one node targeted)
     version = str(info.get("valkey_version") or info.get("redis_version") or "0")
     is_valkey = "valkey_version" in info or info.get("server_name") == "valkey"
     major_minor = tuple(int(x) for x in version.split(".")[:2])
     if major_minor < ((7, 2) if is_valkey else (7, 0)):
         raise ServerCheckError(
-            "ORDERQ_REDIS_URL", f"server version {version} is too old (need Redis >= 7 / Valkey >= 7.2)"
+            "ORDERQ_REDIS_URL", f"{where}server version {version} is too old (need Redis >= 7 / Valkey >= 7.2)"
         )
-    policy = await _config_get(client, "maxmemory-policy")
+    policy = await _config_get(client, "maxmemory-policy", kw)
     if policy and policy != "noeviction":
         raise ServerCheckError(
-            "ORDERQ_REDIS_URL", f"server has maxmemory-policy {policy}; orderq needs noeviction (eviction loses orders)"
+            "ORDERQ_REDIS_URL",
+            f"{where}server has maxmemory-policy {policy}; orderq needs noeviction (eviction loses orders)",
         )
-    aof = await _config_get(client, "appendonly")
-    save = await _config_get(client, "save")
+    aof = await _config_get(client, "appendonly", kw)
+    save = await _config_get(client, "save", kw)
     if aof != "yes" and not save:
         raise ServerCheckError(
-            "ORDERQ_REDIS_URL", 'server has no persistence (appendonly no, save ""); orderq needs the append-only file'
+            "ORDERQ_REDIS_URL",
+            f'{where}server has no persistence (appendonly no, save ""); orderq needs the append-only file',
         )
     return {"version": version, "valkey": is_valkey, "aof": aof == "yes"}
 
 
-async def _config_get(client: Any, name: str) -> str | None:
+async def _config_get(client: Any, name: str, kw: dict[str, Any] | None = None) -> str | None:
     try:
-        r = await client.config_get(name)
+        r = await client.config_get(name, **(kw or {}))
     except ResponseError:
         return None  # CONFIG may be renamed/disabled on managed servers; nothing to check then
     if isinstance(r, dict) and r and all(isinstance(v, dict) for v in r.values()):

@@ -22,6 +22,7 @@ from validate import holds
 from validate.rules import Decision, decide
 
 SPLIT_AT = 64  # batches this large are decided in two overlapping halves
+CLUSTER_BLOCK_MS = 50  # cluster: longest wait on one partition before all are read again
 
 
 class ValidateWorker(StreamWorker):
@@ -31,6 +32,7 @@ class ValidateWorker(StreamWorker):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._held_provinces: dict[str, str] = {}  # held order key -> province, for the sweep
+        self._rotation = 0  # cluster: the partition the next idle wait blocks on
 
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
         return [(p.intake, 0)]
@@ -60,6 +62,8 @@ class ValidateWorker(StreamWorker):
     async def fetch(self, block_ms: int) -> list[Entry]:
         parts = self.r.partitions
         by_stream = {p.intake.encode(): (p, 0) for p in parts}
+        if self.settings.redis_cluster:
+            return await self._fetch_cluster(block_ms, by_stream)
         reply = await self.r.client.xreadgroup(
             self.group,
             self.consumer,
@@ -67,6 +71,24 @@ class ValidateWorker(StreamWorker):
             count=max(1, self.batch // len(parts)) if len(parts) > 1 else self.batch,
             block=block_ms or None,
         )
+        return parse_read(reply, by_stream)
+
+    async def _fetch_cluster(self, block_ms: int, by_stream: dict[bytes, tuple[keys.Partition, int]]) -> list[Entry]:
+        """Cluster: one read across partitions would be cross-slot. One non-blocking read per
+        partition, pipelined (redis-py sends one pipeline per master); when all come back
+        empty, a short BLOCK read on one partition, in rotation: waits on real work, no spin."""
+        parts = self.r.partitions
+        count = max(1, self.batch // len(parts))
+        replies = await self.r.run(
+            lambda pipe: [self.r.xreadgroup(pipe, self.group, self.consumer, p.intake, count) for p in parts]
+        )
+        entries = [e for reply in replies for e in parse_read(reply, by_stream)]
+        if entries or not block_ms:
+            return entries
+        self._rotation = (self._rotation + 1) % len(parts)
+        p = parts[self._rotation]
+        block = min(block_ms, CLUSTER_BLOCK_MS)
+        reply = await self.r.xreadgroup(self.r.client, self.group, self.consumer, p.intake, self.batch, block)
         return parse_read(reply, by_stream)
 
     async def _decide(self, orders: list[Order], accepted_us: list[int]) -> list[Decision]:

@@ -1,0 +1,203 @@
+"""orderq on a real 3-master Valkey cluster (``ORDERQ_REDIS_CLUSTER=1``): real ingress and
+stage processes, orders spread over every master, the stock race across validate
+processes, and a worker SIGKILLed mid-work whose pending entries the others reclaim."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from orderq import audit, stats
+from orderq import client as oq_client
+from orderq.clusterdev import DevCluster
+from orderq.errors import OrderqError, ServerCheckError
+from orderq.settings import Settings
+from tests.conftest import ADMIN, auth, drain, make_order
+from tests.test_validate_rules import RULES_ON, _started, line, order
+
+PARTITIONS = 6  # two per master
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevCluster]:
+    try:
+        c = DevCluster(tmp_path_factory.mktemp("cluster")).start()
+    except OrderqError as exc:
+        pytest.skip(f"a local Valkey cluster could not start: {exc}")
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def cenv(cluster: DevCluster) -> dict[str, Any]:
+    """Environment overrides pointing a stage (or Settings) at the cluster, on a clean keyspace."""
+    for url in cluster.urls:
+        with redis.Redis.from_url(url) as c:
+            c.flushall()
+    return {"ORDERQ_REDIS_URL": cluster.url, "ORDERQ_REDIS_CLUSTER": "1", "ORDERQ_PARTITIONS": PARTITIONS}
+
+
+@pytest.fixture
+async def cr(cenv: dict[str, Any], settings_for: Callable[..., Settings]) -> AsyncIterator[oq_client.Redis]:
+    conn = await oq_client.connect(settings_for(**cenv))
+    yield conn
+    await conn.close()
+
+
+async def post_all(base: str, orders: list[dict[str, Any]], chunk: int = 250) -> None:
+    async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=30) as c:
+        for i in range(0, len(orders), chunk):
+            resp = await c.post("/v1/orders/batch", json={"orders": orders[i : i + chunk]})
+            assert resp.status_code == 202, resp.text
+            assert resp.json()["accepted"] == len(orders[i : i + chunk])
+
+
+async def until_executed(r: oq_client.Redis, n: int, procs: list[Any], timeout: float = 40) -> None:
+    deadline = time.monotonic() + timeout
+    while (await stats.totals(r))["executed"] < n:
+        assert time.monotonic() < deadline, [p.log()[-2000:] for p in procs]
+        await asyncio.sleep(0.1)
+
+
+def keys_per_master(cluster: DevCluster, pattern: str) -> list[int]:
+    out = []
+    for url in cluster.urls:
+        with redis.Redis.from_url(url) as c:
+            out.append(sum(1 for _ in c.scan_iter(match=pattern, count=1000)))
+    return out
+
+
+async def test_thousand_orders_through_real_stages_on_the_cluster(cluster, cenv, cr, ingress, stages):
+    """Ingress (fsync durability: one WAITAOF per master written to), validate, execute and
+    the breaker as real processes on the cluster: every order executed once, audit clean,
+    and the orders spread over every master."""
+    base = await ingress(**cenv, ORDERQ_DURABILITY="fsync")
+    procs = [stages(s, **cenv) for s in ("validate", "execute", "breaker")]
+    orders = [make_order(i, remark="周末送货" if i % 3 == 0 else "") for i in range(1000)]
+    await post_all(base, orders)
+    await until_executed(cr, 1000, procs)
+    report = await audit.run(cr)
+    assert report["accepted"] == 1000 and report["executed"] == 1000
+    assert report["lost"] == 0 and report["duplicate_effects"] == 0
+    assert sum([await cr.client.xlen(p.outbox("wms.pick")) for p in cr.partitions]) == 1000
+    async with httpx.AsyncClient(base_url=base, headers=auth()) as c:
+        rec = (await c.get("/v1/orders/tmall/T3")).json()
+    assert rec["status"] == "executed" and rec["actions"][-1] == {"name": "crm.remark_sync", "state": "done"}
+    status_keys = keys_per_master(cluster, "oq:*:o:*")
+    assert sum(status_keys) == 1000 and all(n > 100 for n in status_keys), status_keys
+    for p in procs:
+        assert p.stop() == 0, p.log()[-2000:]
+
+
+async def test_partitions_land_on_every_master(cluster, cr):
+    """Each master owns the slots of its share of partitions: intake streams on all three."""
+    streams = keys_per_master(cluster, "oq:*:in")
+    assert streams == [PARTITIONS // 3] * 3, streams
+    owners = {cr.client.get_node_from_key(p.intake).name for p in cr.partitions}
+    assert len(owners) == 3
+
+
+async def test_thirty_orders_race_for_twenty_units_on_the_cluster(cenv, cr, ingress, stages, settings_for):
+    """The ledger lives under one tag on one master: two validate processes reading
+    partitions on all masters still reserve exactly floor(20 x 0.95) = 19 units."""
+    env = {**cenv, **RULES_ON, "ORDERQ_WORKER_BATCH": 3}
+    base = await ingress(**env)
+    procs = await _started([stages("validate", **env) for _ in range(2)])
+    r = await oq_client.connect(settings_for(**env))
+    try:
+        async with httpx.AsyncClient(base_url=base) as c:
+            resp = await c.put("/v1/admin/stock", json={"items": [{"sku": "HOT", "physical": 20}]}, headers=ADMIN)
+            assert resp.status_code == 200, resp.text
+            orders = [order(lines=[line("HOT", 1)]) for _ in range(30)]
+
+            async def post(chunk: list[dict[str, Any]]) -> None:
+                resp = await c.post("/v1/orders/batch", json={"orders": chunk}, headers=auth())
+                assert resp.json()["accepted"] == len(chunk), resp.text
+
+            await asyncio.gather(*(post(orders[i : i + 3]) for i in range(0, 30, 3)))
+            deadline = time.monotonic() + 30
+            while (await stats.backlog(r))[1]["intake"]:
+                assert time.monotonic() < deadline, [p.log()[-2000:] for p in procs]
+                await asyncio.sleep(0.05)
+            await drain(r)  # execute what was validated
+            docs = []
+            for o in orders:
+                resp = await c.get(f"/v1/orders/tmall/{o['order_id']}", headers=ADMIN)
+                docs.append(resp.json())
+            assert sum(d["status"] == "executed" for d in docs) == 19
+            rejected = [d for d in docs if d["status"] == "rejected"]
+            assert len(rejected) == 11 and all(d["reasons"] == ["out_of_stock:HOT"] for d in rejected)
+            view = (await c.get("/v1/admin/stock/HOT", headers=ADMIN)).json()
+            assert view == {"sku": "HOT", "physical": 20, "reserved": 19, "sellable": 0}
+        for p in procs:
+            assert p.stop() == 0
+    finally:
+        await r.close()
+
+
+async def test_killed_workers_work_is_reclaimed_by_the_others(cenv, cr, ingress, stages):
+    """Two validate and two execute processes ("hosts") share the partitions; one of each is
+    SIGKILLed mid-work. The survivors claim its pending entries: every order executed once."""
+    env = {**cenv, "ORDERQ_WORKER_BATCH": 20, "ORDERQ_CLAIM_IDLE_MS": 1000}
+    base = await ingress(**env)
+    validators = await _started([stages("validate", **env) for _ in range(2)])
+    executors = [stages("execute", **env) for _ in range(2)]
+    n = 1500
+    await post_all(base, [make_order(f"K{i}") for i in range(n)])
+    deadline = time.monotonic() + 30
+    while (await stats.totals(cr))["executed"] < 50:
+        assert time.monotonic() < deadline, [p.log()[-2000:] for p in validators + executors]
+        await asyncio.sleep(0.01)
+    validators[0].signal(signal.SIGKILL)
+    executors[0].signal(signal.SIGKILL)
+    await until_executed(cr, n, validators[1:] + executors[1:])
+    report = await audit.run(cr)
+    assert report["executed"] == n and report["lost"] == 0 and report["duplicate_effects"] == 0, report
+    assert sum([await cr.client.xlen(p.outbox("wms.pick")) for p in cr.partitions]) == n
+
+
+async def test_connect_checks_every_master(cluster, cenv, settings_for):
+    """A master that could evict keys is refused, and named, like a single server would be."""
+    last = cluster.nodes[-1]
+    with redis.Redis(port=last.port) as c:
+        c.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            with pytest.raises(ServerCheckError, match=f"{last.port}.*noeviction"):
+                await oq_client.connect(settings_for(**cenv))
+        finally:
+            c.config_set("maxmemory-policy", "noeviction")
+
+
+def test_cluster_dev_command_starts_and_stops(tmp_path: Path) -> None:
+    """`orderq cluster-dev` prints a node URL that answers as a cluster, and stops on SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "ORDERQ_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orderq", "cluster-dev"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line_out = proc.stdout.readline()
+        url = line_out.strip().rpartition("ORDERQ_REDIS_URL=")[2]
+        assert url.startswith("redis://127.0.0.1:"), line_out
+        with redis.Redis.from_url(url) as c:
+            assert b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()  # type: ignore[union-attr]
+    with pytest.raises(redis.ConnectionError), redis.Redis.from_url(url) as c:
+        c.ping()

@@ -483,6 +483,9 @@ class Bench:
         return (await stats.totals(self.r))["executed"]
 
     async def used_memory(self) -> int:
+        if self.t.settings.redis_cluster:  # the queue is spread over the masters: their sum
+            per_node = await self.r.client.info("memory", target_nodes=self.r.client.PRIMARIES)
+            return sum(int(i["used_memory"]) for i in per_node.values())
         info = await self.r.client.info("memory")
         return int(info["used_memory"])
 

@@ -11,7 +11,6 @@ import asyncio
 import time
 from typing import Any
 
-import msgspec
 import structlog
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,7 +18,7 @@ from starlette.routing import Route
 
 from ingress import responses
 from ingress.mapping import Mapping, MappingError, load_dir
-from ingress.routes import Handlers, Refusal, _require_json, _retry_after
+from ingress.routes import DECODE_ERRORS, Handlers, Refusal, _reason, _require_json, _retry_after
 from orderq import metrics
 from orderq.errors import ConfigError, ServerUnavailable
 from orderq.schema import ErrorDetail, Order, any_json_decoder, json_encoder, pack
@@ -91,8 +90,8 @@ async def read_json(request: Request) -> Any:
         raise Refusal(400, "invalid_json", "empty body")
     try:
         return any_json_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None
 
 
 class ChannelHandlers:

@@ -134,11 +134,12 @@ def _tagged(send: Send, rid: bytes) -> Send:
 
 
 async def _refuse(send: Send, status: int, code: str, message: str, close: bool = True) -> None:
-    headers = [(b"content-type", b"application/json")]
+    body = error_bytes(code, message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": error_bytes(code, message)})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -33,6 +33,13 @@ from orderq.status import render
 log = structlog.get_logger("orderq.ingress")
 
 READY_TIMEOUT_S = 1.0  # /readyz: Redis must answer a PING within this
+# What msgspec raises on a body that is not JSON we take: malformed, not UTF-8 (a
+# UnicodeDecodeError, not a DecodeError) or nested past the recursion limit.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _reason(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 class Refusal(Exception):
@@ -134,11 +141,13 @@ class Handlers:
     # --- parsing --------------------------------------------------------------------
     def _decode_order(self, body: bytes | msgspec.Raw) -> Order:
         try:
-            order = order_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            raise Refusal(422, "invalid_order", "the order fails the schema", validation_details(body, exc)) from None
-        except msgspec.DecodeError as exc:
-            raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+            try:
+                order = order_decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                details = validation_details(body, exc)  # re-reads the body: may meet what decode skipped
+                raise Refusal(422, "invalid_order", "the order fails the schema", details) from None
+        except DECODE_ERRORS as exc:
+            raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None
         if order.channel not in self.s.settings.channels:
             raise Refusal(
                 422,
@@ -225,8 +234,8 @@ class Handlers:
                 raise Refusal(
                     422, "invalid_batch", 'body must be {"orders": [...]}', validation_details_batch(exc)
                 ) from None
-            except msgspec.DecodeError as exc:
-                raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+            except DECODE_ERRORS as exc:
+                raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None
             limit = self.s.settings.batch_max
             if not batch.orders or len(batch.orders) > limit:
                 raise Refusal(
@@ -410,7 +419,7 @@ def _key_hint(raw: msgspec.Raw) -> str | None:
     """Best-effort order key of an invalid order, so a client can match the result."""
     try:
         d = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         return None
     if isinstance(d, dict) and isinstance(d.get("channel"), str) and isinstance(d.get("order_id"), str):
         return f"{d['channel']}:{d['order_id']}"

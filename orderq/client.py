@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from orderq import keys
 from orderq.errors import ConfigError, ServerCheckError
@@ -130,12 +130,19 @@ class Redis:
 async def check_server(client: Any) -> dict[str, Any]:
     """Refuse a server orderq cannot keep its guarantee on; on a cluster, every master."""
     if isinstance(client, RedisCluster):
-        await client.initialize()  # learn the topology: no masters are known before the first command
+        try:
+            await client.initialize()  # learn the topology: no masters are known before the first command
+        except RedisClusterException as exc:
+            raise ServerCheckError("ORDERQ_REDIS_CLUSTER", f"is 1, but the server is no cluster node ({exc})") from None
         out: dict[str, Any] = {}
         for node in client.get_primaries():  # each master holds some partitions: check them all
             out = await _check_node(client, f"cluster node {node.host}:{node.port}: ", {"target_nodes": node})
         return out
-    return await _check_node(client, "", {})
+    out = await _check_node(client, "", {})
+    if str((await client.info("cluster")).get("cluster_enabled", 0)) == "1":
+        # Plain client on a cluster node: every key of another master's slots would fail (MOVED).
+        raise ServerCheckError("ORDERQ_REDIS_CLUSTER", "is 0, but the server is a Redis Cluster node; set it to 1")
+    return out
 
 
 async def _check_node(client: Any, where: str, kw: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +212,12 @@ async def connect(settings: Settings, check: bool = True, **kw: Any) -> Redis:
     try:
         if check:
             await check_server(client)
+        if settings.redis_cluster and settings.partitions < len(client.get_primaries()):
+            raise ConfigError(
+                "ORDERQ_PARTITIONS",
+                f"{settings.partitions} partitions on {len(client.get_primaries())} cluster masters: "
+                "a master without a partition does no work (use >= 4 per master)",
+            )
         r = Redis(client=client, settings=settings, url=url, shas=await load_scripts(client))
         await ensure_groups(r)
     except BaseException:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,10 +16,10 @@ import httpx
 import pytest
 import redis
 
-from orderq import audit, stats
+from orderq import audit, keys, stats
 from orderq import client as oq_client
 from orderq.clusterdev import DevCluster
-from orderq.errors import OrderqError, ServerCheckError
+from orderq.errors import ConfigError, OrderqError, ServerCheckError
 from orderq.settings import Settings
 from tests.conftest import ADMIN, auth, drain, make_order
 from tests.test_validate_rules import RULES_ON, _started, line, order
@@ -65,6 +66,14 @@ async def until_executed(r: oq_client.Redis, n: int, procs: list[Any], timeout: 
     while (await stats.totals(r))["executed"] < n:
         assert time.monotonic() < deadline, [p.log()[-2000:] for p in procs]
         await asyncio.sleep(0.1)
+
+
+async def pending_of(r: oq_client.Redis, consumers: set[str]) -> int:
+    """Entries delivered to ``consumers`` and not acknowledged, over every stream of both stages."""
+    groups = [(p.intake, keys.GROUP_VALIDATE) for p in r.partitions]
+    groups += [(lane, keys.GROUP_EXECUTE) for p in r.partitions for lane in p.lanes]
+    infos = await r.run(lambda pipe: [pipe.xpending(stream, group) for stream, group in groups])
+    return sum(int(c["pending"]) for info in infos for c in info["consumers"] if c["name"].decode() in consumers)
 
 
 def keys_per_master(cluster: DevCluster, pattern: str) -> list[int]:
@@ -152,13 +161,25 @@ async def test_killed_workers_work_is_reclaimed_by_the_others(cenv, cr, ingress,
     executors = [stages("execute", **env) for _ in range(2)]
     n = 1500
     await post_all(base, [make_order(f"K{i}") for i in range(n)])
-    deadline = time.monotonic() + 30
-    while (await stats.totals(cr))["executed"] < 50:
-        assert time.monotonic() < deadline, [p.log()[-2000:] for p in validators + executors]
-        await asyncio.sleep(0.01)
-    validators[0].signal(signal.SIGKILL)
-    executors[0].signal(signal.SIGKILL)
+    left = 0
+    for victim in (validators[0], executors[0]):
+        # Freeze the victim, look at what it holds; kill it only while it holds a batch.
+        name = {f"{socket.gethostname()}:{victim.proc.pid}"}  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while True:
+            victim.signal(signal.SIGSTOP)
+            held = await pending_of(cr, name)
+            if held:
+                victim.signal(signal.SIGKILL)
+                left += held
+                break
+            victim.signal(signal.SIGCONT)
+            assert time.monotonic() < deadline, victim.log()[-2000:]
+            await asyncio.sleep(0.003)
+    assert left > 0  # work really was in flight in the killed processes
+    dead = {f"{socket.gethostname()}:{p.proc.pid}" for p in (validators[0], executors[0])}  # type: ignore[union-attr]
     await until_executed(cr, n, validators[1:] + executors[1:])
+    assert await pending_of(cr, dead) == 0  # claimed by the survivors, then acknowledged
     report = await audit.run(cr)
     assert report["executed"] == n and report["lost"] == 0 and report["duplicate_effects"] == 0, report
     assert sum([await cr.client.xlen(p.outbox("wms.pick")) for p in cr.partitions]) == n
@@ -174,6 +195,17 @@ async def test_connect_checks_every_master(cluster, cenv, settings_for):
                 await oq_client.connect(settings_for(**cenv))
         finally:
             c.config_set("maxmemory-policy", "noeviction")
+
+
+async def test_mismatched_cluster_settings_are_refused(cenv, settings_for, valkey):
+    """Exit-2 configuration errors, naming the variable: a plain client on a cluster node, a
+    cluster client on a plain server, fewer partitions than masters."""
+    with pytest.raises(ConfigError, match="ORDERQ_REDIS_CLUSTER: is 0"):
+        await oq_client.connect(settings_for(**{**cenv, "ORDERQ_REDIS_CLUSTER": "0"}))
+    with pytest.raises(ConfigError, match="ORDERQ_REDIS_CLUSTER: is 1"):
+        await oq_client.connect(settings_for(**{**cenv, "ORDERQ_REDIS_URL": valkey.url}))
+    with pytest.raises(ConfigError, match="ORDERQ_PARTITIONS: 2 partitions on 3 cluster masters"):
+        await oq_client.connect(settings_for(**{**cenv, "ORDERQ_PARTITIONS": 2}))
 
 
 def test_cluster_dev_command_starts_and_stops(tmp_path: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from orderq.client import Redis
 from orderq.errors import ServerUnavailable
 from orderq.keys import Partition
@@ -84,7 +82,10 @@ class Committer:
                 results = await self.r.run(build)
             if waits and any(_local(res) < 1 for res in results[len(results) - len(waits) :]):
                 raise ServerUnavailable("the write did not reach the append-only file in time")
-        except (RedisError, OSError, ServerUnavailable, TimeoutError) as exc:
+        except Exception as exc:
+            # Any failure answers the group (503): one left uncaught would leave every request of
+            # it waiting forever. redis-py's cluster client raises more than RedisError when a
+            # master dies (RedisClusterException, even AttributeError from a closed transport).
             if isinstance(exc, ServerUnavailable):
                 err = exc
             elif isinstance(exc, TimeoutError):

@@ -233,3 +233,25 @@ def test_cluster_dev_command_starts_and_stops(tmp_path: Path) -> None:
         proc.stdout.close()  # type: ignore[union-attr]
     with pytest.raises(redis.ConnectionError), redis.Redis.from_url(url) as c:
         c.ping()
+
+
+async def test_a_dead_master_gives_503_not_a_hang(tmp_path, settings_for, ingress):
+    """A master SIGKILLed under the ingress: orders of its partitions get 503 + Retry-After
+    within the ack deadline (the client retries), never a hung request or a 500."""
+    own = DevCluster(tmp_path / "c2").start()
+    try:
+        env = {"ORDERQ_REDIS_URL": own.url, "ORDERQ_REDIS_CLUSTER": "1", "ORDERQ_PARTITIONS": PARTITIONS}
+        base = await ingress(**env, ORDERQ_ACK_DEADLINE_MS=1000)
+        async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=15) as c:
+            resp = await c.post("/v1/orders", json=make_order("before"))
+            assert resp.status_code == 202, resp.text
+            own.nodes[-1].proc.kill()  # type: ignore[union-attr]
+            codes = []
+            for i in range(12):  # several orders: some land on the dead master's partitions
+                resp = await c.post("/v1/orders", json=make_order(f"after{i}"))
+                codes.append(resp.status_code)
+                if resp.status_code == 503:
+                    assert resp.headers.get("Retry-After"), resp.headers
+            assert 503 in codes and set(codes) <= {202, 503}, codes
+    finally:
+        own.kill()

@@ -255,3 +255,44 @@ async def test_a_dead_master_gives_503_not_a_hang(tmp_path, settings_for, ingres
             assert 503 in codes and set(codes) <= {202, 503}, codes
     finally:
         own.kill()
+
+
+async def test_review_holds_and_rate_limit_on_the_cluster(cenv, settings_for, ingress):
+    """The paths that mix a partition's keys with global ones, each script in its own slot:
+    review reject releases stock in the ledger, approve executes; a region hold parks an order
+    until lifted; a channel's token bucket (its own tag) still limits."""
+    env = {**cenv, **RULES_ON, "ORDERQ_CHANNEL_RATE": "jd=1"}
+    r = await oq_client.connect(settings_for(**env))
+    base = await ingress(**env)
+    try:
+        async with httpx.AsyncClient(base_url=base, headers=ADMIN) as c:
+            resp = await c.put("/v1/admin/stock", json={"items": [{"sku": "SOFA", "physical": 10}]})
+            assert resp.status_code == 200, resp.text
+            half = line("SOFA", 1, unit="1000.00", paid="400.00")  # risk_price_anomaly: review
+            a, b = order(lines=[half], paid_amount="400.00"), order(lines=[half], paid_amount="400.00")
+            held = order(lines=[line("SOFA")], paid_amount="100.00")
+            held["ship_to"] = {**held["ship_to"], "province": "海南省"}
+            assert (
+                await c.post("/v1/admin/holds", json={"province": "海南省", "reason": "typhoon"})
+            ).status_code == 201
+            for o in (a, b, held):
+                resp = await c.post("/v1/orders", json=o, headers=auth())
+                assert resp.status_code == 202, resp.text
+            await drain(r)
+
+            async def status_of(o: dict[str, Any]) -> str:
+                return (await c.get(f"/v1/orders/tmall/{o['order_id']}")).json()["status"]
+
+            assert [await status_of(o) for o in (a, b, held)] == ["review", "review", "held"]
+            assert (await c.get("/v1/admin/stock/SOFA")).json()["reserved"] == 3
+            assert (await c.post(f"/v1/review/tmall/{a['order_id']}/approve")).status_code == 200
+            assert (await c.post(f"/v1/review/tmall/{b['order_id']}/reject")).status_code == 200
+            assert (await c.delete("/v1/admin/holds/海南省")).json()["released"] == 1
+            await drain(r)
+            assert [await status_of(o) for o in (a, b, held)] == ["executed", "rejected", "executed"]
+            assert (await c.get("/v1/admin/stock/SOFA")).json()["reserved"] == 2
+            jd = [make_order(f"JD{i}", channel="jd") for i in range(5)]
+            codes = [(await c.post("/v1/orders", json=o, headers=auth("jd"))).status_code for o in jd]
+            assert 429 in codes and codes[0] == 202, codes
+    finally:
+        await r.close()

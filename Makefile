@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint fmt bench clean browser
+.PHONY: run test lint fmt bench clean browser reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(VENV)/.installed-test browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The long version of the fault and hostile-input tests (longer loads, more kills); the
+# figures of each fault go to test-artifacts/reliability-report.jsonl (see RELIABILITY.md).
+reliability: $(VENV)/.installed-test
+	mkdir -p test-artifacts && rm -f test-artifacts/reliability-report.jsonl
+	ORDERQ_RELIABILITY_LONG=1 ORDERQ_RELIABILITY_OUT=test-artifacts/reliability-report.jsonl $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_hostile_input.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

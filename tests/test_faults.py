@@ -41,7 +41,7 @@ from tests.conftest import StageProcess, auth, make_order
 from tests.test_recovery import pending
 
 LONG = os.environ.get("ORDERQ_RELIABILITY_LONG") == "1"
-LOAD_S = 12.0 if LONG else 2.5  # steady load before and after a fault
+LOAD_S = 8.0 if LONG else 2.5  # steady load before and after a fault
 CLIENTS = 8
 
 

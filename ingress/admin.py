@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress import responses
-from ingress.routes import Refusal, _require_json, _retry_after
+from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _retry_after
 from orderq.schema import ErrorDetail, Sku, Text
 from orderq.status import render
 from validate import coupons, holds, review, stock
@@ -55,8 +55,8 @@ async def _body(request: Request, kind: type[T]) -> T:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         raise Refusal(422, "invalid_request", "the body fails the schema", [_detail(exc)]) from None
-    except msgspec.DecodeError as exc:
-        raise Refusal(400, "invalid_json", f"body is not valid JSON: {exc}") from None
+    except DECODE_ERRORS as exc:
+        raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None
 
 
 class Admin:

@@ -369,7 +369,7 @@ class Handlers:
             _require_json(request)
             try:
                 doc = msgspec.json.decode(await request.body(), type=PauseBody)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            except (msgspec.ValidationError, *DECODE_ERRORS) as exc:
                 raise Refusal(
                     422,
                     "invalid_request",

@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orderq.client import Redis
+from orderq.errors import ConfigError
 from orderq.server import free_port
-from tests.conftest import StageProcess, auth, make_order
+from orderq.settings import Settings
+from tests.conftest import ADMIN, StageProcess, auth, make_order
 from tests.data.malformed_json import MALFORMED
 from tests.test_ingress_api import assert_error, keyspace
 
@@ -179,6 +181,26 @@ async def test_pathological_documents_get_4xx_and_write_nothing(api: Ingress, r:
     assert api.rss_kb() < rss0 + 150_000, (rss0, api.rss_kb())
 
 
+async def test_admin_bodies_get_4xx(api: Ingress, r: Redis) -> None:
+    """The admin and review endpoints that take a body: the same documents, the admin token."""
+    docs = {**MALFORMED, **deep_documents(), **odd_values()}
+    paths = [
+        ("PUT", "/v1/admin/stock"),
+        ("PUT", "/v1/admin/coupons"),
+        ("POST", "/v1/admin/holds"),
+        ("POST", "/v1/admin/pause"),
+        ("POST", "/v1/review/tmall/X/approve"),
+    ]
+    before = await keyspace(r)
+    for name, doc in docs.items():
+        for method, path in paths:
+            resp = await api.c.request(method, path, content=doc, headers={**ADMIN, **JSON})
+            assert 400 <= resp.status_code < 500, (name, method, path, resp.status_code, resp.text[:200])
+    assert await keyspace(r) == before
+    assert (await api.c.get("/v1/admin/holds", headers=ADMIN)).json() == {"holds": []}
+    assert (await api.c.get("/v1/stats", headers=ADMIN)).json()["paused"] == []
+
+
 async def test_wrong_content_types_and_empty_bodies(api: Ingress, r: Redis) -> None:
     before = await keyspace(r)
     good = msgspec.json.encode(make_order("C1"))
@@ -257,6 +279,15 @@ async def test_slow_body_gets_408_and_does_not_hold_the_ingress(api: Ingress, r:
         api.port, head_ok.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1), parts, 0.2
     )
     assert answer.startswith(b"HTTP/1.1 202"), answer[:300]
+
+
+def test_read_deadline_setting_is_checked() -> None:
+    assert Settings.from_mapping({}).read_deadline_s == 10.0
+    assert Settings.from_mapping({"ORDERQ_READ_DEADLINE_S": "2.5"}).read_deadline_s == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_mapping({"ORDERQ_READ_DEADLINE_S": bad})
+        assert info.value.variable == "ORDERQ_READ_DEADLINE_S"
 
 
 async def test_every_response_carries_a_request_id(api: Ingress) -> None:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderq import keys
 from orderq.client import Redis, ensure_groups
@@ -23,6 +26,8 @@ log = structlog.get_logger("orderq.worker")
 BLOCK_MS = 500  # longest wait for new work: bounds how long a SIGTERM or pause waits
 ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
 RECLAIM_LIMIT = 1000  # entries claimed per stream per sweep
+CRASH_LOOP_FACTOR = 10  # an entry that never records an error (its worker dies) is dead-lettered
+# after this many times ORDERQ_MAX_DELIVERIES: a crash loop must end, an outage must not
 LINGER_S = 0.004  # a small batch waits this long for more: fewer round trips per order at low load
 IDLE_LOOP_S = 0.01  # how often an extra loop checks whether the stage fell behind
 PRUNE_EVERY_S = 300.0  # how often a worker forgets consumers of dead processes
@@ -65,6 +70,7 @@ class StreamWorker:
         self.batch = self.settings.worker_batch
         self._next_reclaim = 0.0
         self.behind = False  # the last fetch came back at least half full
+        self.server_failing = False  # the last batch failed on the server, not on its entries
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         self.processed = 0
         self.log = log.bind(stage=self.stage, worker=self.consumer)
@@ -114,7 +120,10 @@ class StreamWorker:
                 now = time.monotonic()
                 if now >= self._next_prune:
                     await self.prune_consumers()
-                entries = await self.reclaim() if now >= self._next_reclaim else []
+                # No sweep while batches fail on the server (out of memory, unreachable): the
+                # refusals are not the entries' fault, and each sweep would count a delivery.
+                sweep = now >= self._next_reclaim and not self.server_failing
+                entries = await self.reclaim() if sweep else []
                 if not entries:
                     entries = await self.fetch(0 if drain else BLOCK_MS)
                     self.behind = len(entries) >= self.batch // 2
@@ -126,17 +135,35 @@ class StreamWorker:
                     if drain:
                         break
                     continue
-                await self._process(entries)
+                try:
+                    await self._process(entries)
+                except (RedisError, OSError) as exc:
+                    if _server_side(exc) or len(entries) == 1 or not entries[0].delivered_again:
+                        raise
+                    await self._one_by_one(entries)  # a failed retry: isolate the entry at fault
                 errors = 0
+                self.server_failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.server_failing = _server_side(exc)
                 if "NOGROUP" in str(exc):  # a stream or group was deleted under us: recreate, at id 0
                     await self._ensure_groups()
                 delay = ERROR_BACKOFF_S[min(errors, len(ERROR_BACKOFF_S) - 1)]
                 errors += 1
                 self.log.warning(f"{self.stage}.batch_failed", error=repr(exc), retry_in_s=delay)
                 await self._sleep(delay)
+
+    async def _one_by_one(self, entries: list[Entry]) -> None:
+        """Process a reclaimed batch entry by entry; an entry that fails alone has its own error
+        recorded, so the recovery sweep can dead-letter it without its batch-mates."""
+        for e in entries:
+            try:
+                await self._process([e])
+            except (RedisError, OSError) as exc:
+                if _server_side(exc):
+                    raise
+                await self._record_failures({e.id: (e, f"{type(exc).__name__}: {exc}")})
 
     async def _ensure_groups(self) -> None:
         try:
@@ -201,7 +228,14 @@ class StreamWorker:
                     pipe,
                     "reclaim",
                     [stream, p.dead, p.counters, p.errors],
-                    [self.group, self.consumer, s.claim_idle_ms, s.max_deliveries, RECLAIM_LIMIT],
+                    [
+                        self.group,
+                        self.consumer,
+                        s.claim_idle_ms,
+                        s.max_deliveries,
+                        RECLAIM_LIMIT,
+                        s.max_deliveries * CRASH_LOOP_FACTOR,
+                    ],
                 )
 
         results = await self.r.run(build)
@@ -234,6 +268,16 @@ class StreamWorker:
             await self.r.run(lambda pipe: [pipe.xgroup_delconsumer(s, self.group, n) for s, n in stale])
             self.log.info(f"{self.stage}.consumers_pruned", count=len(stale))
         return len(stale)
+
+
+def _server_side(exc: BaseException) -> bool:
+    """Redis refused or could not be reached: no entry of the batch is at fault."""
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)):
+        return True
+    text = str(exc)
+    return text.startswith(("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN")) or (
+        "OOM command not allowed" in text
+    )
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

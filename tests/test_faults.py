@@ -419,12 +419,6 @@ async def test_maxmemory_reached_answers_503_and_loses_nothing(server: EmbeddedS
     assert figures["executed"] == len(load.acked), figures
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: while the server refuses writes (OOM), every failed batch stays pending "
-    "and each reclaim counts a delivery, so after ORDERQ_MAX_DELIVERIES leases accepted orders "
-    "are dead-lettered instead of waiting for memory (orderq/worker.py, lua/reclaim.lua)",
-)
 async def test_maxmemory_longer_than_the_delivery_limit_dead_letters_nothing(
     server: EmbeddedServer, rs: Redis, stages: Any
 ) -> None:

@@ -1,12 +1,16 @@
 -- Recovery sweep of one stream: claim entries idle past the lease (XAUTOCLAIM, cursor
--- looped to the end or the limit) for this consumer; entries delivered more than the
--- limit go to the dead-letter stream with their last error instead.
+-- looped to the end or the limit) for this consumer. An entry delivered more than the
+-- limit goes to the dead-letter stream with its last error, but only if its processing
+-- recorded an error of its own: deliveries that failed because the server refused writes
+-- (out of memory) or a worker died are not the entry's fault. Past the hard limit it goes
+-- anyway (a worker that dies on it every time records nothing).
 -- KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] counters, KEYS[4] errors hash
 -- (field "<stream>|<id>": the streams of a partition can hold entries with the same id)
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle (ms), ARGV[4] max deliveries,
--- ARGV[5] limit (entries claimed per call)
+-- ARGV[5] limit (entries claimed per call), ARGV[6] hard limit of deliveries
 -- Returns {claimed entries as {id, {field, value, ...}}, dead-lettered count, cursor}
 local group, consumer, max_deliveries, limit = ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5])
+local hard_limit = tonumber(ARGV[6] or ARGV[4])
 local cursor = '0-0'
 local claimed = {}
 local dead = 0
@@ -17,9 +21,10 @@ repeat
     local id, fields = entry[1], entry[2]
     local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
     local deliveries = (p[1] and tonumber(p[1][4])) or 1
-    if deliveries > max_deliveries then
-      local err_field = KEYS[1] .. '|' .. id
-      local err = redis.call('HGET', KEYS[4], err_field) or 'delivered too many times'
+    local err_field = KEYS[1] .. '|' .. id
+    local err = deliveries > max_deliveries and redis.call('HGET', KEYS[4], err_field)
+    if err or deliveries > hard_limit then
+      err = err or ('delivered ' .. deliveries .. ' times without completing')
       local rec = {'stream', KEYS[1], 'id', id, 'deliveries', deliveries, 'error', err}
       for j = 1, #fields do rec[#rec + 1] = fields[j] end
       redis.call('XADD', KEYS[2], '*', unpack(rec))

@@ -11,13 +11,13 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import structlog
 from msgspec import Meta
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress import responses
 from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _retry_after
+from orderq.client import UNAVAILABLE
 from orderq.schema import ErrorDetail, Sku, Text
 from orderq.status import render
 from validate import coupons, holds, review, stock
@@ -70,7 +70,7 @@ class Admin:
             return await work()
         except Refusal as r:
             return r.response()
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
 
     # --- stock --------------------------------------------------------------------

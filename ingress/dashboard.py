@@ -27,7 +27,6 @@ from collections import deque
 from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -35,6 +34,7 @@ from starlette.routing import Route
 from ingress import responses
 from ingress.routes import Refusal, _bearer, _retry_after
 from orderq import history, keys, stats
+from orderq.client import UNAVAILABLE
 from orderq.control import HOLDS_KEY
 from orderq.metrics import REASONS_KEY
 
@@ -114,7 +114,7 @@ class Dashboard:
             doc = await self.document()
         except Refusal as r:
             return r.response()
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
         samples: list[dict[str, Any]] = []
         for s in reversed(self.history):

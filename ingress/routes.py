@@ -10,13 +10,13 @@ from typing import Any
 
 import msgspec
 import structlog
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress import responses
 from orderq import control as ctl
 from orderq import keys, metrics, stats
+from orderq.client import UNAVAILABLE
 from orderq.errors import ServerUnavailable
 from orderq.schema import (
     ErrorDetail,
@@ -170,7 +170,7 @@ class Handlers:
             return
         try:
             wait = await limiter.take(channel, n)
-        except (RedisError, OSError) as exc:
+        except UNAVAILABLE as exc:
             raise ServerUnavailable(f"Redis: {exc}") from None
         if wait:
             raise Refusal(
@@ -183,7 +183,7 @@ class Handlers:
     async def _count(self, field: str, n: int = 1) -> None:
         try:
             await self.s.redis.client.hincrby(keys.COUNTERS_GLOBAL, field, n)
-        except RedisError:
+        except UNAVAILABLE:
             pass  # a counter is not worth failing a request for
 
     # --- orders ---------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Handlers:
             for k, v in counts.items():
                 pipe.hincrby(keys.COUNTERS_GLOBAL, k, v)
             await pipe.execute()
-        except RedisError:
+        except UNAVAILABLE:
             pass
 
     async def get_order(self, request: Request) -> Response:
@@ -340,7 +340,7 @@ class Handlers:
             h = await self.s.redis.client.hgetall(self.s.redis.partition_of(key).status(key))
         except Refusal as r:
             return r.response()
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
         if not h:
             return responses.error(404, "not_found", f"no order {key!r}")
@@ -353,7 +353,7 @@ class Handlers:
             doc = await stats.compute(self.s.redis, self.s.meter)
         except Refusal as r:
             return r.response()
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
         return responses.json(doc)
 
@@ -385,7 +385,7 @@ class Handlers:
     async def metrics(self, request: Request) -> Response:
         try:
             text = await metrics.render(self.s.redis)
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
         return Response(text, 200, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -396,7 +396,7 @@ class Handlers:
         try:
             # a probe wants an answer within its own timeout, not the client's socket timeout
             await asyncio.wait_for(self.s.redis.client.ping(), READY_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (*UNAVAILABLE, TimeoutError) as exc:
             return responses.error(503, "unavailable", f"Redis unreachable: {exc!r}")
         stage = self.s.control.stage
         if stage == "shedding":

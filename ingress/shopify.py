@@ -22,7 +22,6 @@ import hmac
 import time
 
 import structlog
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -32,6 +31,7 @@ from ingress.channels import accept, answer, map_order, read_json
 from ingress.mapping import Mapping
 from ingress.routes import Handlers, Refusal, _retry_after
 from orderq import keys
+from orderq.client import UNAVAILABLE
 from orderq.errors import ServerUnavailable
 
 log = structlog.get_logger("orderq.ingress")
@@ -93,7 +93,7 @@ class ShopifyHandler:
             return r.response()
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
-        except RedisError as exc:
+        except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
         return answer(h, key, bool(queued), t0)
 
@@ -122,5 +122,5 @@ class ShopifyHandler:
         r = self.h.s.redis
         try:
             await r.client.set(self._webhook_key(webhook_id), order_key, ex=keys.WEBHOOK_DEDUP_TTL_S)
-        except RedisError as exc:  # the order is queued; its key still dedups a redelivery
+        except UNAVAILABLE as exc:  # the order is queued; its key still dedups a redelivery
             log.warning("shopify.webhook_not_remembered", webhook_id=webhook_id, order_key=order_key, error=str(exc))

@@ -14,11 +14,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from orderq import keys
 from orderq.errors import ConfigError, ServerCheckError
 from orderq.settings import Settings
+
+# What "Redis is unavailable" looks like to a caller: redis-py's errors, the cluster client's own
+# (not RedisError subclasses), and socket errors. Answered 503 + Retry-After, never 500.
+UNAVAILABLE: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 SCRIPT_NAMES = (
     "intake",

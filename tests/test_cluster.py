@@ -162,15 +162,18 @@ async def test_killed_workers_work_is_reclaimed_by_the_others(cenv, cr, ingress,
     n = 1500
     await post_all(base, [make_order(f"K{i}") for i in range(n)])
     left = 0
-    for victim in (validators[0], executors[0]):
-        # Freeze the victim, look at what it holds; kill it only while it holds a batch.
+    for victim, peer in ((validators[0], validators[1]), (executors[0], executors[1])):
+        # Freeze the victim, look at what it holds; kill it only while it holds a batch. Its
+        # peer is held meanwhile, so the victim takes every batch and the hunt is short.
         name = {f"{socket.gethostname()}:{victim.proc.pid}"}  # type: ignore[union-attr]
+        peer.signal(signal.SIGSTOP)
         deadline = time.monotonic() + 30
         while True:
             victim.signal(signal.SIGSTOP)
             held = await pending_of(cr, name)
             if held:
                 victim.signal(signal.SIGKILL)
+                peer.signal(signal.SIGCONT)
                 left += held
                 break
             victim.signal(signal.SIGCONT)

@@ -7,7 +7,6 @@ shedding, rate limit, committer, and the same answers.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -161,51 +160,14 @@ class ChannelHandlers:
                     [ErrorDetail(path="orders", message=f"expected 1 to {limit} orders, got {len(payloads)}")],
                 )
             await h._rate(m.channel, len(payloads))
-            results: list[dict[str, Any]] = []
-            pending: list[tuple[int, asyncio.Future[int]]] = []
-            seen: set[str] = set()
-            committer = h.s.committer
-            n_invalid = n_shed = n_dup = 0
+            items: list[Order | tuple[str | None, Refusal]] = []
             for payload in payloads:
                 try:
-                    order = map_order(h, m, payload)
+                    items.append(map_order(h, m, payload))
                 except Refusal as r:
-                    n_invalid += 1
-                    error = {"code": r.code, "message": r.message, "details": r.details or []}
-                    results.append({"order_key": m.key_hint(payload), "status": "invalid", "error": error})
-                    continue
-                key = order.key
-                if key in seen:
-                    n_dup += 1
-                    results.append({"order_key": key, "status": "duplicate", "error": None})
-                    continue
-                seen.add(key)
-                if h._shed(order):
-                    n_shed += 1
-                    error = {"code": "shedding", "message": "backlog too high; retry later", "details": []}
-                    results.append({"order_key": key, "status": "shed", "error": error})
-                    continue
-                results.append({"order_key": key, "status": "accepted", "error": None})
-                pending.append((len(results) - 1, committer.submit(key, pack(order), order.customer.tier)))
-            flags = await committer.wait([f for _, f in pending]) if pending else []
+                    items.append((m.key_hint(payload), r))
         except Refusal as r:
             return r.response()
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
-        n_acc = 0
-        for (i, _), flag in zip(pending, flags, strict=True):
-            if flag:
-                n_acc += 1
-            else:
-                n_dup += 1
-                results[i]["status"] = "duplicate"
-        extra = {"invalid": n_invalid, "shed": n_shed}
-        intra_dups = n_dup - (len(pending) - n_acc)  # the intake script counts the others
-        if intra_dups:
-            extra["duplicates"] = intra_dups
-        await h._count_many({k: v for k, v in extra.items() if v})
-        metrics.ACK_LATENCY.observe(time.perf_counter() - t0)
-        return responses.json(
-            {"results": results, "accepted": n_acc, "duplicates": n_dup, "invalid": n_invalid, "shed": n_shed},
-            202,
-        )
+        return await h.queue_batch(items, t0)

@@ -246,59 +246,56 @@ class Handlers:
                 )
             if token_channel is not None:
                 await self._rate(token_channel, len(batch.orders))
-            results: list[dict[str, Any]] = []
-            pending: list[tuple[int, asyncio_future]] = []
-            seen: set[str] = set()
-            committer = self.s.committer
-            n_invalid = n_shed = n_dup = 0
+            items: list[Order | tuple[str | None, Refusal]] = []
             for raw in batch.orders:
                 try:
                     order = self._decode_order(raw)
                 except Refusal as r:
-                    n_invalid += 1
-                    results.append(
-                        {
-                            "order_key": _key_hint(raw),
-                            "status": "invalid",
-                            "error": {"code": r.code, "message": r.message, "details": r.details or []},
-                        }
-                    )
+                    items.append((_key_hint(raw), r))
                     continue
-                key = order.key
                 if token_channel is not None and order.channel != token_channel:
-                    n_invalid += 1
-                    results.append(
-                        {
-                            "order_key": key,
-                            "status": "invalid",
-                            "error": {
-                                "code": "forbidden",
-                                "message": f"token of channel {token_channel!r} cannot write {order.channel!r} orders",
-                                "details": [{"path": "channel", "message": "not this token's channel"}],
-                            },
-                        }
-                    )
+                    message = f"token of channel {token_channel!r} cannot write {order.channel!r} orders"
+                    detail = ErrorDetail(path="channel", message="not this token's channel")
+                    items.append((order.key, Refusal(403, "forbidden", message, [detail])))
                     continue
-                if key in seen:
-                    n_dup += 1
-                    results.append({"order_key": key, "status": "duplicate", "error": None})
-                    continue
-                seen.add(key)
-                if self._shed(order):
-                    n_shed += 1
-                    results.append(
-                        {
-                            "order_key": key,
-                            "status": "shed",
-                            "error": {"code": "shedding", "message": "backlog too high; retry later", "details": []},
-                        }
-                    )
-                    continue
-                results.append({"order_key": key, "status": "accepted", "error": None})
-                pending.append((len(results) - 1, committer.submit(key, pack(order), order.customer.tier)))
-            flags = await committer.wait([f for _, f in pending]) if pending else []
+                items.append(order)
         except Refusal as r:
             return r.response()
+        except ServerUnavailable as exc:
+            return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
+        return await self.queue_batch(items, t0)
+
+    async def queue_batch(self, items: list[Order | tuple[str | None, Refusal]], t0: float) -> Response:
+        """Queue a decoded batch (an ``Order``, or the key hint and refusal of an invalid one, per
+        item) in one group commit; answer the contract's batch body in request order. A key
+        repeated inside the batch is a duplicate of its first occurrence."""
+        results: list[dict[str, Any]] = []
+        pending: list[tuple[int, asyncio_future]] = []
+        seen: set[str] = set()
+        committer = self.s.committer
+        n_invalid = n_shed = n_dup = 0
+        for item in items:
+            if isinstance(item, tuple):
+                hint, r = item
+                n_invalid += 1
+                error = {"code": r.code, "message": r.message, "details": r.details or []}
+                results.append({"order_key": hint, "status": "invalid", "error": error})
+                continue
+            key = item.key
+            if key in seen:
+                n_dup += 1
+                results.append({"order_key": key, "status": "duplicate", "error": None})
+                continue
+            seen.add(key)
+            if self._shed(item):
+                n_shed += 1
+                error = {"code": "shedding", "message": "backlog too high; retry later", "details": []}
+                results.append({"order_key": key, "status": "shed", "error": error})
+                continue
+            results.append({"order_key": key, "status": "accepted", "error": None})
+            pending.append((len(results) - 1, committer.submit(key, pack(item), item.customer.tier)))
+        try:
+            flags = await committer.wait([f for _, f in pending]) if pending else []
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
         n_acc = 0

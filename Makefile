@@ -27,7 +27,7 @@ browser:
 test: $(VENV)/.installed-test browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not long"
 
 # The long version of the fault and hostile-input tests (longer loads, more kills); the
 # figures of each fault go to test-artifacts/reliability-report.jsonl (see RELIABILITY.md).

@@ -15,6 +15,17 @@ from orderq.settings import Settings
 
 log = structlog.get_logger("orderq.runner")
 
+STOP_REPORT_S = 10.0  # a stage still running this long after SIGTERM logs where it waits
+
+
+def _report_slow_stop(stage: str) -> None:
+    """Name what a stage is waiting on when it does not stop in time (for the next diagnosis)."""
+    stacks = {}
+    for task in asyncio.all_tasks():
+        frames = task.get_stack(limit=8)
+        stacks[task.get_name()] = [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in frames]
+    log.warning(f"{stage}.stop_slow", waited_s=STOP_REPORT_S, tasks=stacks)
+
 
 async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
     r = await oq_client.connect(settings)
@@ -22,8 +33,13 @@ async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
     worker = worker_cls(r, control)
     structlog.contextvars.bind_contextvars(stage=stage, worker=worker.consumer)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        worker.stop()
+        loop.call_later(STOP_REPORT_S, _report_slow_stop, stage)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+        loop.add_signal_handler(sig, stop)
     log.info(f"{stage}.started", worker=worker.consumer, partitions=settings.partitions)
     flusher = metrics.start_flusher(r)
     try:

@@ -238,6 +238,7 @@ def test_cluster_dev_command_starts_and_stops(tmp_path: Path) -> None:
         c.ping()
 
 
+@pytest.mark.long
 async def test_a_dead_master_gives_503_not_a_hang(tmp_path, settings_for, ingress):
     """A master SIGKILLed under the ingress: orders of its partitions get 503 + Retry-After
     within the ack deadline (the client retries), never a hung request or a 500."""
@@ -255,7 +256,9 @@ async def test_a_dead_master_gives_503_not_a_hang(tmp_path, settings_for, ingres
                 codes.append(resp.status_code)
                 if resp.status_code == 503:
                     assert resp.headers.get("Retry-After"), resp.headers
-            assert 503 in codes and set(codes) <= {202, 503}, codes
+            assert 503 in codes and set(codes) <= {200, 202, 503}, (
+                codes
+            )  # 200: a resend whose first write reached a live master
     finally:
         own.kill()
 

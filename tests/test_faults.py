@@ -306,6 +306,7 @@ async def _true(value: bool) -> bool:
 # --- workers killed -------------------------------------------------------------------
 
 
+@pytest.mark.long
 async def test_workers_sigkilled_repeatedly_under_load(rs: Redis, server: EmbeddedServer, stages: Any) -> None:
     env = {"ORDERQ_CLAIM_IDLE_MS": 1000}
     base, procs = await start_pipeline(stages, server, **env)

@@ -401,6 +401,7 @@ def mutate(order: dict[str, Any], kind: str, value: Any) -> dict[str, Any]:
     return order
 
 
+@pytest.mark.long
 async def test_generated_invalid_orders_are_422_and_write_nothing(api: Ingress, r: Redis) -> None:
     before = await keyspace(r)
     rss0 = api.rss_kb()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -50,6 +52,7 @@ async def test_steady_scenario_sends_valid_orders(ingress, make_env, tmp_path, r
     assert accepted >= int(rows["POST /v1/orders"]["Request Count"])
 
 
+@pytest.mark.long
 async def test_retry_storm_replays_get_duplicate_answers(ingress, make_env, tmp_path):
     base = await ingress()
     rows = run_locust(

@@ -34,6 +34,7 @@ test: $(VENV)/.installed-test browser
 reliability: $(VENV)/.installed-test
 	mkdir -p test-artifacts && rm -f test-artifacts/reliability-report.jsonl
 	ORDERQ_RELIABILITY_LONG=1 ORDERQ_RELIABILITY_OUT=test-artifacts/reliability-report.jsonl $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_hostile_input.py
+	$(BIN)/python -m pytest -q -m long tests/test_cluster.py tests/test_loadtest.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 
 from orderq.errors import OrderqError
-from orderq.server import die_with_parent, find_binary, free_port
+from orderq.server import DURABLE_CONFIG, die_with_parent, find_binary, free_port
 
 SLOTS = 16384
 START_TIMEOUT_S = 20.0
@@ -56,13 +56,7 @@ class ClusterNode:
                     f"cluster-port {self.bus_port}",
                     "cluster-config-file nodes.conf",
                     "cluster-node-timeout 5000",
-                    "appendonly yes",
-                    "appendfsync everysec",
-                    "appenddirname appendonly",
-                    'save ""',
-                    "maxmemory-policy noeviction",
-                    "protected-mode yes",
-                    "daemonize no",
+                    *DURABLE_CONFIG,
                     f"logfile {self.dir / 'valkey.log'}",
                     "latency-tracking no",
                 ]

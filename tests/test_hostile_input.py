@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from orderq.server import free_port
 from orderq.settings import Settings
 from tests.conftest import ADMIN, StageProcess, auth, make_order
 from tests.data.malformed_json import MALFORMED
+from tests.test_faults import record
 from tests.test_ingress_api import assert_error, keyspace
 
 LONG = os.environ.get("ORDERQ_RELIABILITY_LONG") == "1"
@@ -112,6 +115,86 @@ async def test_malformed_json_corpus_is_refused_on_every_write_path(api: Ingress
     assert api.rss_kb() < rss0 + 100_000
 
 
+# --- the JSONTestSuite corpus (nst/JSONTestSuite test_parsing/, vendored byte-exact) ----
+
+CORPUS = Path(__file__).resolve().parent / "data" / "jsontestsuite"
+CORPUS_COUNTS = {"n": 188, "y": 95, "i": 35}  # upstream's test_parsing/ (tests/data/jsontestsuite/README.md)
+
+
+def jsontestsuite() -> dict[str, bytes]:
+    """Every file of the vendored ``test_parsing/``, name -> exact bytes."""
+    return {p.name: p.read_bytes() for p in sorted((CORPUS / "test_parsing").glob("*.json"))}
+
+
+def test_jsontestsuite_is_vendored_whole_and_byte_exact() -> None:
+    """The files are the corpus, not a checkout's rewrite of it (line endings, BOMs, NULs)."""
+    corpus = jsontestsuite()
+    sums = dict(reversed(line.split(maxsplit=1)) for line in (CORPUS / "SHA256SUMS").read_text().splitlines())
+    assert set(corpus) == set(sums)
+    for name, doc in corpus.items():
+        assert hashlib.sha256(doc).hexdigest() == sums[name], name
+    assert dict(Counter(name[0] for name in corpus)) == CORPUS_COUNTS
+    assert (CORPUS / "LICENSE").read_text().startswith("MIT License")
+
+
+async def streams(r: Redis) -> dict[bytes, tuple[int, bytes]]:
+    """Every stream in the keyspace: its length and last generated id (an entry added and
+    deleted again still moves the id)."""
+    out = {}
+    async for k in r.client.scan_iter(count=1000, _type="stream"):
+        info = await r.client.xinfo_stream(k)
+        last = info["last-generated-id"]
+        out[k] = (info["length"], last if isinstance(last, bytes) else str(last).encode())
+    return out
+
+
+async def test_jsontestsuite_every_file_gets_4xx_and_writes_nothing(api: Ingress, r: Redis) -> None:
+    """Every ``test_parsing/`` file as the body of every write path and as the one order of a
+    batch. ``n_`` (not JSON): 400 ``invalid_json``. ``y_`` (JSON, but no order): 4xx, never
+    ``invalid_json``. ``i_`` (either): 400 or 422. Never a 2xx or 500, nothing written."""
+    corpus = jsontestsuite()
+    assert dict(Counter(name[0] for name in corpus)) == CORPUS_COUNTS
+    before, streams0 = await keyspace(r), await streams(r)
+    rss0 = api.rss_kb()
+    answers: Counter[str] = Counter()
+    wrong: list[str] = []
+    for name, doc in corpus.items():
+        kind = name[0]
+        for path in WRITE_PATHS:
+            resp = await api.c.post(path, content=doc, headers={**auth(), **JSON})
+            assert resp.status_code < 500 and not 200 <= resp.status_code < 300, (name, path, resp.text[:300])
+            err = refused(resp)
+            answers[f"{kind} {path} {resp.status_code} {err['code']}"] += 1
+            ok = {
+                "n": resp.status_code == 400 and err["code"] == "invalid_json",
+                "y": resp.status_code in (400, 422) and err["code"] != "invalid_json",
+                "i": resp.status_code in (400, 422),
+            }[kind]
+            if not ok:
+                wrong.append(f"{name} {path}: {resp.status_code} {err['code']}: {err['message'][:120]}")
+        # the same document as the one order of a batch: the body does not parse (400), or
+        # it does and its one order is reported invalid
+        resp = await api.c.post("/v1/orders/batch", content=b'{"orders": [' + doc + b"]}", headers={**auth(), **JSON})
+        if resp.status_code == 202:
+            body = resp.json()
+            assert body["accepted"] == 0 and body["invalid"] == 1, (name, body)
+            answers[f"{kind} batch-of-one 202 invalid=1"] += 1
+        else:
+            err = refused(resp)
+            answers[f"{kind} batch-of-one {resp.status_code} {err['code']}"] += 1
+            if kind == "y":
+                wrong.append(f"{name} batch-of-one: {resp.status_code} {err['code']}: {err['message'][:120]}")
+    assert not wrong, "\n".join(wrong)
+    assert await keyspace(r) == before
+    assert await streams(r) == streams0
+    assert (await api.c.get("/healthz")).status_code == 200
+    assert api.rss_kb() < rss0 + 100_000, (rss0, api.rss_kb())
+    record(
+        "jsontestsuite",
+        {"files": dict(Counter(name[0] for name in corpus)), "requests": sum(answers.values()), "answers": answers},
+    )
+
+
 # --- pathological documents -----------------------------------------------------------
 
 
@@ -182,8 +265,10 @@ async def test_pathological_documents_get_4xx_and_write_nothing(api: Ingress, r:
 
 
 async def test_admin_bodies_get_4xx(api: Ingress, r: Redis) -> None:
-    """The admin and review endpoints that take a body: the same documents, the admin token."""
-    docs = {**MALFORMED, **deep_documents(), **odd_values()}
+    """The admin and review endpoints that take a body: the same documents (and the corpus's
+    ``n_`` files), the admin token."""
+    corpus_n = {name: doc for name, doc in jsontestsuite().items() if name.startswith("n_")}
+    docs = {**MALFORMED, **corpus_n, **deep_documents(), **odd_values()}
     paths = [
         ("PUT", "/v1/admin/stock"),
         ("PUT", "/v1/admin/coupons"),

@@ -15,10 +15,12 @@ def fulfilment_id(order_key: str) -> str:
     return "F-" + hashlib.blake2b(order_key.encode(), digest_size=8).hexdigest().upper()
 
 
-def plan(order: Order, stage: str, mode: str) -> str:
+def plan(order: Order, stage: str, mode: str, picks: list[str] | None = None) -> str:
     """``name=state,...`` for the execute script: core actions always ``done``; non-core
-    syncs ``done`` in stage normal, else ``deferred``/``dropped`` per breaker mode."""
-    acts = ["wms.pick=done", "notify.sms=done"]
+    syncs ``done`` in stage normal, else ``deferred``/``dropped`` per breaker mode. A routed
+    order has one ``wms.pick@<warehouse>`` per warehouse in ``picks``."""
+    acts = [f"wms.pick@{w}=done" for w in picks] if picks else ["wms.pick=done"]
+    acts.append("notify.sms=done")
     if money(order.paid_amount) >= INVOICE_FROM:
         acts.append("invoice.request=done")
     sync_state = "done" if stage == "normal" else ("deferred" if mode == "defer" else "dropped")

@@ -9,8 +9,10 @@ from typing import Any
 import msgspec
 
 from execute.actions import fulfilment_id, plan
+from execute.routing import Routed, Router, RulesError
 from orderq import keys, metrics
-from orderq.schema import unpack_order
+from orderq.errors import ConfigError
+from orderq.schema import Order, json_encoder, unpack_order
 from orderq.worker import BatchResult, Entry, StreamWorker, _pairs
 
 LANES = keys.PRIORITIES  # lane 1 vip, 2 new, 3 regular
@@ -23,6 +25,10 @@ class ExecuteWorker(StreamWorker):
 
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
+        try:
+            self.router = Router(self.settings.rules_dir)
+        except RulesError as exc:  # the stage cannot route: it does not start (exit 2)
+            raise ConfigError("ORDERQ_RULES_DIR", str(exc)) from None
         self.latencies: list[tuple[str, float]] = []  # (priority, seconds) since accept, per batch
         self._rotation = 0  # cluster: the partition the next idle wait blocks on
 
@@ -65,41 +71,98 @@ class ExecuteWorker(StreamWorker):
                 )
         return entries
 
+    def reload(self) -> None:
+        """SIGHUP: read the routing rules again; a bad file keeps the rules in force."""
+        try:
+            rules = self.router.reload()
+        except RulesError as exc:
+            self.log.error("execute.rules_reload_failed", error=str(exc))
+            return
+        self.log.info("execute.rules_reloaded", source=rules.source, rules=[r.name for r in rules.rules])
+
     async def process(self, entries: list[Entry]) -> BatchResult:
         result = BatchResult()
         stage = self.control.stage if self.control else "normal"
         holds = self.control.holds if self.control else {}
+        whs = self.control.warehouses if self.control else {}
         mode = self.settings.breaker_mode
-        by_part: dict[keys.Partition, list[object]] = {}
+        ready: list[tuple[Entry, Order]] = []  # not held: routed before they execute
+        items: list[tuple[Entry, Order, bool]] = []
         for e in entries:
             try:
                 order = unpack_order(e.get(b"d"))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 result.failed[e.id] = (e, f"undecodable order payload: {exc}")
                 continue
-            key = order.key
             held = order.ship_to.province in holds
-            by_part.setdefault(e.partition, []).append(
-                (e, key, "h" if held else "e", fulfilment_id(key), "" if held else plan(order, stage, mode))
+            items.append((e, order, held))
+            if not held:
+                ready.append((e, order))
+        routes: dict[tuple[str, str], Routed] = {}
+        if ready and (whs or any(o.gifts for _, o in ready)):
+            decided = await self.router.route(
+                self.r,
+                whs,
+                [o for _, o in ready],
+                [e.get(b"ap") == b"1" for e, _ in ready],
+                [int(e.get(b"ta") or 0) for e, _ in ready],
             )
+            # (entry ids are unique per stream only: two lanes may hold the same id)
+            routes = {(e.stream, e.id): d for (e, _), d in zip(ready, decided, strict=True)}
+        by_part: dict[keys.Partition, list[tuple[Entry, str, str, str, str, str, str]]] = {}
+        freight_review = 0
+        gift_oos: list[str] = []
+        for e, order, held in items:
+            key = order.key
+            d = routes.get((e.stream, e.id))
+            route = more = ""
+            if held:
+                outcome, acts = "h", ""
+            elif d is not None and d.outcome == "w":
+                outcome, acts, more = "w", "", '["freight_over_limit"]'
+                freight_review += 1
+            else:
+                outcome = "e"
+                picks = [p["warehouse"] for p in d.parcels] if d is not None and d.routed else None
+                acts = plan(order, stage, mode, picks)
+                if d is not None and d.routed:
+                    route = json_encoder.encode(d.parcels).decode()
+                if d is not None and d.gift_out_of_stock:
+                    more = json_encoder.encode([f"gift_out_of_stock:{sku}" for sku in d.gift_out_of_stock]).decode()
+                    gift_oos += d.gift_out_of_stock
+            by_part.setdefault(e.partition, []).append((e, key, outcome, fulfilment_id(key), acts, route, more))
 
         def build(pipe: Any) -> None:
-            for p, items in by_part.items():
-                ks = [p.counters, *p.lanes, p.deferred, p.held, p.parked, *(p.outbox(a) for a in keys.ACTIONS)]
+            for p, rows in by_part.items():
+                ks = [
+                    p.counters,
+                    *p.lanes,
+                    p.deferred,
+                    p.held,
+                    p.parked,
+                    p.review,
+                    *(p.outbox(a) for a in keys.ACTIONS),
+                ]
                 args: list[object] = [self.group, self.settings.outbox_trim]
-                for e, key, outcome, fid, acts in items:  # type: ignore[misc]
+                for e, key, outcome, fid, acts, route, more in rows:
                     ks.append(p.status(key))
-                    args += [e.lane, e.id, key, outcome, fid, acts, e.get(b"d")]
+                    args += [e.lane, e.id, key, outcome, fid, acts, e.get(b"d"), route, more]
                 self.r.script(pipe, "execute", ks, args)
+            # reason counters of the operators' view (a redelivered batch may count again)
+            if freight_review:
+                pipe.hincrby(metrics.REASONS_KEY, "freight_over_limit", freight_review)
+            if gift_oos:
+                pipe.hincrby(metrics.REASONS_KEY, "gift_out_of_stock", len(gift_oos))
 
-        totals = {"executed": 0, "held": 0, "deferred": 0, "dropped": 0}
+        totals = {"executed": 0, "held": 0, "deferred": 0, "dropped": 0, "review": 0}
+        for res in (await self.r.run(build))[: len(by_part)] if by_part else []:
+            for name, v in zip(("executed", "held", "deferred", "dropped", "", "review"), res, strict=False):
+                if name:
+                    totals[name] += int(v)
         now = time.time()
         lat: list[tuple[str, float]] = []
-        for res in await self.r.run(build) if by_part else []:
-            for name, v in zip(("executed", "held", "deferred", "dropped"), res, strict=False):
-                totals[name] += int(v)
-        for items in by_part.values():
-            for e, _key, outcome, _fid, _acts in items:  # type: ignore[misc]
+        for rows in by_part.values():
+            for e, _key, outcome, _fid, _acts, _route, _more in rows:
                 if outcome == "e" and e.get(b"ta"):
                     prio = LANES[e.lane - 1]
                     seconds = now - int(e.get(b"ta")) / 1e6

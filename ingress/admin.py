@@ -17,9 +17,11 @@ from starlette.routing import Route
 
 from ingress import responses
 from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _retry_after
+from orderq import warehouses
 from orderq.client import UNAVAILABLE
 from orderq.schema import ErrorDetail, Sku, Text
 from orderq.status import render
+from orderq.warehouses import WarehouseId
 from validate import coupons, holds, review, stock
 
 log = structlog.get_logger("orderq.admin")
@@ -30,6 +32,7 @@ T = TypeVar("T")
 class StockItem(msgspec.Struct, forbid_unknown_fields=True):
     sku: Sku
     physical: Annotated[int, Meta(ge=0, le=stock.MAX_PHYSICAL)]
+    warehouse: WarehouseId | None = None  # a count of one warehouse (issue 9); none: the total
 
 
 class StockBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -77,7 +80,18 @@ class Admin:
     async def put_stock(self, request: Request) -> Response:
         async def work() -> Response:
             body = await _body(request, StockBody)
-            items = await stock.set_stock(self.s.redis, [(i.sku, i.physical) for i in body.items])
+            known = await warehouses.get_all(self.s.redis) if any(i.warehouse for i in body.items) else {}
+            bad = [
+                ErrorDetail(path=f"items[{i}].warehouse", message=f"unknown warehouse {it.warehouse!r}")
+                for i, it in enumerate(body.items)
+                if it.warehouse is not None and it.warehouse not in known
+            ]
+            if bad:
+                raise Refusal(422, "invalid_request", "the body fails the schema", bad)
+            try:
+                items = await stock.set_stock(self.s.redis, [(i.sku, i.physical, i.warehouse) for i in body.items])
+            except stock.PerWarehouse as exc:
+                raise Refusal(422, "invalid_request", str(exc)) from None
             log.info("admin.stock_set", skus=len(items))
             return responses.json({"items": items})
 
@@ -90,6 +104,26 @@ class Admin:
             if doc is None:
                 return responses.error(404, "not_found", f"no stock record for SKU {sku!r}")
             return responses.json(doc)
+
+        return await self._guard(request, work)
+
+    # --- warehouses (issue 9) -------------------------------------------------------
+    async def put_warehouses(self, request: Request) -> Response:
+        async def work() -> Response:
+            body = await _body(request, warehouses.WarehousesBody)
+            bad = [ErrorDetail(path=path, message=msg) for path, msg in warehouses.problems(body.warehouses)]
+            if bad:
+                raise Refusal(422, "invalid_request", "the body fails the schema", bad)
+            await warehouses.put(self.s.redis, body.warehouses)
+            log.info("admin.warehouses_set", warehouses=[w.id for w in body.warehouses])
+            return responses.json({"warehouses": [msgspec.to_builtins(w) for w in body.warehouses]})
+
+        return await self._guard(request, work)
+
+    async def get_warehouses(self, request: Request) -> Response:
+        async def work() -> Response:
+            whs = await warehouses.get_all(self.s.redis)
+            return responses.json({"warehouses": [msgspec.to_builtins(w) for w in whs.values()]})
 
         return await self._guard(request, work)
 
@@ -182,6 +216,8 @@ def routes(state: Any) -> list[Route]:
     return [
         Route("/v1/admin/stock", a.put_stock, methods=["PUT"]),
         Route("/v1/admin/stock/{sku:path}", a.get_stock, methods=["GET"]),
+        Route("/v1/admin/warehouses", a.put_warehouses, methods=["PUT"]),
+        Route("/v1/admin/warehouses", a.get_warehouses, methods=["GET"]),
         Route("/v1/admin/coupons", a.put_coupons, methods=["PUT"]),
         Route("/v1/admin/holds", a.post_hold, methods=["POST"]),
         Route("/v1/admin/holds", a.get_holds, methods=["GET"]),

@@ -3,7 +3,8 @@
 Every status record is checked against where its order must be: an ``accepted``
 order in its intake stream, a ``validated`` one in a ready lane (or the dead-letter
 stream); anything else is **lost**. Every outbox stream is counted per (order,
-action): more than one entry is a **duplicate effect**.
+action; and warehouse, for the picks of a split order): more than one entry is a
+**duplicate effect**.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ CHUNK = 5000
 
 
 async def _stream_keys(r: Redis, stream: str, field: bytes = b"k") -> list[bytes]:
+    """Each entry's order key; ``<key>@<warehouse>`` for a routed pick (one per warehouse)."""
     out: list[bytes] = []
     start = "-"
     while True:
         entries = await r.client.xrange(stream, min=start, count=CHUNK)
         for _id, f in entries:
-            out.append(f.get(field, b""))
+            wh = f.get(b"w")
+            out.append(f.get(field, b"") + b"@" + wh if wh else f.get(field, b""))
         if len(entries) < CHUNK:
             return out
         start = "(" + entries[-1][0].decode()

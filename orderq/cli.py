@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="refresh every second")
     cd = sub.add_parser("cluster-dev", help="run a local 3-master Valkey cluster under ORDERQ_DATA_DIR/cluster")
     cd.add_argument("--masters", type=int, default=3)
+    cd.add_argument("--replicas", type=int, default=0, help="replicas per master (they fail over by themselves)")
     au = sub.add_parser("audit", help="reconcile accepted orders with what happened to them")
     au.add_argument("--json", action="store_true")
     be = sub.add_parser("bench", help="headless benchmark; prints a report")
@@ -80,7 +81,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         runner.run(runner.run_worker(ValidateWorker, settings, "validate"))
         return 0
     if cmd == "execute":
+        from execute import routing
         from execute.worker import ExecuteWorker
+
+        try:  # a routing file that does not parse stops the stage before it takes work
+            routing.load(settings.rules_dir)
+        except routing.RulesError as exc:
+            raise ConfigError("ORDERQ_RULES_DIR", str(exc)) from None
 
         runner.run(runner.run_worker(ExecuteWorker, settings, "execute"))
         return 0
@@ -99,7 +106,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "cluster-dev":
         from orderq import clusterdev
 
-        return clusterdev.main(settings.data_dir, args.masters)
+        return clusterdev.main(settings.data_dir, args.masters, args.replicas)
     if cmd == "bench":
         from orderq import bench
 

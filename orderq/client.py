@@ -40,6 +40,8 @@ SCRIPT_NAMES = (
     "unhold",
     # downstream dispatch (issue 6): ack+delete delivered outbox entries, dead-letter given-up ones
     "dispatched",
+    # fulfilment routing (issue 9): warehouses, gifts, freight
+    "route",
 )
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 

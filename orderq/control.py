@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from orderq import keys
+from orderq import keys, warehouses
 from orderq.client import Redis
 
 log = structlog.get_logger("orderq.control")
@@ -35,6 +35,8 @@ class Control:
         self.backlog = 0
         self.paused: frozenset[str] = frozenset()
         self.holds: dict[str, dict[str, Any]] = {}
+        self.warehouses: dict[str, warehouses.Warehouse] = {}
+        self._warehouses_raw: dict[bytes, bytes] = {}
         self.stage_name = stage_name
         self.worker_id = f"{stage_name}:{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,6 +64,7 @@ class Control:
         pipe.hmget(keys.BREAKER_KEY, "stage", "backlog")
         pipe.smembers(keys.PAUSED_KEY)
         pipe.hgetall(HOLDS_KEY)
+        pipe.hgetall(keys.WAREHOUSES_KEY)
         if self.stage_name:
             beat = {"stage": self.stage_name, "pid": os.getpid(), "host": socket.gethostname(), "ts": time.time()}
             pipe.hset(keys.WORKERS_KEY, self.worker_id, msgspec.json.encode(beat))
@@ -71,6 +74,12 @@ class Control:
         self.backlog = int(backlog or 0)
         paused = frozenset(m.decode() for m in res[1])
         holds = {k.decode(): msgspec.json.decode(v) for k, v in res[2].items()}
+        if res[3] != self._warehouses_raw:
+            self._warehouses_raw = res[3]
+            try:
+                self.warehouses = warehouses.decode_all(res[3])
+            except msgspec.DecodeError as exc:  # written by a newer version? keep the last good set
+                log.warning("control.warehouses_unreadable", error=str(exc))
         if new_stage != self.stage or paused != self.paused or holds != self.holds:
             self.stage, self.paused, self.holds = new_stage, paused, holds
             self.changed.set()

@@ -238,6 +238,26 @@ def decided_key(hour: int) -> str:
     return f"{RULES_PREFIX}od:{hour}"
 
 
+def wh_holders_key(sku: str, warehouse: str) -> str:
+    """Hash order key -> units of ``sku`` allocated to it in ``warehouse`` by the execute
+    stage's routing (route.lua); the warehouse's next count settles them (restock.lua)."""
+    return f"{RULES_PREFIX}sku:{sku}:h:{warehouse}"
+
+
+def route_key(order_key: str) -> str:
+    """msgpack of the route an order was given and what it allocated: its redelivery gets
+    the same route back and allocates nothing twice."""
+    return f"{RULES_PREFIX}rt:{order_key}"
+
+
+# Warehouses (issue 9): hash id -> JSON of the warehouse (location, provinces served,
+# carriers), mirrored in every process by orderq/control.py. Gifts that ran out: hash
+# SKU -> orders that shipped without it (in the ledger slot: counted once, by route.lua).
+WAREHOUSES_KEY = f"{PREFIX}:warehouses"
+GIFT_OOS_KEY = f"{RULES_PREFIX}gift_oos"
+DEFAULT_WAREHOUSE = "default"  # where stock put without a warehouse lives
+
+
 def ledger_key(order_key: str) -> str:
     """msgpack of what an order in review decided and holds: its reject releases by it."""
     return f"{RULES_PREFIX}o:{order_key}"

@@ -30,7 +30,12 @@ def _report_slow_stop(stage: str) -> None:
 async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
     r = await oq_client.connect(settings)
     control = await Control(r, stage).start()
-    worker = worker_cls(r, control)
+    try:
+        worker = worker_cls(r, control)
+    except BaseException:
+        await control.stop()
+        await r.close()
+        raise
     structlog.contextvars.bind_contextvars(stage=stage, worker=worker.consumer)
     loop = asyncio.get_running_loop()
 
@@ -40,6 +45,11 @@ async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    reload = getattr(worker, "reload", None)
+    if reload is not None:  # SIGHUP: re-read what the stage reads from files
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    else:  # never the default action (terminate) for a stray hangup
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(f"{stage}.sighup_ignored"))
     log.info(f"{stage}.started", worker=worker.consumer, partitions=settings.partitions)
     flusher = metrics.start_flusher(r)
     try:

@@ -126,6 +126,23 @@ def money(value: str | None) -> Decimal:
     return Decimal(value) if value else Decimal(0)
 
 
+def cents(value: str) -> int:
+    """``"1999.5"`` -> 199950 (the schema guarantees at most 2 decimals)."""
+    whole, _, frac = value.partition(".")
+    return int(whole) * 100 + int((frac + "00")[:2])
+
+
+def goods_cents(o: Order) -> int:
+    """The goods' value: each line's price (unit, else paid) x qty; with no line prices, what
+    was paid plus what the coupons took off."""
+    goods = 0
+    for line in o.lines:
+        price = line.unit_price or line.paid_price
+        if price:
+            goods += cents(price) * line.qty
+    return goods or cents(o.paid_amount) + sum(cents(c.amount) for c in o.coupons)
+
+
 def utc_iso(ts_us: int) -> str:
     """Microseconds since the epoch -> ``2026-11-10T16:00:01.000000Z``."""
     t = dt.datetime.fromtimestamp(ts_us / 1_000_000, dt.UTC)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +26,8 @@ STAGE_NAMES = ("validate", "execute")
 # The channel mappings shipped with orderq: ``mappings/`` beside the packages, in a source
 # checkout (``make run``) and in an installed wheel alike (shipped as package data).
 SHIPPED_MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
+# The fulfilment routing rules shipped with orderq (``rules/routing.toml``), found the same way.
+SHIPPED_RULES = Path(__file__).resolve().parent.parent / "rules"
 WEBHOOK_PREFIX = "ORDERQ_WEBHOOK_"  # + action, upper case, "." -> "_": ORDERQ_WEBHOOK_WMS_PICK
 WEBHOOK_VARIABLES = {WEBHOOK_PREFIX + a.upper().replace(".", "_"): a for a in keys.ACTIONS}
 
@@ -83,6 +86,17 @@ def _pairs(name: str, raw: str) -> dict[str, str]:
             raise ConfigError(name, f"expected channel=value pairs, got {item!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def _amount(name: str, raw: str) -> Decimal:
+    """A money amount in CNY: a non-negative decimal with at most 2 decimals."""
+    try:
+        value = Decimal(raw.strip())
+    except InvalidOperation:
+        raise ConfigError(name, f"expected an amount like 5000 or 4999.50, got {raw!r}") from None
+    if not value.is_finite() or value < 0 or value.as_tuple().exponent < -2:  # type: ignore[operator]
+        raise ConfigError(name, f"expected a non-negative amount with at most 2 decimals, got {raw!r}")
+    return value
 
 
 def _redis_url(name: str, raw: str) -> str | None:
@@ -156,7 +170,14 @@ class Settings:
     ip_orders_per_hour: int = 5
     dup_window_s: int = 180
     rules: bool = True
+    # Fulfilment (issue 9): orders paying at least this wait for a manager (0: no approvals);
+    # the routing rules file (routing.toml) lives in rules_dir, reloaded on SIGHUP.
+    approval_amount: Decimal = Decimal("5000")
+    rules_dir: Path = SHIPPED_RULES
     durability: str = "fast"
+    # Replicas whose append-only file must hold a write before its 202 (WAITAOF's numreplicas):
+    # an acknowledged order then survives its master's loss and the replica's promotion.
+    wait_replicas: int = 0
     log_format: str | None = None
     log_level: str = "info"
     # Not in the contract's table, but named by the core issue.
@@ -241,7 +262,10 @@ class Settings:
         get("ORDERQ_IP_ORDERS_PER_HOUR", lambda n, r: _int(n, r, 0))
         get("ORDERQ_DUP_WINDOW_S", lambda n, r: _int(n, r, 0))
         get("ORDERQ_RULES", _bool)
+        get("ORDERQ_APPROVAL_AMOUNT", _amount)
+        get("ORDERQ_RULES_DIR", _directory)
         get("ORDERQ_DURABILITY", lambda n, r: _choice(n, r, ("fast", "fsync")))
+        get("ORDERQ_WAIT_REPLICAS", lambda n, r: _int(n, r, 0, 16))
         get("ORDERQ_LOG_FORMAT", lambda n, r: _choice(n, r, ("console", "json")))
         get("ORDERQ_LOG_LEVEL", lambda n, r: _choice(n, r, ("debug", "info", "warning", "error")))
         get("ORDERQ_STATUS_TTL_S", lambda n, r: _int(n, r, 60))

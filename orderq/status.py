@@ -7,6 +7,8 @@ from typing import Any
 from orderq import keys
 from orderq.schema import any_json_decoder, utc_iso
 
+PICK_PREFIX = b"x:wms.pick@"  # ledger field of a routed order's pick: x:wms.pick@<warehouse>
+
 # hash field -> name in "times"
 TIME_FIELDS = {
     b"ta": "accepted",
@@ -20,11 +22,16 @@ TIME_FIELDS = {
 
 def render(order_key: str, h: dict[bytes, bytes]) -> dict[str, Any]:
     """A status hash -> the contract's JSON record."""
-    actions = []
+    actions: list[dict[str, str]] = []
     for name in keys.ACTIONS:
         state = h.get(b"x:" + name.encode())
         if state is not None:
             actions.append({"name": name, "state": state.decode()})
+        if name == "wms.pick":  # a routed order: one pick per warehouse (issue 9)
+            for f, v in h.items():
+                if f.startswith(PICK_PREFIX):
+                    wh = f[len(PICK_PREFIX) :].decode()
+                    actions.append({"name": name, "state": v.decode(), "warehouse": wh})
     times = {label: utc_iso(int(h[f])) for f, label in TIME_FIELDS.items() if h.get(f)}
     prio = h.get(b"p", b"").decode()
     record: dict[str, Any] = {
@@ -38,4 +45,7 @@ def render(order_key: str, h: dict[bytes, bytes]) -> dict[str, Any]:
     }
     if h.get(b"f"):
         record["fulfilment_id"] = h[b"f"].decode()
+    if h.get(b"rt"):  # the route: one entry, or a list when the order was split
+        route = any_json_decoder.decode(h[b"rt"])
+        record["route"] = route[0] if len(route) == 1 else route
     return record

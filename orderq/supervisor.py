@@ -83,6 +83,7 @@ class Supervisor:
             print(f"orderq: bearer tokens are in {token_file.resolve()}", flush=True)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         self.start_server()
         try:
             self.children = self.plan()
@@ -102,6 +103,12 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        """SIGHUP: the execute stage re-reads its routing rules (rules/routing.toml)."""
+        for c in self.children:
+            if c.stage == "execute" and c.proc is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGHUP)
 
     def _watch(self) -> None:
         while not self.stopping:

@@ -101,7 +101,7 @@ def test_reserved_never_exceeds_buffered_physical(sync: Any, ops: list[Any], buf
         else:
             _, sku, units = op
             settle = [k for k in executed if sku in holds.get(k, {})]
-            c.evalsha(shas["restock"], 1, keys.RULES_PREFIX, keys.RULES_PREFIX, sku, units, len(settle), *settle)
+            c.evalsha(shas["restock"], 1, keys.RULES_PREFIX, keys.RULES_PREFIX, sku, "", units, len(settle), *settle)
             physical[sku] = units
             for k in settle:
                 del holds[k][sku]

@@ -18,8 +18,7 @@ from msgspec import Meta
 
 from orderq import keys
 from orderq.client import Redis
-from orderq.schema import Money, Text
-from validate.risk import cents
+from orderq.schema import Money, Text, cents
 
 
 class CouponRecord(msgspec.Struct, forbid_unknown_fields=True):

@@ -9,7 +9,7 @@ import hashlib
 import re
 import unicodedata
 
-from orderq.schema import Order
+from orderq.schema import Order, cents
 
 # Every risk signal's weight, in one table. An order whose total reaches
 # ORDERQ_RISK_REVIEW_SCORE (80) goes to review. One signal alone sends an order to
@@ -81,9 +81,3 @@ def fingerprint(order: Order, lines: dict[str, int]) -> str:
     items = ",".join(f"{sku}*{qty}" for sku, qty in sorted(lines.items()))
     raw = "\x1f".join((st.name.strip(), phone_digits(st.phone), address, items, str(cents(order.paid_amount))))
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
-
-
-def cents(money: str) -> int:
-    """``"1999.5"`` -> 199950 (the schema guarantees at most 2 decimals)."""
-    whole, _, frac = money.partition(".")
-    return int(whole) * 100 + int((frac + "00")[:2])

@@ -24,7 +24,7 @@ import msgspec
 
 from orderq import keys
 from orderq.client import Redis
-from orderq.schema import Order
+from orderq.schema import Order, cents, goods_cents, money
 from orderq.settings import Settings
 from validate import risk
 
@@ -46,6 +46,7 @@ REASON_ORDER = {
             "risk_pickup_point_address",
             "risk_price_anomaly",
             "duplicate_suspect",
+            "approval_required",
         )
     )
 }
@@ -81,18 +82,15 @@ def ledger_args(settings: Settings) -> list[object]:
     ]
 
 
-def order_row(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool = True) -> list[object]:
+def order_row(
+    o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool = True, approval: bool = False
+) -> list[object]:
     """One order as the ledger script reads it (an element of its msgpack batch)."""
     lines: dict[str, int] = {}
-    goods = 0
     for line in o.lines:
         lines[line.sku] = lines.get(line.sku, 0) + line.qty
-        price = line.unit_price or line.paid_price
-        if price:
-            goods += risk.cents(price) * line.qty
-    coupon_total = sum(risk.cents(c.amount) for c in o.coupons)
-    if not goods:  # no line prices: what was paid plus what the coupons took off
-        goods = risk.cents(o.paid_amount) + coupon_total
+    goods = goods_cents(o)
+    coupon_total = sum(cents(c.amount) for c in o.coupons)
     flat: list[object] = []
     for sku, qty in lines.items():
         flat += (sku, qty)
@@ -111,6 +109,7 @@ def order_row(o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool
         flat,
         [c.code for c in o.coupons],
         str(accepted_ms),  # Lua formats numbers slowly
+        1 if approval else 0,
     ]
 
 
@@ -133,10 +132,18 @@ async def passthrough(r: Redis, orders: list[Order], accepted_us: list[int]) -> 
     out = []
     for o, first in zip(orders, firsts, strict=True):
         first_order = first is None or first == o.key.encode()
-        out.append(
-            Decision(order=o, priority="vip" if o.customer.tier == "vip" else ("new" if first_order else "regular"))
-        )
+        prio = "vip" if o.customer.tier == "vip" else ("new" if first_order else "regular")
+        if needs_approval(r.settings, o):  # a manager's approval is not a validation rule
+            out.append(Decision(order=o, outcome="w", priority=prio, reasons=["approval_required"]))
+        else:
+            out.append(Decision(order=o, priority=prio))
     return out
+
+
+def needs_approval(settings: Settings, o: Order) -> bool:
+    """``paid_amount`` at or above ``ORDERQ_APPROVAL_AMOUNT`` (0: approvals off)."""
+    limit = settings.approval_amount
+    return bool(limit) and money(o.paid_amount) >= limit
 
 
 async def decide(r: Redis, orders: list[Order], accepted_us: list[int]) -> list[Decision]:
@@ -158,9 +165,19 @@ async def decide(r: Redis, orders: list[Order], accepted_us: list[int]) -> list[
         base, reasons = risk.assess(o)
         if any(c.platform != o.channel for c in o.coupons):
             reasons.append("coupon_cross_platform")
+        if needs_approval(r.settings, o):
+            reasons.append("approval_required")
         pre.append((base, reasons))
     batch = [
-        order_row(orders[i], accepted_us[i] // 1000, pre[i][0], "coupon_cross_platform" in pre[i][1], dup) for i in seq
+        order_row(
+            orders[i],
+            accepted_us[i] // 1000,
+            pre[i][0],
+            "coupon_cross_platform" in pre[i][1],
+            dup,
+            "approval_required" in pre[i][1],
+        )
+        for i in seq
     ]
     args = [*ledger_args(r.settings), msgpack_encode(batch)]
     (raw,) = await r.run(lambda pipe: r.script(pipe, "rules", [keys.RULES_PREFIX], args))

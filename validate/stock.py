@@ -11,6 +11,7 @@ no longer contains their goods (restock.lua). So between counts,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from orderq import keys
@@ -36,35 +37,73 @@ def view(sku: str, physical: int, reserved: int, buffer: float) -> dict[str, Any
     return {"sku": sku, "physical": physical, "reserved": reserved, "sellable": sellable(physical, reserved, buffer)}
 
 
+class PerWarehouse(ValueError):
+    """Stock put without a warehouse for a SKU that is counted per warehouse."""
+
+
+def _view_of(sku: str, h: dict[bytes, bytes], buffer: float) -> dict[str, Any]:
+    doc = view(sku, int(h.get(b"p", 0)), int(h.get(b"r", 0)), buffer)
+    whs = sorted(f[2:].decode() for f in h if f.startswith(b"w:"))
+    if whs:  # counted per warehouse: physical is their sum (issue 9)
+        doc["warehouses"] = {
+            wh: {"physical": int(h[b"w:" + wh.encode()]), "allocated": int(h.get(b"a:" + wh.encode(), 0))} for wh in whs
+        }
+    return doc
+
+
 async def get_stock(r: Redis, sku: str) -> dict[str, Any] | None:
-    p, res = await r.client.hmget(keys.stock_key(sku), "p", "r")
-    if p is None:
+    h = await r.client.hgetall(keys.stock_key(sku))
+    if b"p" not in h:
         return None
-    return view(sku, int(p), int(res or 0), r.settings.stock_buffer)
+    return _view_of(sku, h, r.settings.stock_buffer)
 
 
-async def set_stock(r: Redis, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """Set physical stock and settle the reservations of executed (or gone) orders.
+async def _holders(r: Redis, hashes: list[str]) -> dict[str, list[str]]:
+    """Every holder (order key) listed in each holders hash, paged."""
+    holders: dict[str, list[str]] = {h: [] for h in hashes}
+    cursors = dict.fromkeys(hashes, 0)
+    while cursors:
+        pipe = r.client.pipeline(transaction=False)
+        for name, cur in cursors.items():
+            pipe.hscan(name, cur, count=SCAN_COUNT)
+        for name, (cur, page) in zip(list(cursors), await pipe.execute(), strict=True):
+            holders[name] += [k.decode() for k in page]
+            if cur:
+                cursors[name] = cur
+            else:
+                del cursors[name]
+    return holders
+
+
+async def set_stock(r: Redis, items: Sequence[tuple[str, int] | tuple[str, int, str | None]]) -> list[dict[str, Any]]:
+    """Set physical stock (of a SKU, or of a SKU in one warehouse) and settle the
+    reservations of executed (or gone) orders.
 
     Round trips: the holder lists (one per page of ``SCAN_COUNT`` holders, all SKUs in
     each), their statuses (one per ``CHUNK`` holders), then one pipeline of ``restock``
     calls. Holders are paged and settled in chunks so that a SKU with a million
     holders neither blocks the server nor builds one giant script call; settling is
-    idempotent per holder, and physical stock is set by the last call of each SKU."""
-    skus = list(dict.fromkeys(sku for sku, _ in items))
-    physical = dict(items)  # the last value of a repeated SKU wins
-    holders: dict[str, list[str]] = {sku: [] for sku in skus}
-    cursors = dict.fromkeys(skus, 0)
-    while cursors:
+    idempotent per holder, and physical stock is set by the last call of each SKU.
+    A warehouse's count settles the units allocated there and the SKU's executed total
+    holders. Raises PerWarehouse for a count without a warehouse of a SKU counted per
+    warehouse (which warehouse's count would it be?)."""
+    # (sku, warehouse or '') -> count; the last value of a repeated item wins
+    physical = {(it[0], (it[2] if len(it) > 2 else None) or ""): it[1] for it in items}
+    targets = list(physical)
+    totals = [sku for sku, wh in targets if not wh]
+    if totals:
         pipe = r.client.pipeline(transaction=False)
-        for sku, cur in cursors.items():
-            pipe.hscan(keys.holders_key(sku), cur, count=SCAN_COUNT)
-        for sku, (cur, page) in zip(list(cursors), await pipe.execute(), strict=True):
-            holders[sku] += [k.decode() for k in page]
-            if cur:
-                cursors[sku] = cur
-            else:
-                del cursors[sku]
+        for sku in totals:
+            pipe.hkeys(keys.stock_key(sku))
+        for sku, fields in zip(totals, await pipe.execute(), strict=True):
+            if any(f.startswith(b"w:") for f in fields):
+                raise PerWarehouse(f"SKU {sku!r} is counted per warehouse: name the warehouse of this count")
+    hashes: dict[str, tuple[str, str]] = {}  # holders hash -> (sku, warehouse or '')
+    for sku, wh in targets:
+        hashes[keys.holders_key(sku)] = (sku, "")
+        if wh:
+            hashes[keys.wh_holders_key(sku, wh)] = (sku, wh)
+    holders = await _holders(r, list(hashes))
     unique = list(dict.fromkeys(k for ks in holders.values() for k in ks))
     status: dict[str, bytes | None] = {}
     for i in range(0, len(unique), CHUNK):
@@ -74,15 +113,19 @@ async def set_stock(r: Redis, items: list[tuple[str, int]]) -> list[dict[str, An
             pipe.hget(r.partition_of(k).status(k), "s")
         status.update(zip(chunk, await pipe.execute(), strict=True))
     calls: list[list[object]] = []
-    for sku in skus:
-        done = [k for k in holders[sku] if status.get(k) is None or status[k] in SETTLED]
+    for name, (sku, wh) in hashes.items():
+        done = [k for k in holders[name] if status.get(k) is None or status[k] in SETTLED]
         for i in range(0, len(done), CHUNK):
-            calls.append([keys.RULES_PREFIX, sku, "-", len(done[i : i + CHUNK]), *done[i : i + CHUNK]])
-        calls.append([keys.RULES_PREFIX, sku, physical[sku], 0])
-    res = await r.run(lambda pipe: [r.script(pipe, "restock", [SLOT_KEY], args) for args in calls])
+            calls.append([sku, wh, "-", len(done[i : i + CHUNK]), *done[i : i + CHUNK]])
+    for sku, wh in targets:
+        calls.append([sku, wh, physical[(sku, wh)], 0])
+    await r.run(lambda pipe: [r.script(pipe, "restock", [SLOT_KEY], [keys.RULES_PREFIX, *args]) for args in calls])
+    pipe = r.client.pipeline(transaction=False)
+    skus = list(dict.fromkeys(sku for sku, _ in targets))
+    for sku in skus:
+        pipe.hgetall(keys.stock_key(sku))
     buf = r.settings.stock_buffer
-    final = [row for args, row in zip(calls, res, strict=True) if args[2] != "-"]
-    return [view(sku, int(p), int(rv), buf) for sku, ((p, rv),) in zip(skus, final, strict=True)]
+    return [_view_of(sku, h, buf) for sku, h in zip(skus, await pipe.execute(), strict=True)]
 
 
 async def release(r: Redis, order_keys: list[str]) -> int:

@@ -2,37 +2,58 @@
 -- Each (order, action) is applied once in effect: the ledger field x:<action> is set
 -- with HSETNX in the same script that appends the outbox entry, so a redelivered
 -- batch re-runs harmlessly.
+-- A routed order (issue 9) has one pick per warehouse: action wms.pick@<warehouse>, ledger
+-- field x:wms.pick@<warehouse>, an outbox entry naming the warehouse ('w') and carrying the
+-- route ('r'); a split order's picks get fulfilment id <id>-<warehouse>.
 -- KEYS[1] counters, KEYS[2..4] lanes vip/new/regular, KEYS[5] deferred stream,
--- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8..12] outbox streams (ACTIONS order),
--- KEYS[13..] status record per order
+-- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8] review zset, KEYS[9..13] outbox
+-- streams (ACTIONS order), KEYS[14..] status record per order
 -- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
---   trimmed, the dispatcher deletes what it delivered), then per order 7 values: lane (1..3), entry id,
---   order key, outcome (e executed | h held), fulfilment id, actions ("name=state,..."),
---   payload
+--   trimmed, the dispatcher deletes what it delivered), then per order 9 values: lane (1..3), entry id,
+--   order key, outcome (e executed | h held | w review: freight over the limit), fulfilment
+--   id, actions ("name=state,..."), payload, route (JSON, '' none), reasons to add (JSON
+--   array, '' none)
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
-local outbox = {['wms.pick'] = KEYS[8], ['notify.sms'] = KEYS[9], ['invoice.request'] = KEYS[10],
-                ['crm.remark_sync'] = KEYS[11], ['crm.gift_sync'] = KEYS[12]}
+local outbox = {['wms.pick'] = KEYS[9], ['notify.sms'] = KEYS[10], ['invoice.request'] = KEYS[11],
+                ['crm.remark_sync'] = KEYS[12], ['crm.gift_sync'] = KEYS[13]}
 local prio_names = {'vip', 'new', 'regular'}
 local trim = {}
 for name, n in string.gmatch(ARGV[2], '([^=,]+)=(%d+)') do
   if n ~= '0' then trim[name] = n end
 end
-local function to_outbox(name, key, fid, payload)
-  if trim[name] then
-    redis.call('XADD', outbox[name], 'MAXLEN', '~', trim[name], '*', 'k', key, 'f', fid, 'd', payload)
-  else
-    redis.call('XADD', outbox[name], '*', 'k', key, 'f', fid, 'd', payload)
+local function to_outbox(name, key, fid, payload, route, split)
+  local base, wh = string.match(name, '^([^@]+)@?(.*)$')
+  local entry = {'*', 'k', key, 'f', fid, 'd', payload}
+  if wh ~= '' then
+    if split then entry[5] = fid .. '-' .. wh end
+    entry[#entry + 1] = 'w'
+    entry[#entry + 1] = wh
+    entry[#entry + 1] = 'r'
+    entry[#entry + 1] = route
   end
+  if trim[base] then
+    redis.call('XADD', outbox[base], 'MAXLEN', '~', trim[base], unpack(entry))
+  else
+    redis.call('XADD', outbox[base], unpack(entry))
+  end
+end
+local function with_reasons(status, more)  -- the record's reasons JSON plus more (JSON)
+  local have = redis.call('HGET', status, 'r')
+  local list = (have and have ~= '') and cjson.decode(have) or {}
+  for _, r in ipairs(cjson.decode(more)) do list[#list + 1] = r end
+  if #list == 0 then return '[]' end
+  return cjson.encode(list)
 end
 local acks = {{}, {}, {}}
 local n = {executed = 0, held = 0, deferred = 0, dropped = 0, executed_vip = 0,
-           executed_new = 0, executed_regular = 0}
-local per = 7
-for i = 13, #KEYS do
-  local a = 3 + (i - 13) * per
+           executed_new = 0, executed_regular = 0, review = 0}
+local per = 9
+for i = 14, #KEYS do
+  local a = 3 + (i - 14) * per
   local lane, id, key, outcome = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local fid, actions, payload = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  local route, more = ARGV[a + 7], ARGV[a + 8]
   local status = KEYS[i]
   local ids = acks[lane]
   ids[#ids + 1] = id
@@ -42,11 +63,17 @@ for i = 13, #KEYS do
       redis.call('ZADD', KEYS[6], now_us, key)
       redis.call('HSET', KEYS[7], key, payload)
       n.held = n.held + 1
+    elseif outcome == 'w' then
+      redis.call('HSET', status, 's', 'review', 'tw', now_us, 'r', with_reasons(status, more))
+      redis.call('ZADD', KEYS[8], now_us, key)
+      redis.call('HSET', KEYS[7], key, payload)
+      n.review = n.review + 1
     else
+      local _, picks = string.gsub(actions, 'wms%.pick@', '')
       for name, state in string.gmatch(actions, '([^=,]+)=([^,]+)') do
         if redis.call('HSETNX', status, 'x:' .. name, state) == 1 then
           if state == 'done' then
-            to_outbox(name, key, fid, payload)
+            to_outbox(name, key, fid, payload, route, picks > 1)
           elseif state == 'deferred' then
             redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'd', payload)
             n.deferred = n.deferred + 1
@@ -56,6 +83,8 @@ for i = 13, #KEYS do
         end
       end
       redis.call('HSET', status, 's', 'executed', 'te', now_us, 'f', fid)
+      if route ~= '' then redis.call('HSET', status, 'rt', route) end
+      if more ~= '' then redis.call('HSET', status, 'r', with_reasons(status, more)) end
       n.executed = n.executed + 1
       local pn = 'executed_' .. prio_names[lane]
       n[pn] = n[pn] + 1
@@ -72,4 +101,4 @@ end
 for name, count in pairs(n) do
   if count > 0 then redis.call('HINCRBY', KEYS[1], name, count) end
 end
-return {n.executed, n.held, n.deferred, n.dropped, now_us}
+return {n.executed, n.held, n.deferred, n.dropped, now_us, n.review}

@@ -1,26 +1,44 @@
--- Set physical stock (a fresh warehouse count) and settle, once each, the reservations of
--- orders that no longer need them: executed orders (their goods left with the pick, so
--- the new count no longer contains them) and orders gone or rejected. A holder settled
--- here is removed from sku:<sku>:h, so a later release cannot return its units twice.
--- KEYS[1] a key of the ledger slot (routing); ARGV[1] ledger prefix, then per SKU:
---   sku, physical ('-': leave it), n, order key x n (holders to settle)
--- Returns per SKU {physical, reserved}
+-- Set physical stock (a fresh count) and settle, once each, the reservations of orders
+-- that no longer need them: executed orders (their goods left with the pick, so the new
+-- count no longer contains them) and orders gone or rejected. A holder settled here is
+-- removed from its holders hash, so a later release cannot return its units twice.
+-- Per warehouse (issue 9): sku:<sku> w:<wh> is a warehouse's count and p their sum (the
+-- sellable total stays one number); units the execute stage allocated in a warehouse
+-- (a:<wh>, holders sku:<sku>:h:<wh>) are settled by that warehouse's count.
+-- KEYS[1] a key of the ledger slot (routing); ARGV[1] ledger prefix, then per step:
+--   sku, warehouse ('' the total), physical ('-': leave it), n, order key x n (holders to
+--   settle: of sku:<sku>:h, or of sku:<sku>:h:<warehouse>)
+-- Returns per step {physical, reserved} (totals)
 local P = ARGV[1]
 local out = {}
 local a = 2
 while a <= #ARGV do
-  local sku, physical, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local skey, hkey = P .. 'sku:' .. sku, P .. 'sku:' .. sku .. ':h'
-  for i = a + 3, a + 2 + n do
+  local sku, wh, physical, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local skey = P .. 'sku:' .. sku
+  local hkey = wh == '' and skey .. ':h' or skey .. ':h:' .. wh
+  for i = a + 4, a + 3 + n do
     local qty = redis.call('HGET', hkey, ARGV[i])
     if qty then
       redis.call('HDEL', hkey, ARGV[i])
       redis.call('HINCRBY', skey, 'r', -tonumber(qty))
+      if wh ~= '' then redis.call('HINCRBY', skey, 'a:' .. wh, -tonumber(qty)) end
     end
   end
-  if physical ~= '-' then redis.call('HSET', skey, 'p', physical) end
+  if physical ~= '-' then
+    if wh == '' then
+      redis.call('HSET', skey, 'p', physical)
+    else
+      redis.call('HSET', skey, 'w:' .. wh, physical)
+      local all = redis.call('HGETALL', skey)
+      local total = 0
+      for i = 1, #all, 2 do
+        if string.sub(all[i], 1, 2) == 'w:' then total = total + tonumber(all[i + 1]) end
+      end
+      redis.call('HSET', skey, 'p', total)
+    end
+  end
   local v = redis.call('HMGET', skey, 'p', 'r')
   out[#out + 1] = {tonumber(v[1] or 0), tonumber(v[2] or 0)}
-  a = a + 3 + n
+  a = a + 4 + n
 end
 return out

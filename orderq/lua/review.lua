@@ -17,8 +17,9 @@ if ARGV[1] == 'approve' then
   local lanes = {vip = KEYS[3], new = KEYS[4], regular = KEYS[5]}
   local prio = redis.call('HGET', status, 'p')
   local lane = lanes[prio] or KEYS[5]
-  redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', redis.call('HGET', status, 'ta') or now_us)
-  redis.call('HSET', status, 's', 'validated', 'tv', now_us)
+  -- 'ap': approved by a person; the execute stage does not send it back to review
+  redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', redis.call('HGET', status, 'ta') or now_us, 'ap', '1')
+  redis.call('HSET', status, 's', 'validated', 'tv', now_us, 'ap', '1')
   redis.call('HINCRBY', KEYS[6], 'validated', 1)
   redis.call('HINCRBY', KEYS[6], 'approved', 1)
   st = 'validated'

@@ -19,7 +19,8 @@
 --   TTL (s), [11] replay record TTL (s), [12] subsidy TTL (s), [13] customer TTL (s),
 --   [14] msgpack array of orders, each: {key, channel, "channel:customer id", accept
 --   time (ms), base score, pre-rejected (0|1), ip, fingerprint, day, goods (cents),
---   coupons (cents), {sku, qty, ...}, {code, ...}, accept time (ms) as a string}
+--   coupons (cents), {sku, qty, ...}, {code, ...}, accept time (ms) as a string, approval
+--   required (0|1: review unless something rejects)}
 -- Returns msgpack: per order {outcome v|w|r, extra score, first order (0|1), reason...}
 local P = ARGV[1]
 local ppm, policy = tonumber(ARGV[2]), ARGV[3]
@@ -297,7 +298,7 @@ for n, o in ipairs(orders) do
       if not last or ta >= last[2] then dup_seen[fp] = {key, ta, ta_s} end
       dup_dirty[fp] = true
     end
-    if base + extra >= review_score then review = true end
+    if base + extra >= review_score or o[15] == 1 then review = true end
     local outcome = reject and 'r' or (review and 'w' or 'v')
     if not reject then
       for i = 1, #hold, 2 do

@@ -14,8 +14,13 @@ for i = 7, #KEYS do
   local st = redis.call('HGET', status, 's')
   local payload = redis.call('HGET', KEYS[2], key)
   if st == 'held' and payload then
-    local lane = lanes[redis.call('HGET', status, 'p')] or KEYS[5]
-    redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', redis.call('HGET', status, 'ta') or now_us)
+    local v = redis.call('HMGET', status, 'p', 'ta', 'ap')
+    local lane = lanes[v[1]] or KEYS[5]
+    if v[3] then  -- approved by a person before it was held: it stays approved
+      redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', v[2] or now_us, 'ap', v[3])
+    else
+      redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', v[2] or now_us)
+    end
     redis.call('HSET', status, 's', 'validated')
     redis.call('ZREM', KEYS[1], key)
     redis.call('HDEL', KEYS[2], key)

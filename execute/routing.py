@@ -1,0 +1,359 @@
+"""Fulfilment routing (issue 9): which warehouse ships each line, with which carrier, and
+when a person decides instead.
+
+The rules are one declarative table, ``routing.toml`` in ``ORDERQ_RULES_DIR`` (shipped:
+``rules/routing.toml``), read at start and again on SIGHUP (a file that does not parse
+keeps the rules in force and logs why). Python ranks each order's candidate warehouses by
+the warehouse rules, in file order (``hot_sku`` puts a hot line's front warehouse first;
+``nearest`` ranks the rest: those serving the order's province, within ``prefer_km``,
+nearest first); picks the carrier by the ``carrier`` rules (else the warehouse's own) and
+prices each candidate by its carrier's tariff. Then ONE script call per batch
+(orderq/lua/route.lua, in the ledger slot) lets stock decide atomically: the first candidate
+with every line in stock, else a split, one parcel per warehouse; gifts from the main
+line's warehouse; the freight limit of a ``freight_review`` rule; the allocation.
+
+With no warehouse configured nothing is ranked and no rule fires: the order ships from the
+one implicit warehouse ``default``, and the script runs only for orders with gifts.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from orderq import geo, keys
+from orderq.client import Redis
+from orderq.schema import Order, cents, goods_cents
+from orderq.warehouses import Warehouse
+
+RULES_FILE = "routing.toml"
+DAY_MS = 24 * 3600 * 1000
+WAREHOUSE_KINDS = ("hot_sku", "nearest")
+KINDS = (*WAREHOUSE_KINDS, "carrier", "freight_review")
+
+
+class RulesError(ValueError):
+    """The routing file is not usable; the message names the file and the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tariff:
+    base: int  # cents per parcel
+    per_km: int  # cents per 1000 km (thousandths of a cent per km)
+    per_unit: int  # cents per unit in the parcel
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    kind: str
+    front: dict[str, str] = field(default_factory=dict)  # hot_sku: SKU -> warehouse
+    prefer_km: float = 200.0  # nearest
+    provinces: tuple[str, ...] = ()  # carrier
+    carrier: str = ""  # carrier
+    max_share: float = 0.15  # freight_review: freight / goods value
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    rules: tuple[Rule, ...]
+    tariffs: dict[str, Tariff]
+    default_carrier: str
+    source: str = ""
+
+    @property
+    def freight_limit_bp(self) -> int:
+        """Basis points of the goods value freight may reach (0: no limit)."""
+        for r in self.rules:
+            if r.kind == "freight_review":
+                return round(r.max_share * 10_000)
+        return 0
+
+    def tariff(self, carrier: str) -> Tariff:
+        return self.tariffs.get(carrier) or self.tariffs[self.default_carrier]
+
+
+def _amount(where: str, raw: object) -> Decimal:
+    """A non-negative amount in CNY (``"12.00"``, or a TOML number)."""
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        raise RulesError(f"{where}: expected an amount, got {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise RulesError(f"{where}: expected a non-negative amount, got {raw!r}")
+    return value
+
+
+def parse(doc: dict[str, Any], source: str = "") -> Rules:
+    """The TOML document -> Rules, or RulesError naming what is wrong."""
+    carriers = doc.get("carriers", {})
+    if not isinstance(carriers, dict):
+        raise RulesError(f"{source}: [carriers] must be a table")
+    default = carriers.get("default", "express")
+    tariffs: dict[str, Tariff] = {}
+    for name, t in carriers.items():
+        if name == "default":
+            continue
+        if not isinstance(t, dict):
+            raise RulesError(f"{source}: carriers.{name} must be a table")
+        unknown = set(t) - {"base", "per_km", "per_unit"}
+        if unknown:
+            raise RulesError(f"{source}: carriers.{name}: unknown field(s) {', '.join(sorted(unknown))}")
+        where = f"{source}: carriers.{name}"
+        tariffs[name] = Tariff(
+            base=round(_amount(f"{where}.base", t.get("base", "0")) * 100),
+            per_km=round(_amount(f"{where}.per_km", t.get("per_km", "0")) * 100_000),
+            per_unit=round(_amount(f"{where}.per_unit", t.get("per_unit", "0")) * 100),
+        )
+    if default not in tariffs:
+        tariffs[default] = Tariff(0, 0, 0)
+    rules: list[Rule] = []
+    names: set[str] = set()
+    for i, raw in enumerate(doc.get("rule", [])):
+        where = f"{source}: rule[{i}]"
+        if not isinstance(raw, dict):
+            raise RulesError(f"{where} must be a table")
+        kind, name = raw.get("kind"), raw.get("name")
+        if kind not in KINDS:
+            raise RulesError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not isinstance(name, str) or not name or name in names or "|" in name:
+            raise RulesError(f"{where}: needs a unique name (no '|'), got {name!r}")
+        names.add(name)
+        unknown = set(raw) - {"name", "kind", "front", "prefer_km", "provinces", "carrier", "max_share"}
+        if unknown:
+            raise RulesError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        try:
+            rule = Rule(
+                name=name,
+                kind=kind,
+                front={str(k): str(v) for k, v in dict(raw.get("front", {})).items()},
+                prefer_km=float(raw.get("prefer_km", 200.0)),
+                provinces=tuple(str(p) for p in raw.get("provinces", ())),
+                carrier=str(raw.get("carrier", "")),
+                max_share=float(raw.get("max_share", 0.15)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise RulesError(f"{where}: {exc}") from None
+        if kind == "carrier" and (not rule.carrier or not rule.provinces):
+            raise RulesError(f"{where}: a carrier rule needs provinces and a carrier")
+        if kind == "carrier" and rule.carrier not in tariffs:
+            raise RulesError(f"{where}: carrier {rule.carrier!r} has no [carriers.{rule.carrier}] tariff")
+        if kind == "freight_review" and not 0 < rule.max_share <= 10:
+            raise RulesError(f"{where}: max_share must be > 0, got {rule.max_share}")
+        rules.append(rule)
+    return Rules(rules=tuple(rules), tariffs=tariffs, default_carrier=default, source=source)
+
+
+def load(rules_dir: Path) -> Rules:
+    path = rules_dir / RULES_FILE
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise RulesError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(f"{path}: {exc}") from None
+    return parse(doc, str(path))
+
+
+@dataclass(slots=True)
+class Candidate:
+    warehouse: str
+    rule: str  # the warehouse rule that ranked it
+    carrier: str
+    carrier_rule: str
+    km: float | None
+
+
+def candidates(rules: Rules, whs: dict[str, Warehouse], o: Order) -> list[Candidate]:
+    """The order's warehouses, best first, each with the rule that ranked it and its carrier."""
+    province, city = o.ship_to.province, o.ship_to.city
+    at = geo.locate(province, city)
+    carrier_by: tuple[str, str] | None = None
+    for r in rules.rules:
+        if r.kind == "carrier" and geo.same_region(province, r.provinces):
+            carrier_by = (r.carrier, r.name)
+            break
+
+    def cand(wid: str, rule: str) -> Candidate:
+        w = whs[wid]
+        km = geo.km(at, w.at) if at else None
+        if carrier_by:
+            carrier, crule = carrier_by
+        elif w.carriers:
+            carrier, crule = w.carriers[0], "warehouse"
+        else:
+            carrier, crule = rules.default_carrier, "default"
+        return Candidate(wid, rule, carrier, crule, km)
+
+    out: list[Candidate] = []
+    taken: set[str] = set()
+    for r in rules.rules:
+        if r.kind == "hot_sku":
+            for line in o.lines:
+                wid = r.front.get(line.sku)
+                if wid and wid in whs and wid not in taken:
+                    taken.add(wid)
+                    out.append(cand(wid, r.name))
+        elif r.kind == "nearest":
+            rest = [wid for wid in whs if wid not in taken]
+
+            def rank(wid: str, prefer: float = r.prefer_km) -> tuple[int, int, float, str]:
+                w = whs[wid]
+                serves = not w.serves or geo.same_region(province, tuple(w.serves))
+                km = geo.km(at, w.at) if at else math.inf
+                return (0 if serves else 1, 0 if km < prefer else 1, km, wid)
+
+            for wid in sorted(rest, key=rank):
+                taken.add(wid)
+                out.append(cand(wid, r.name))
+    for wid in whs:  # no nearest rule: the rest in id order
+        if wid not in taken:
+            out.append(cand(wid, "any"))
+    return out
+
+
+@dataclass(slots=True)
+class Routed:
+    """What routing decided for one order."""
+
+    outcome: str  # s ship | w review (freight over the limit)
+    freight: int  # cents
+    parcels: list[dict[str, Any]]  # the status record's "route" entries
+    gift_out_of_stock: list[str]
+    routed: bool  # False: no warehouse configured (one implicit pick)
+
+
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
+
+
+def _lines(o: Order) -> list[object]:
+    agg: dict[str, int] = {}
+    for line in o.lines:
+        agg[line.sku] = agg.get(line.sku, 0) + line.qty
+    return [x for sku, qty in agg.items() for x in (sku, qty)]
+
+
+def _gifts(o: Order) -> list[object]:
+    agg: dict[str, int] = {}
+    for g in o.gifts:
+        agg[g.sku] = agg.get(g.sku, 0) + g.qty
+    return [x for sku, qty in agg.items() for x in (sku, qty)]
+
+
+def review_record(o: Order, accepted_us: int) -> bytes:
+    """What an order sent to review for its freight holds, in the form release.lua reads
+    (rules.lua writes the same for the orders validation sends to review)."""
+    day = (accepted_us // 1000 + keys.BEIJING_OFFSET_MS) // DAY_MS
+    return _pack(
+        [
+            "w",
+            0,
+            ["freight_over_limit"],
+            _lines(o),
+            [c.code for c in o.coupons],
+            keys.subsidy_key(day),
+            f"{o.channel}:{o.customer.id}",
+            goods_cents(o),
+            sum(cents(c.amount) for c in o.coupons),
+            0,
+        ]
+    )
+
+
+def _money(c: int) -> str:
+    return f"{c // 100}.{c % 100:02d}"
+
+
+def _pairs(flat: list[Any]) -> list[dict[str, Any]]:
+    return [{"sku": _text(flat[i]), "qty": int(flat[i + 1])} for i in range(0, len(flat), 2)]
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Router:
+    """The routing rules in force, and the batch call."""
+
+    def __init__(self, rules_dir: Path) -> None:
+        self.rules_dir = rules_dir
+        self.rules = load(rules_dir)
+
+    def reload(self) -> Rules:
+        """Read the file again; RulesError leaves the rules in force unchanged."""
+        self.rules = load(self.rules_dir)
+        return self.rules
+
+    async def route(
+        self,
+        r: Redis,
+        whs: dict[str, Warehouse],
+        orders: list[Order],
+        approved: list[bool],
+        accepted_us: list[int],
+    ) -> list[Routed]:
+        """Route a batch with one script call; with no warehouse, only orders with gifts go
+        to the script (their gifts' stock), the others ship from ``default`` untouched."""
+        rules = self.rules
+        routed = bool(whs)
+        ids = list(whs) if routed else [keys.DEFAULT_WAREHOUSE]
+        index = {wid: i for i, wid in enumerate(ids, 1)}
+        limit = rules.freight_limit_bp if routed else 0
+        rows: list[list[object]] = []
+        recs: list[bytes] = []
+        sent: list[int] = []
+        for n, o in enumerate(orders):
+            if not routed and not o.gifts:
+                continue
+            if routed:
+                cands = [
+                    [
+                        index[c.warehouse],
+                        c.rule,
+                        f"{c.carrier}|{c.carrier_rule}",
+                        round(c.km, 1) if c.km is not None else 0.0,
+                        (t := rules.tariff(c.carrier)).base,
+                        t.per_km,
+                        t.per_unit,
+                    ]
+                    for c in candidates(rules, whs, o)
+                ]
+            else:
+                cands = [[1, keys.DEFAULT_WAREHOUSE, "|", 0.0, 0, 0, 0]]
+            over = 0 if approved[n] else limit
+            rec = 0
+            if over:  # (binary, so an argument of its own: Lua's msgpack has no bin type)
+                recs.append(review_record(o, accepted_us[n]))
+                rec = 5 + len(recs)
+            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o), over, rec])
+            sent.append(n)
+        out = [Routed("s", 0, [], [], routed) for _ in orders]
+        if not rows:
+            return out
+        args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), r.settings.status_ttl_s]
+        args += [_pack(ids), _pack(rows), *recs]
+        (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
+        for n, res in zip(sent, _unpack(raw), strict=True):
+            outcome, freight, parcels, oos = _text(res[0]), int(res[1]), res[2], res[3]
+            docs = []
+            for wid, rule, carrier, km, f, lines, gifts in parcels:
+                carrier_name, _, carrier_rule = _text(carrier).partition("|")
+                doc: dict[str, Any] = {"warehouse": _text(wid), "carrier": carrier_name or None, "rule": _text(rule)}
+                if routed:
+                    doc["carrier_rule"] = carrier_rule
+                    doc["distance_km"] = float(km)
+                    doc["freight"] = _money(int(f))
+                doc["lines"] = _pairs(lines)
+                if gifts:
+                    doc["gifts"] = _pairs(gifts)
+                docs.append(doc)
+            out[n] = Routed(outcome, freight, docs, [_text(s) for s in oos], routed)
+        return out

@@ -1,0 +1,249 @@
+-- Fulfilment routing for a batch of ready orders (issue 9): which warehouse ships each line,
+-- each gift from its main line's warehouse, the freight estimate and its limit, and the
+-- per-warehouse allocation, atomically per order. Python ranked each order's candidate
+-- warehouses by the routing rules (execute/routing.py); here stock decides among them.
+-- Every key lies under ARGV[1]'s hash tag (the ledger slot; KEYS[1] names it for routing).
+-- Stock: sku:<sku> holds p (total physical), r (total reserved), w:<wh> physical in a
+-- warehouse and a:<wh> units allocated there; a SKU with no w:<wh> field is not counted
+-- per warehouse (any warehouse may ship it, nothing is allocated). Units an order holds in
+-- total (sku:<sku>:h, from validation) move to the warehouse it ships from
+-- (sku:<sku>:h:<wh>), where that warehouse's next count settles them (restock.lua).
+-- Idempotent per order: the route is recorded (rt:<order key>) with what it allocated; a
+-- redelivered order gets it back and allocates nothing twice. An order sent to review for
+-- its freight allocates nothing and is not recorded (routed afresh once approved).
+-- ARGV[1] prefix, [2] stock buffer (ppm), [3] record TTL (s), [4] msgpack:
+--   {warehouse ids...} (every warehouse a candidate may name), then [5] msgpack array of
+--   orders, each {key, {sku, qty, ...} lines (first: the main line), {sku, qty, ...} gifts,
+--   {{cand, rule, carrier, distance (km), base (cents), per km (cents/1000), per unit
+--   (cents)}, ...} candidates best first (cand: index into the warehouse ids), goods
+--   (cents), freight limit (basis points of goods, 0: none), review record (the index of
+--   the argument holding it, msgpack; 0: none)}, [6..] review records
+-- Returns msgpack: per order {outcome s|w, freight (cents), {{warehouse, rule, carrier,
+--   distance, freight, {sku, qty, ...}, {gift sku, qty, ...}}, ...}, {gift sku out of stock...}}
+local P = ARGV[1]
+local ppm, ttl = tonumber(ARGV[2]), ARGV[3]
+local whs = cmsgpack.unpack(ARGV[4])
+local orders = cmsgpack.unpack(ARGV[5])
+
+local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
+local function chunked(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
+  local out = {}
+  for i = 1, #names, CHUNK do
+    local j = math.min(i + CHUNK - 1, #names)
+    local part = key and redis.call(cmd, key, unpack(names, i, j)) or redis.call(cmd, unpack(names, i, j))
+    for k = 1, j - i + 1 do out[i + k - 1] = part[k] end
+  end
+  return out
+end
+local function write(cmd, key, flat, step)  -- HSET key flat... / HDEL key flat..., chunked
+  for i = 1, #flat, step * CHUNK do
+    redis.call(cmd, key, unpack(flat, i, math.min(i + step * CHUNK - 1, #flat)))
+  end
+end
+
+-- 1. orders routed already, and the stock the others need
+local rkeys = {}
+for n, o in ipairs(orders) do rkeys[n] = P .. 'rt:' .. o[1] end
+local recs = chunked('MGET', nil, rkeys)
+local stock = {}  -- sku -> {p, r, dr, tracked, avail = {wh -> units}, da = {wh -> units}, h = {key -> units}, hw = {wh -> {key -> units}}}
+local fields = {'p', 'r'}
+for _, wh in ipairs(whs) do
+  fields[#fields + 1] = 'w:' .. wh
+  fields[#fields + 1] = 'a:' .. wh
+end
+local holders = {}  -- sku -> {key, ...}
+local function need(sku, key)
+  if not stock[sku] then
+    local v = redis.call('HMGET', P .. 'sku:' .. sku, unpack(fields))
+    local s = {p = v[1] and tonumber(v[1]), r = tonumber(v[2] or 0), dr = 0, tracked = false,
+               avail = {}, da = {}, h = {}, hw = {}}
+    for i, wh in ipairs(whs) do
+      local w = v[1 + 2 * i]
+      if w then s.tracked = true end
+      s.avail[wh] = tonumber(w or 0) - tonumber(v[2 + 2 * i] or 0)
+    end
+    stock[sku] = s
+    holders[sku] = {}
+  end
+  local h = holders[sku]
+  h[#h + 1] = key
+end
+for n, o in ipairs(orders) do
+  if not recs[n] then
+    for i = 1, #o[2], 2 do need(o[2][i], o[1]) end
+    for i = 1, #o[3], 2 do need(o[3][i], o[1]) end
+  end
+end
+for sku, keys in pairs(holders) do
+  local v = chunked('HMGET', P .. 'sku:' .. sku .. ':h', keys)
+  local s = stock[sku]
+  for i, key in ipairs(keys) do s.h[key] = tonumber(v[i] or 0) end
+end
+
+local function can(sku, wh, qty)  -- whether warehouse wh can ship qty of sku
+  local s = stock[sku]
+  return not s.p or not s.tracked or s.avail[wh] >= qty
+end
+local function sellable(s)  -- units of a SKU nobody holds yet, in total
+  return math.floor(s.p * ppm / 1000000) - s.r - s.dr
+end
+local function allocate(sku, wh, key, qty, reserved)  -- qty of sku shipped by wh for key
+  local s = stock[sku]
+  if not s.p then return end  -- no stock record: not counted
+  if not s.tracked then
+    -- counted in total only: a line's units stay held as validation held them; a gift's
+    -- are held now, in total, until the next count
+    if not reserved then
+      s.dr = s.dr + qty
+      s.h[key] = s.h[key] + qty
+    end
+    return
+  end
+  -- the units validation held in total move to the warehouse; any it did not hold are
+  -- held now (the total reservation always covers every allocation)
+  local from_h = reserved and math.min(s.h[key], qty) or 0
+  s.h[key] = s.h[key] - from_h
+  s.dr = s.dr + qty - from_h
+  s.avail[wh] = s.avail[wh] - qty
+  s.da[wh] = (s.da[wh] or 0) + qty
+  local hw = s.hw[wh] or {}
+  s.hw[wh] = hw
+  hw[key] = (hw[key] or 0) + qty
+end
+
+-- 2. route, order by order
+local out = {}
+local routed = {}  -- order key -> its row, for a key twice in one batch
+for n, o in ipairs(orders) do
+  if recs[n] then
+    out[n] = cmsgpack.unpack(recs[n])
+  elseif routed[o[1]] then
+    out[n] = routed[o[1]]
+  else
+    local key, lines, gifts, cands = o[1], o[2], o[3], o[4]
+    local goods, limit_bp, review_arg = o[5], o[6], o[7]
+    -- one warehouse that has every line, best first
+    local parcels = {}  -- {cand, rule, {sku, qty, ...}}
+    for _, c in ipairs(cands) do
+      local ok = true
+      for i = 1, #lines, 2 do
+        if not can(lines[i], whs[c[1]], lines[i + 1]) then ok = false break end
+      end
+      if ok then
+        parcels[1] = {c, c[2], lines}
+        break
+      end
+    end
+    if #parcels == 0 then
+      -- split: each warehouse in turn takes the whole lines it has; a line no warehouse has
+      -- whole is split by units; what no warehouse has ships from the best (backorder)
+      local left, by_cand = {}, {}
+      for i = 1, #lines, 2 do left[#left + 1] = {lines[i], lines[i + 1]} end
+      local function take(ci, sku, qty)
+        local p = by_cand[ci]
+        if not p then
+          p = {cands[ci], 'split', {}}
+          by_cand[ci] = p
+        end
+        p[3][#p[3] + 1] = sku
+        p[3][#p[3] + 1] = qty
+      end
+      for ci, c in ipairs(cands) do
+        for _, l in ipairs(left) do
+          if l[2] > 0 and can(l[1], whs[c[1]], l[2]) then
+            take(ci, l[1], l[2])
+            l[2] = 0
+          end
+        end
+      end
+      for ci, c in ipairs(cands) do
+        for _, l in ipairs(left) do
+          local s = stock[l[1]]
+          local have = s.avail[whs[c[1]]]
+          if l[2] > 0 and have > 0 then
+            local q = math.min(have, l[2])
+            take(ci, l[1], q)
+            l[2] = l[2] - q
+          end
+        end
+      end
+      for _, l in ipairs(left) do
+        if l[2] > 0 then take(1, l[1], l[2]) end
+      end
+      for ci = 1, #cands do
+        if by_cand[ci] then parcels[#parcels + 1] = by_cand[ci] end
+      end
+    end
+    -- freight: per parcel, base + per km x distance + per unit x units
+    local freight, rows = 0, {}
+    for _, p in ipairs(parcels) do
+      local c, units = p[1], 0
+      for i = 2, #p[3], 2 do units = units + p[3][i] end
+      local f = c[5] + math.floor(c[6] * c[4] / 1000 + 0.5) + c[7] * units
+      freight = freight + f
+      rows[#rows + 1] = {whs[c[1]], p[2], c[3], c[4], f, p[3], {}}
+    end
+    if limit_bp > 0 and freight * 10000 > limit_bp * goods then
+      -- a person decides: nothing allocated, nothing recorded
+      if review_arg > 0 then redis.call('SET', P .. 'o:' .. key, ARGV[review_arg], 'NX', 'EX', ttl) end
+      out[n] = {'w', freight, rows, {}}
+      routed[key] = out[n]
+    else
+      -- the lines' units leave their warehouses' free stock (sub-units of a split line too)
+      for _, row in ipairs(rows) do
+        for i = 1, #row[6], 2 do allocate(row[6][i], row[1], key, row[6][i + 1], true) end
+      end
+      -- gifts: from the main line's warehouse, when it and the total still have them
+      local main = rows[1]
+      local oos = {}
+      for i = 1, #gifts, 2 do
+        local sku, qty = gifts[i], gifts[i + 1]
+        local s = stock[sku]
+        local wh = main and main[1] or ''
+        if not s.p then
+          main[7][#main[7] + 1] = sku  -- no stock record: shipped, not counted
+          main[7][#main[7] + 1] = qty
+        elseif sellable(s) >= qty and (not s.tracked or (s.avail[wh] or 0) >= qty) then
+          allocate(sku, wh, key, qty, false)
+          main[7][#main[7] + 1] = sku
+          main[7][#main[7] + 1] = qty
+        else
+          oos[#oos + 1] = sku
+          redis.call('HINCRBY', P .. 'gift_oos', sku, 1)
+        end
+      end
+      local row = {'s', freight, rows, oos}
+      redis.call('SET', rkeys[n], cmsgpack.pack(row), 'EX', ttl)
+      out[n] = row
+      routed[key] = row
+    end
+  end
+end
+
+-- 3. write back, once per key
+for sku, s in pairs(stock) do
+  local skey = P .. 'sku:' .. sku
+  if s.dr ~= 0 then redis.call('HINCRBY', skey, 'r', s.dr) end
+  for wh, q in pairs(s.da) do redis.call('HINCRBY', skey, 'a:' .. wh, q) end
+  local set, del = {}, {}
+  for _, key in ipairs(holders[sku]) do
+    local q = s.h[key]
+    if q > 0 then
+      set[#set + 1] = key
+      set[#set + 1] = q
+    else
+      del[#del + 1] = key
+    end
+  end
+  write('HSET', skey .. ':h', set, 2)
+  write('HDEL', skey .. ':h', del, 1)
+  for wh, m in pairs(s.hw) do
+    local flat = {}
+    for key, q in pairs(m) do
+      flat[#flat + 1] = key
+      flat[#flat + 1] = q
+    end
+    write('HSET', skey .. ':h:' .. wh, flat, 2)
+  end
+end
+return cmsgpack.pack(out)

@@ -1,0 +1,85 @@
+"""Warehouses (issue 9): where goods ship from. Kept in one hash (``keys.WAREHOUSES_KEY``),
+set as a whole by ``PUT /v1/admin/warehouses`` and mirrored in every process by
+:class:`orderq.control.Control` (pub/sub, then a re-read every second), so the execute
+stage routes without reading them per batch.
+
+With none configured, orderq ships everything from one implicit warehouse (``default``)
+and no routing rule fires: behaviour is what it was before warehouses existed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from orderq import geo, keys
+from orderq.client import Redis
+from orderq.schema import Text
+
+WarehouseId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
+Carrier = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+
+
+class Warehouse(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    id: WarehouseId
+    province: Text
+    city: Text | None = None
+    # coordinates; without them, the city's (else the province capital's) from orderq/geo.py
+    lat: Annotated[float, Meta(ge=-90, le=90)] | None = None
+    lng: Annotated[float, Meta(ge=-180, le=180)] | None = None
+    serves: Annotated[list[Text], Meta(max_length=64)] = []  # provinces it is meant for; [] all
+    carriers: Annotated[list[Carrier], Meta(max_length=16)] = []  # first: its usual carrier
+
+    @property
+    def at(self) -> tuple[float, float]:
+        if self.lat is not None and self.lng is not None:
+            return (self.lat, self.lng)
+        at = geo.locate(self.province, self.city)
+        assert at is not None, "checked by problems()"
+        return at
+
+
+class WarehousesBody(msgspec.Struct, forbid_unknown_fields=True):
+    warehouses: Annotated[list[Warehouse], Meta(max_length=1000)]
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Warehouse).decode
+
+
+def problems(ws: list[Warehouse]) -> list[tuple[str, str]]:
+    """(path, message) of what the schema cannot say: ids unique, a place that can be located."""
+    out = []
+    seen: set[str] = set()
+    for i, w in enumerate(ws):
+        if w.id in seen:
+            out.append((f"warehouses[{i}].id", f"warehouse {w.id!r} is listed twice"))
+        seen.add(w.id)
+        if w.id == keys.DEFAULT_WAREHOUSE:
+            out.append((f"warehouses[{i}].id", f"{keys.DEFAULT_WAREHOUSE!r} names stock put without a warehouse"))
+        if (w.lat is None) != (w.lng is None):
+            out.append((f"warehouses[{i}].lat", "give both lat and lng, or neither"))
+        elif w.lat is None and geo.locate(w.province, w.city) is None:
+            out.append((f"warehouses[{i}]", f"unknown place {w.province!r}/{w.city!r}: give lat and lng"))
+    return out
+
+
+async def put(r: Redis, ws: list[Warehouse]) -> None:
+    """Replace the whole set, atomically, and tell every process."""
+    pipe = r.client.pipeline(transaction=not r.settings.redis_cluster)
+    pipe.delete(keys.WAREHOUSES_KEY)
+    if ws:
+        pipe.hset(keys.WAREHOUSES_KEY, mapping={w.id: _encode(w) for w in ws})
+    await pipe.execute()
+    await r.client.publish(keys.EVENTS_CHANNEL, _encode({"warehouses": "set"}))
+
+
+def decode_all(raw: dict[bytes, bytes]) -> dict[str, Warehouse]:
+    """The hash as read by HGETALL -> id -> Warehouse, in id order (stable rankings)."""
+    return {k.decode(): _decode(v) for k, v in sorted(raw.items())}
+
+
+async def get_all(r: Redis) -> dict[str, Warehouse]:
+    return decode_all(await r.client.hgetall(keys.WAREHOUSES_KEY))

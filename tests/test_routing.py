@@ -400,4 +400,3 @@ def test_bad_rules_file_stops_the_execute_stage_with_exit_2(stages: Callable[...
     assert proc.proc is not None
     assert proc.proc.wait(20) == 2
     assert "ORDERQ_RULES_DIR" in proc.log() and "carrier rule needs provinces" in proc.log()
-

@@ -71,6 +71,8 @@ class Held:
     tries: int = 0  # every failure, unreachable included (the backoff exponent)
     due: float = 0.0
     error: str = ""
+    warehouse: str = ""  # a routed pick (issue 9): the warehouse that ships it
+    route: bytes = b""  # ... and the order's route (JSON), its parcel named by warehouse
 
 
 @dataclass(slots=True)
@@ -85,7 +87,22 @@ def request_body(action: str, h: Held) -> bytes:
     order = unpack_order(h.payload)
     doc = msgspec.to_builtins(order)
     doc["created_at"] = order.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return _json.encode({"order_key": h.key, "action": action, "fulfilment_id": h.fid, "order": doc})
+    body: dict[str, Any] = {"order_key": h.key, "action": action, "fulfilment_id": h.fid, "order": doc}
+    if h.warehouse:  # a routed pick: which warehouse ships which lines, with which carrier
+        body["warehouse"] = h.warehouse
+        parcels = msgspec.json.decode(h.route) if h.route else []
+        body["parcel"] = next((x for x in parcels if x.get("warehouse") == h.warehouse), None)
+    return _json.encode(body)
+
+
+def idempotency_key(action: str, h: Held) -> str:
+    """One per effect: ``<order key>:<action>``, and ``@<warehouse>`` for each pick of a split."""
+    return f"{h.key}:{action}@{h.warehouse}" if h.warehouse else f"{h.key}:{action}"
+
+
+def held_from(p: keys.Partition, stream: str, entry_id: str, fields: dict[bytes, bytes], due: float) -> Held:
+    k, f, d, w, rt = (fields.get(name, b"") for name in (b"k", b"f", b"d", b"w", b"r"))
+    return Held(p, stream, entry_id, k.decode(), f.decode(), d, due=due, warehouse=w.decode(), route=rt)
 
 
 def _retry_after(resp: httpx.Response) -> float:
@@ -180,7 +197,7 @@ class Target:
     # --- HTTP -----------------------------------------------------------------------------
     async def post(self, h: Held, probe: bool) -> Outcome:
         s = self.d.settings
-        headers = {"Idempotency-Key": f"{h.key}:{self.action}", "X-Orderq-Attempt": str(h.tries + 1)}
+        headers = {"Idempotency-Key": idempotency_key(self.action, h), "X-Orderq-Attempt": str(h.tries + 1)}
         try:
             body = request_body(self.action, h)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -227,9 +244,7 @@ class Target:
         for e in entries:
             slot = (e.stream, e.id)
             if slot not in self.held:
-                self.held[slot] = Held(
-                    e.partition, e.stream, e.id, e.get(b"k").decode(), e.get(b"f").decode(), e.get(b"d"), due=now
-                )
+                self.held[slot] = held_from(e.partition, e.stream, e.id, e.fields, now)
         return len(entries)
 
     async def reclaim(self) -> None:
@@ -258,8 +273,7 @@ class Target:
                 slot = (stream, entry_id.decode())
                 if slot in self.held:  # our own, idle during a long request
                     continue
-                k, f, d = (fields.get(name, b"") for name in (b"k", b"f", b"d"))
-                self.held[slot] = Held(p, stream, slot[1], k.decode(), f.decode(), d, due=now)
+                self.held[slot] = held_from(p, stream, slot[1], fields, now)
                 claimed += 1
         if claimed:
             self.log.warning("dispatch.reclaimed", claimed=claimed)

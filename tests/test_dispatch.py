@@ -21,12 +21,15 @@ import uvicorn
 from dispatch.circuit import CLOSED, HALF_OPEN, OPEN, Circuit
 from dispatch.worker import Dispatcher
 from orderq import client as oq_client
-from orderq import keys, stats
+from orderq import keys, stats, warehouses
 from orderq.client import Redis
 from orderq.server import free_port
 from orderq.settings import Settings
 from orderq.supervisor import Supervisor
+from orderq.warehouses import Warehouse
 from tests.conftest import auth, drain, make_order
+from tests.test_validate_rules import accept
+from validate import stock
 
 PATHS = {
     "wms.pick": "/wms/pick",
@@ -357,3 +360,41 @@ def test_a_bad_webhook_setting_exits_2_naming_the_variable(make_env, env, variab
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     [line] = proc.stderr.strip().splitlines()
     assert variable in line
+
+
+# --- routed picks (issue 9) ------------------------------------------------------------------------
+async def test_each_pick_of_a_split_order_is_delivered_once_with_its_warehouse(r, sinks, settings_for):
+    await warehouses.put(
+        r,
+        [
+            Warehouse(id="SH", province="上海市", lat=31.23, lng=121.47, carriers=["sf"]),
+            Warehouse(id="GZ", province="广东省", lat=23.13, lng=113.26, carriers=["zto"]),
+        ],
+    )
+    await stock.set_stock(r, [("LAMP", 5, "SH"), ("DESK", 5, "GZ")])
+    o = make_order(
+        "SPLIT1",
+        lines=[
+            {"sku": "LAMP", "qty": 1, "unit_price": "900.00"},
+            {"sku": "DESK", "qty": 2, "unit_price": "1900.00"},
+        ],
+        paid_amount="4700.00",
+    )
+    p = r.partition_of("tmall:TSPLIT1")
+    await accept(r, o)
+    await drain(r)
+    wms = await sinks()
+    conn = await oq_client.connect(dispatcher_settings(settings_for, ORDERQ_WEBHOOK_WMS_PICK=wms.url + "/pick"))
+    d = Dispatcher(conn, consumer="test-dispatch")
+    try:
+        async with running(d):
+            await until(lambda: len(wms.delivered()) == 2, "both picks delivered")
+            await until(lambda: _empty(r, "wms.pick"), "the pick outbox emptied")
+    finally:
+        await conn.close()
+    assert wms.delivered() == Counter({"tmall:TSPLIT1:wms.pick@SH": 1, "tmall:TSPLIT1:wms.pick@GZ": 1})
+    fid = (await r.client.hget(p.status("tmall:TSPLIT1"), "f")).decode()
+    bodies = {q["body"]["warehouse"]: q["body"] for q in wms.requests}
+    assert bodies["SH"]["parcel"]["lines"] == [{"sku": "LAMP", "qty": 1}]
+    assert bodies["GZ"]["parcel"]["lines"] == [{"sku": "DESK", "qty": 2}] and bodies["GZ"]["parcel"]["carrier"] == "zto"
+    assert {b["fulfilment_id"] for b in bodies.values()} == {f"{fid}-SH", f"{fid}-GZ"}

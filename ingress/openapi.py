@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from orderq.schema import ErrorDetail, Money, Order, Sku, Text
 from orderq.settings import Settings
+from orderq.warehouses import WarehousesBody
 
 Stage = Literal["normal", "degraded", "shedding"]
 Priority = Literal["vip", "new", "regular"]
@@ -84,9 +85,28 @@ class Times(Struct, omit_defaults=True):
     rejected: str | UnsetType = UNSET
 
 
-class ActionState(Struct):
+class ActionState(Struct, omit_defaults=True):
     name: Literal["wms.pick", "notify.sms", "invoice.request", "crm.remark_sync", "crm.gift_sync"]
     state: Literal["done", "deferred", "dropped", "failed"]
+    warehouse: str | UnsetType = UNSET  # a routed order's pick: one per warehouse
+
+
+class SkuQty(Struct):
+    sku: str
+    qty: int
+
+
+class Parcel(Struct, omit_defaults=True):
+    """What one warehouse ships of a routed order (issue 9), and which rules decided it."""
+
+    warehouse: str
+    carrier: str | None
+    rule: str  # the rule that chose the warehouse (split: the order needed several)
+    lines: list[SkuQty]
+    carrier_rule: str | UnsetType = UNSET  # the rule that chose the carrier
+    distance_km: float | UnsetType = UNSET
+    freight: Money | UnsetType = UNSET  # the estimate
+    gifts: list[SkuQty] | UnsetType = UNSET
 
 
 class StatusRecord(Struct, omit_defaults=True):
@@ -100,6 +120,7 @@ class StatusRecord(Struct, omit_defaults=True):
     times: Times
     actions: list[ActionState]
     fulfilment_id: str | UnsetType = UNSET
+    route: Parcel | list[Parcel] | UnsetType = UNSET  # a list when the order was split
 
 
 class ReadyDepth(Struct):
@@ -180,9 +201,15 @@ class Ready(Struct):
     stage: Stage
 
 
-class StockItem(Struct):
+class StockItem(Struct, omit_defaults=True):
     sku: Sku
     physical: Annotated[int, Meta(ge=0)]
+    warehouse: str | None = None  # one warehouse's count; none: the SKU's total
+
+
+class WarehouseStock(Struct):
+    physical: int
+    allocated: int  # shipped from it since its last count
 
 
 class StockRequest(Struct):
@@ -196,6 +223,7 @@ class StockView(Struct):
     physical: int
     reserved: int
     sellable: int
+    warehouses: dict[str, WarehouseStock] | UnsetType = UNSET  # counted per warehouse: physical is the sum
 
 
 class StockViews(Struct):
@@ -374,6 +402,16 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ),
     ("GET", "/v1/admin/stock/{sku}"): Op(
         "A SKU's stock", "admin", ((200, "stock now", StockView),), (*ADMIN_ERRORS, 404)
+    ),
+    ("PUT", "/v1/admin/warehouses"): Op(
+        "Set the warehouses (the whole set)",
+        "admin",
+        ((200, "warehouses now", WarehousesBody),),
+        (*ADMIN_ERRORS, 400, 415, 422),
+        WarehousesBody,
+    ),
+    ("GET", "/v1/admin/warehouses"): Op(
+        "The warehouses", "admin", ((200, "warehouses", WarehousesBody),), ADMIN_ERRORS
     ),
     ("PUT", "/v1/admin/coupons"): Op(
         "Create or update coupons",

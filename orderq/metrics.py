@@ -131,7 +131,8 @@ async def render(r: Redis) -> bytes:
     pipe.hgetall(f"{HIST_KEY}:e2e_latency")
     pipe.hgetall(REASONS_KEY)
     pipe.hgetall(keys.ALERTS_COUNT_KEY)
-    stage_raw, ack, e2e, reasons, alerts = await pipe.execute()
+    pipe.hgetall(keys.GIFT_OOS_KEY)
+    stage_raw, ack, e2e, reasons, alerts, gifts_short = await pipe.execute()
     stage = (stage_raw or b"normal").decode()
     fams: list[Any] = []
 
@@ -151,6 +152,14 @@ async def render(r: Redis) -> bytes:
     for k, v in sorted(reasons.items()):
         by_reason.add_metric([k.decode()], float(v))
     fams.append(by_reason)
+    gifts = CounterMetricFamily(
+        "orderq_gift_out_of_stock",
+        "Orders shipped without their gift, out of stock (a promotion running dry)",
+        labels=["sku"],
+    )
+    for k, v in sorted(gifts_short.items()):
+        gifts.add_metric([k.decode()], float(v))
+    fams.append(gifts)
     executed = CounterMetricFamily("orderq_executed", "Orders executed", labels=["priority"])
     for p in keys.PRIORITIES:
         executed.add_metric([p], t[f"executed_{p}"])

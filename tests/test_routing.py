@@ -19,7 +19,8 @@ import msgspec
 import pytest
 
 from execute.routing import Router
-from orderq import audit, keys, warehouses
+from ingress import openapi
+from orderq import audit, keys, metrics, warehouses
 from orderq import client as oq_client
 from orderq.schema import normalise, order_decoder
 from orderq.settings import SHIPPED_RULES, Settings
@@ -113,6 +114,7 @@ async def test_line_stocked_only_in_guangzhou_splits_into_two_picks(rr: oq_clien
     by_wh = {p["warehouse"]: p for p in st["route"]}
     assert by_wh["SH"]["lines"] == [{"sku": "LAMP", "qty": 1}] and by_wh["SH"]["rule"] == "split"
     assert by_wh["GZ"]["lines"] == [{"sku": "DESK", "qty": 1}] and by_wh["GZ"]["carrier"] == "zto"
+    msgspec.convert(st, openapi.StatusRecord)  # the documented shape
     assert pick_warehouses(st) == ["GZ", "SH"]
     ps = await picks(rr, st["order_key"])
     assert sorted(p[b"w"] for p in ps) == [b"GZ", b"SH"]
@@ -217,6 +219,7 @@ async def test_gift_out_of_stock_is_reported_and_the_order_still_ships(rr: oq_cl
     assert cushion["warehouses"]["GZ"]["allocated"] == 0
     assert cushion["reserved"] == 1
     assert await rr.client.hget(keys.GIFT_OOS_KEY, "GIFT-CUSHION") == b"1"
+    assert 'orderq_gift_out_of_stock_total{sku="GIFT-CUSHION"} 1.0' in (await metrics.render(rr)).decode()
 
 
 async def test_gift_checked_against_total_stock_without_warehouses(

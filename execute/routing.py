@@ -332,13 +332,16 @@ class Router:
             rec = 0
             if over:  # (binary, so an argument of its own: Lua's msgpack has no bin type)
                 recs.append(review_record(o, accepted_us[n]))
-                rec = 5 + len(recs)
-            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o), over, rec])
+                rec = 6 + len(recs)
+            hour = str(accepted_us[n] // 3_600_000_000)  # (Lua formats numbers slowly)
+            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o), over, rec, hour])
             sent.append(n)
         out = [Routed("s", 0, [], [], routed) for _ in orders]
         if not rows:
             return out
-        args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), r.settings.status_ttl_s]
+        # a route is needed again only by a redelivery of its entry: kept a day, like decisions
+        args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), keys.LEDGER_REPLAY_TTL_S]
+        args.append(r.settings.status_ttl_s)  # an order in review keeps its hold as long as its status
         args += [_pack(ids), _pack(rows), *recs]
         (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
         for n, res in zip(sent, _unpack(raw), strict=True):

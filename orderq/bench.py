@@ -57,6 +57,12 @@ DRAIN_SAMPLE_S = 0.025  # finer while a burst drains: its drain time gives execu
 PAUSE_SETTLE_S = 0.7  # a worker blocked in XREADGROUP (500 ms) may still take one batch after a pause
 START_TIMEOUT_S = 30.0
 BENCH_STOCK = 10**9  # physical stock of every bench SKU: never the reason an order waits
+# --warehouses: routing on (issue 9); bench orders ship to Suzhou, so Shanghai is the nearest
+BENCH_WAREHOUSES = (
+    {"id": "SH", "province": "上海市", "city": "上海市", "carriers": ["sf"]},
+    {"id": "GZ", "province": "广东省", "city": "广州市", "carriers": ["zto"]},
+    {"id": "BJ", "province": "北京市", "city": "北京市", "carriers": ["jd"]},
+)
 PRIORITIES = keys.PRIORITIES
 
 
@@ -82,6 +88,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--sample-every", type=int, default=5, help="read back every n-th order's status (default 5)")
     ap.add_argument("--drain-timeout", type=float, default=300.0, help="longest wait for backlog 0 (default 300)")
+    ap.add_argument(
+        "--warehouses",
+        type=int,
+        default=0,
+        choices=range(0, len(BENCH_WAREHOUSES) + 1),
+        metavar=f"0..{len(BENCH_WAREHOUSES)}",
+        help="configure this many warehouses (Shanghai, Guangzhou, Beijing) with the bench stock split "
+        "between them, so every order is routed (default 0: no warehouse, no routing)",
+    )
     ap.add_argument("--url", help="ingress of a running instance, e.g. http://127.0.0.1:8080")
     ap.add_argument("--start", action="store_true", help="always start a private instance")
     ap.add_argument("--keep", action="store_true", help="keep the private instance's data dir")
@@ -509,7 +524,17 @@ class Bench:
             await asyncio.sleep(0.2)
 
     async def set_stock(self) -> bool:
-        items = [{"sku": s, "physical": BENCH_STOCK} for s in (*loadgen.SKUS, loadgen.GIFT_SKU)]
+        skus = (*loadgen.SKUS, loadgen.GIFT_SKU)
+        whs = BENCH_WAREHOUSES[: self.args.warehouses]
+        if whs:
+            resp = await self.admin("PUT", "/v1/admin/warehouses", {"warehouses": list(whs)})
+            if resp.status_code != 200:
+                raise OrderqError(f"PUT /v1/admin/warehouses: HTTP {resp.status_code} {resp.text}")
+            await asyncio.sleep(1.5)  # every executor has the set (control state re-read each second)
+            share = BENCH_STOCK // len(whs)
+            items = [{"sku": s, "physical": share, "warehouse": w["id"]} for s in skus for w in whs]
+        else:
+            items = [{"sku": s, "physical": BENCH_STOCK} for s in skus]
         try:
             resp = await self.admin("PUT", "/v1/admin/stock", {"items": items})
         except httpx.HTTPError as exc:
@@ -761,6 +786,7 @@ class Bench:
             report["machine"] = await self.machine()
             report["instance"] = self.instance()
             report["instance"]["stock_set"] = await self.set_stock()
+            report["instance"]["warehouses"] = self.args.warehouses
             before = await self.settle("start")
             report["instance"]["settled_at_start"] = before["settled"]
             if {"single", "batch", "burst"} & set(self.phases):
@@ -933,7 +959,8 @@ def render(report: dict[str, Any]) -> str:
         f"machine   {m['cpu_model']}, {m['cores_usable']}/{m['cores']} cores, {m['memory_gb']} GB, {m['python']}, "
         f"{m['server']} {m['server_version']}",
         f"instance  {inst['mode']} · ingress {inst['ingress_url']} · durability {inst['durability']} · "
-        f"{inst['partitions']} partitions · processes {inst['processes']} · stock set {inst['stock_set']}",
+        f"{inst['partitions']} partitions · processes {inst['processes']} · stock set {inst['stock_set']} · "
+        f"warehouses {inst.get('warehouses', 0)}",
         "",
     ]
 

@@ -244,10 +244,11 @@ def wh_holders_key(sku: str, warehouse: str) -> str:
     return f"{RULES_PREFIX}sku:{sku}:h:{warehouse}"
 
 
-def route_key(order_key: str) -> str:
-    """msgpack of the route an order was given and what it allocated: its redelivery gets
-    the same route back and allocates nothing twice."""
-    return f"{RULES_PREFIX}rt:{order_key}"
+def route_key(hour: int) -> str:
+    """Hash order key -> msgpack of the route it was given and what it allocated, for the
+    orders accepted in ``hour`` (ms // 3600000): a redelivery gets the same route back and
+    allocates nothing twice (LEDGER_REPLAY_TTL_S)."""
+    return f"{RULES_PREFIX}rt:{hour}"
 
 
 # Warehouses (issue 9): hash id -> JSON of the warehouse (location, provinces served,

@@ -8,22 +8,24 @@
 -- per warehouse (any warehouse may ship it, nothing is allocated). Units an order holds in
 -- total (sku:<sku>:h, from validation) move to the warehouse it ships from
 -- (sku:<sku>:h:<wh>), where that warehouse's next count settles them (restock.lua).
--- Idempotent per order: the route is recorded (rt:<order key>) with what it allocated; a
+-- Idempotent per order: the route is recorded (field <order key> of rt:<accept hour>, a
+-- hash per hour expiring as a whole, like the validation decisions) with what it allocated; a
 -- redelivered order gets it back and allocates nothing twice. An order sent to review for
 -- its freight allocates nothing and is not recorded (routed afresh once approved).
--- ARGV[1] prefix, [2] stock buffer (ppm), [3] record TTL (s), [4] msgpack:
---   {warehouse ids...} (every warehouse a candidate may name), then [5] msgpack array of
+-- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] review record TTL
+--   (s), [5] msgpack: {warehouse ids...} (every warehouse a candidate may name), [6] msgpack array of
 --   orders, each {key, {sku, qty, ...} lines (first: the main line), {sku, qty, ...} gifts,
 --   {{cand, rule, carrier, distance (km), base (cents), per km (cents/1000), per unit
 --   (cents)}, ...} candidates best first (cand: index into the warehouse ids), goods
 --   (cents), freight limit (basis points of goods, 0: none), review record (the index of
---   the argument holding it, msgpack; 0: none)}, [6..] review records
+--   the argument holding it, msgpack; 0: none), accept hour (ms // 3600000)}, [7..] review
+--   records
 -- Returns msgpack: per order {outcome s|w, freight (cents), {{warehouse, rule, carrier,
 --   distance, freight, {sku, qty, ...}, {gift sku, qty, ...}}, ...}, {gift sku out of stock...}}
 local P = ARGV[1]
-local ppm, ttl = tonumber(ARGV[2]), ARGV[3]
-local whs = cmsgpack.unpack(ARGV[4])
-local orders = cmsgpack.unpack(ARGV[5])
+local ppm, ttl, review_ttl = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local whs = cmsgpack.unpack(ARGV[5])
+local orders = cmsgpack.unpack(ARGV[6])
 
 local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 local function chunked(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
@@ -42,9 +44,24 @@ local function write(cmd, key, flat, step)  -- HSET key flat... / HDEL key flat.
 end
 
 -- 1. orders routed already, and the stock the others need
-local rkeys = {}
-for n, o in ipairs(orders) do rkeys[n] = P .. 'rt:' .. o[1] end
-local recs = chunked('MGET', nil, rkeys)
+local buckets = {}  -- rt:<hour> -> {order key, ...}
+local bucket_of = {}
+for n, o in ipairs(orders) do
+  local b = P .. 'rt:' .. o[8]
+  bucket_of[n] = b
+  buckets[b] = buckets[b] or {}
+  local list = buckets[b]
+  list[#list + 1] = o[1]
+end
+local recorded = {}  -- bucket -> {order key -> record}
+for b, list in pairs(buckets) do
+  local v = chunked('HMGET', b, list)
+  local m = {}
+  for i, key in ipairs(list) do m[key] = v[i] end
+  recorded[b] = m
+end
+local recs, new_recs = {}, {}
+for n, o in ipairs(orders) do recs[n] = recorded[bucket_of[n]][o[1]] or false end
 local stock = {}  -- sku -> {p, r, dr, tracked, avail = {wh -> units}, da = {wh -> units}, h = {key -> units}, hw = {wh -> {key -> units}}}
 local fields = {'p', 'r'}
 for _, wh in ipairs(whs) do
@@ -185,7 +202,7 @@ for n, o in ipairs(orders) do
     end
     if limit_bp > 0 and freight * 10000 > limit_bp * goods then
       -- a person decides: nothing allocated, nothing recorded
-      if review_arg > 0 then redis.call('SET', P .. 'o:' .. key, ARGV[review_arg], 'NX', 'EX', ttl) end
+      if review_arg > 0 then redis.call('SET', P .. 'o:' .. key, ARGV[review_arg], 'NX', 'EX', review_ttl) end
       out[n] = {'w', freight, rows, {}}
       routed[key] = out[n]
     else
@@ -213,7 +230,10 @@ for n, o in ipairs(orders) do
         end
       end
       local row = {'s', freight, rows, oos}
-      redis.call('SET', rkeys[n], cmsgpack.pack(row), 'EX', ttl)
+      local nb = new_recs[bucket_of[n]] or {}
+      new_recs[bucket_of[n]] = nb
+      nb[#nb + 1] = key
+      nb[#nb + 1] = cmsgpack.pack(row)
       out[n] = row
       routed[key] = row
     end
@@ -245,5 +265,9 @@ for sku, s in pairs(stock) do
     end
     write('HSET', skey .. ':h:' .. wh, flat, 2)
   end
+end
+for b, flat in pairs(new_recs) do
+  write('HSET', b, flat, 2)
+  redis.call('EXPIRE', b, ttl)
 end
 return cmsgpack.pack(out)

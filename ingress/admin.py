@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress import responses
-from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _retry_after
+from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _require_json_syntax, _retry_after
 from orderq import warehouses
 from orderq.client import UNAVAILABLE
 from orderq.schema import ErrorDetail, Sku, Text
@@ -57,6 +57,7 @@ async def _body(request: Request, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
+        _require_json_syntax(raw)  # a body that is not JSON at all is a 400, whatever its first value
         raise Refusal(422, "invalid_request", "the body fails the schema", [_detail(exc)]) from None
     except DECODE_ERRORS as exc:
         raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None

@@ -377,9 +377,13 @@ class Handlers:
         try:
             self.s.auth.admin_only(request)
             _require_json(request)
+            raw = await request.body()
             try:
-                doc = msgspec.json.decode(await request.body(), type=PauseBody)
-            except (msgspec.ValidationError, *DECODE_ERRORS) as exc:
+                doc = msgspec.json.decode(raw, type=PauseBody)
+            except DECODE_ERRORS as exc:
+                if not isinstance(exc, msgspec.ValidationError):
+                    raise Refusal(400, "invalid_json", f"body is not valid JSON: {_reason(exc)}") from None
+                _require_json_syntax(raw)
                 raise Refusal(
                     422,
                     "invalid_request",

@@ -1,7 +1,8 @@
 """Group commit: the orders of every request that arrives in one event-loop turn are
 written together, one intake script call per partition, all in one pipelined round
-trip (plus one ``WAITAOF`` in ``fsync`` durability). Each request is answered only
-after its own write is confirmed.
+trip (plus, on each master written to, one ``WAITAOF`` in ``fsync`` durability and one
+``WAIT`` for ``ORDERQ_WAIT_REPLICAS`` replicas). Each request is answered only after its own
+write is confirmed.
 """
 
 from __future__ import annotations
@@ -56,7 +57,16 @@ class Committer:
         for p, key, payload, tier, fut in batch:
             by_part.setdefault(p, []).append((key, payload, tier, fut))
         ttl = self.settings.status_ttl_s
-        fsync = self.settings.durability == "fsync"
+        deadline_ms = self.settings.ack_deadline_ms
+        # After the writes, on their connection, one wait of each kind for the whole group: the
+        # local append-only file (fsync durability), then ORDERQ_WAIT_REPLICAS replicas holding
+        # the writes (WAIT: received; WAITAOF's replica count would add the replicas' once-a-second
+        # fsync, about 1 s, to every acknowledgement).
+        kinds: list[tuple[Any, ...]] = []
+        if self.settings.durability == "fsync":
+            kinds.append(("WAITAOF", 1, 0, deadline_ms))
+        if self.settings.wait_replicas:
+            kinds.append(("WAIT", self.settings.wait_replicas, deadline_ms))
 
         def build(pipe: Any) -> None:
             for p, items in by_part.items():
@@ -66,22 +76,26 @@ class Committer:
                     ks.append(p.status(key))
                     args += [key, payload, "vip" if tier == "vip" else ""]
                 self.r.script(pipe, "intake", ks, args)
-            for route in waits:  # same connection as the writes: one fsync wait for the whole group
-                pipe.execute_command("WAITAOF", 1, 0, self.settings.ack_deadline_ms, **route)
+            for route, cmd in waits:  # same connection as the writes: they wait for exactly these
+                pipe.execute_command(*cmd, **route)
 
-        # Cluster: one WAITAOF per master written to, routed there: redis-py sends a node's
-        # commands in order on one connection, so it waits for exactly these writes.
-        waits: list[dict[str, Any]] = []
-        if fsync and self.settings.redis_cluster:
-            routes = (self.r.route(p.intake) for p in by_part)
-            waits = list({route["target_nodes"].name: route for route in routes}.values())
-        elif fsync:
-            waits = [{}]
+        # Cluster: the waits go to each master written to, routed there: redis-py sends a node's
+        # commands in order on one connection, so they wait for exactly these writes.
+        routes: list[dict[str, Any]] = []
+        if kinds and self.settings.redis_cluster:
+            by_node = (self.r.route(p.intake) for p in by_part)
+            routes = list({route["target_nodes"].name: route for route in by_node}.values())
+        elif kinds:
+            routes = [{}]
+        waits = [(route, cmd) for route in routes for cmd in kinds]
         try:
-            async with asyncio.timeout(self.settings.ack_deadline_ms / 1000):
+            async with asyncio.timeout(deadline_ms / 1000):
                 results = await self.r.run(build)
-            if waits and any(_local(res) < 1 for res in results[len(results) - len(waits) :]):
-                raise ServerUnavailable("the write did not reach the append-only file in time")
+            for (_, cmd), res in zip(waits, results[len(results) - len(waits) :], strict=True):
+                if cmd[0] == "WAITAOF" and _answer(res)[0] < 1:
+                    raise ServerUnavailable("the write did not reach the append-only file in time")
+                if cmd[0] == "WAIT" and (done := _answer(res)) < cmd[1]:
+                    raise ServerUnavailable(f"the write reached {done} of {cmd[1]} replicas in time")
         except Exception as exc:
             # Any failure answers the group (503): one left uncaught would leave every request of
             # it waiting forever. redis-py's cluster client raises more than RedisError when a
@@ -108,8 +122,9 @@ class Committer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _local(res: Any) -> int:
-    """WAITAOF's numlocal (redis-py may wrap a routed command's answer by node name)."""
+def _answer(res: Any) -> Any:
+    """A wait's answer: WAITAOF's [numlocal, numreplicas], WAIT's count of replicas (redis-py
+    may wrap a routed command's answer by node name)."""
     if isinstance(res, dict):
         res = next(iter(res.values()))
-    return int(res[0])
+    return [int(x) for x in res] if isinstance(res, list | tuple) else int(res)

@@ -33,6 +33,8 @@ from orderq.schema import Order, cents, goods_cents
 from orderq.warehouses import Warehouse
 
 RULES_FILE = "routing.toml"
+RANK_CACHE = 10_000  # places x hot-line combinations remembered
+NO_ROUTING = [[1, keys.DEFAULT_WAREHOUSE, "|", 0.0, 0, 0, 0]]  # no warehouse: ship from "default"
 DAY_MS = 24 * 3600 * 1000
 WAREHOUSE_KINDS = ("hot_sku", "nearest")
 KINDS = (*WAREHOUSE_KINDS, "carrier", "freight_review")
@@ -74,6 +76,10 @@ class Rules:
             if r.kind == "freight_review":
                 return round(r.max_share * 10_000)
         return 0
+
+    @property
+    def hot(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.kind == "hot_sku")
 
     def tariff(self, carrier: str) -> Tariff:
         return self.tariffs.get(carrier) or self.tariffs[self.default_carrier]
@@ -286,6 +292,28 @@ class Router:
     def __init__(self, rules_dir: Path) -> None:
         self.rules_dir = rules_dir
         self.rules = load(rules_dir)
+        # Candidates depend only on the place and the hot lines: ranked once per (province,
+        # city, fronts) while the rules and the warehouses stay the same objects.
+        self._cache_for: tuple[Rules, dict[str, Warehouse]] | None = None
+        self._ranked: dict[tuple[str, str | None, tuple[str, ...]], list[list[object]]] = {}
+
+    def _candidates(self, rules: Rules, whs: dict[str, Warehouse], ids: list[str], o: Order) -> list[list[object]]:
+        """The script's candidate rows for ``o`` (index, rule, carrier|rule, km, tariff)."""
+        fronts = tuple(w for r in rules.hot for line in o.lines if (w := r.front.get(line.sku)))
+        key = (o.ship_to.province, o.ship_to.city, fronts)
+        rows = self._ranked.get(key)
+        if rows is None:
+            if len(self._ranked) >= RANK_CACHE:
+                self._ranked.clear()
+            index = {wid: i for i, wid in enumerate(ids, 1)}
+            rows = []
+            for c in candidates(rules, whs, o):
+                t = rules.tariff(c.carrier)
+                km = round(c.km, 1) if c.km is not None else 0.0
+                carrier = f"{c.carrier}|{c.carrier_rule}"
+                rows.append([index[c.warehouse], c.rule, carrier, km, t.base, t.per_km, t.per_unit])
+            self._ranked[key] = rows
+        return rows
 
     def reload(self) -> Rules:
         """Read the file again; RulesError leaves the rules in force unchanged."""
@@ -305,44 +333,27 @@ class Router:
         rules = self.rules
         routed = bool(whs)
         ids = list(whs) if routed else [keys.DEFAULT_WAREHOUSE]
-        index = {wid: i for i, wid in enumerate(ids, 1)}
+        cached = self._cache_for
+        if cached is None or cached[0] is not rules or cached[1] is not whs:  # new rules or warehouses
+            self._cache_for = (rules, whs)
+            self._ranked.clear()
         limit = rules.freight_limit_bp if routed else 0
         rows: list[list[object]] = []
-        recs: list[bytes] = []
         sent: list[int] = []
         for n, o in enumerate(orders):
             if not routed and not o.gifts:
                 continue
-            if routed:
-                cands = [
-                    [
-                        index[c.warehouse],
-                        c.rule,
-                        f"{c.carrier}|{c.carrier_rule}",
-                        round(c.km, 1) if c.km is not None else 0.0,
-                        (t := rules.tariff(c.carrier)).base,
-                        t.per_km,
-                        t.per_unit,
-                    ]
-                    for c in candidates(rules, whs, o)
-                ]
-            else:
-                cands = [[1, keys.DEFAULT_WAREHOUSE, "|", 0.0, 0, 0, 0]]
-            over = 0 if approved[n] else limit
-            rec = 0
-            if over:  # (binary, so an argument of its own: Lua's msgpack has no bin type)
-                recs.append(review_record(o, accepted_us[n]))
-                rec = 6 + len(recs)
+            cands = self._candidates(rules, whs, ids, o) if routed else NO_ROUTING
             hour = str(accepted_us[n] // 3_600_000_000)  # (Lua formats numbers slowly)
-            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o), over, rec, hour])
+            over = 0 if approved[n] else limit
+            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o), over, hour])
             sent.append(n)
         out = [Routed("s", 0, [], [], routed) for _ in orders]
         if not rows:
             return out
         # a route is needed again only by a redelivery of its entry: kept a day, like decisions
         args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), keys.LEDGER_REPLAY_TTL_S]
-        args.append(r.settings.status_ttl_s)  # an order in review keeps its hold as long as its status
-        args += [_pack(ids), _pack(rows), *recs]
+        args += [_pack(ids), _pack(rows)]
         (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
         for n, res in zip(sent, _unpack(raw), strict=True):
             outcome, freight, parcels, oos = _text(res[0]), int(res[1]), res[2], res[3]

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from execute.actions import fulfilment_id, plan
-from execute.routing import Routed, Router, RulesError
+from execute.routing import Routed, Router, RulesError, review_record
 from orderq import keys, metrics
 from orderq.errors import ConfigError
 from orderq.schema import Order, json_encoder, unpack_order
@@ -111,6 +111,8 @@ class ExecuteWorker(StreamWorker):
             routes = {(e.stream, e.id): d for (e, _), d in zip(ready, decided, strict=True)}
         by_part: dict[keys.Partition, list[tuple[Entry, str, str, str, str, str, str]]] = {}
         freight_review = 0
+        reviewed: list[tuple[Entry, Order]] = []
+        ttl = self.settings.status_ttl_s
         gift_oos: list[str] = []
         for e, order, held in items:
             key = order.key
@@ -121,6 +123,7 @@ class ExecuteWorker(StreamWorker):
             elif d is not None and d.outcome == "w":
                 outcome, acts, more = "w", "", '["freight_over_limit"]'
                 freight_review += 1
+                reviewed.append((e, order))
             else:
                 outcome = "e"
                 picks = [p["warehouse"] for p in d.parcels] if d is not None and d.routed else None
@@ -148,6 +151,10 @@ class ExecuteWorker(StreamWorker):
                     ks.append(p.status(key))
                     args += [e.lane, e.id, key, outcome, fid, acts, e.get(b"d"), route, more]
                 self.r.script(pipe, "execute", ks, args)
+            # what an order sent to review for its freight holds from validation: a reviewer's
+            # reject releases by it (in the pipeline, so it exists before the review does)
+            for e, order in reviewed:
+                pipe.set(keys.ledger_key(order.key), review_record(order, int(e.get(b"ta") or 0)), nx=True, ex=ttl)
             # reason counters of the operators' view (a redelivered batch may count again)
             if freight_review:
                 pipe.hincrby(metrics.REASONS_KEY, "freight_over_limit", freight_review)

@@ -12,20 +12,18 @@
 -- hash per hour expiring as a whole, like the validation decisions) with what it allocated; a
 -- redelivered order gets it back and allocates nothing twice. An order sent to review for
 -- its freight allocates nothing and is not recorded (routed afresh once approved).
--- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] review record TTL
---   (s), [5] msgpack: {warehouse ids...} (every warehouse a candidate may name), [6] msgpack array of
+-- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] msgpack:
+--   {warehouse ids...} (every warehouse a candidate may name), [5] msgpack array of
 --   orders, each {key, {sku, qty, ...} lines (first: the main line), {sku, qty, ...} gifts,
 --   {{cand, rule, carrier, distance (km), base (cents), per km (cents/1000), per unit
 --   (cents)}, ...} candidates best first (cand: index into the warehouse ids), goods
---   (cents), freight limit (basis points of goods, 0: none), review record (the index of
---   the argument holding it, msgpack; 0: none), accept hour (ms // 3600000)}, [7..] review
---   records
+--   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000)}
 -- Returns msgpack: per order {outcome s|w, freight (cents), {{warehouse, rule, carrier,
 --   distance, freight, {sku, qty, ...}, {gift sku, qty, ...}}, ...}, {gift sku out of stock...}}
 local P = ARGV[1]
-local ppm, ttl, review_ttl = tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local whs = cmsgpack.unpack(ARGV[5])
-local orders = cmsgpack.unpack(ARGV[6])
+local ppm, ttl = tonumber(ARGV[2]), ARGV[3]
+local whs = cmsgpack.unpack(ARGV[4])
+local orders = cmsgpack.unpack(ARGV[5])
 
 local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 local function chunked(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
@@ -47,7 +45,7 @@ end
 local buckets = {}  -- rt:<hour> -> {order key, ...}
 local bucket_of = {}
 for n, o in ipairs(orders) do
-  local b = P .. 'rt:' .. o[8]
+  local b = P .. 'rt:' .. o[7]
   bucket_of[n] = b
   buckets[b] = buckets[b] or {}
   local list = buckets[b]
@@ -138,7 +136,7 @@ for n, o in ipairs(orders) do
     out[n] = routed[o[1]]
   else
     local key, lines, gifts, cands = o[1], o[2], o[3], o[4]
-    local goods, limit_bp, review_arg = o[5], o[6], o[7]
+    local goods, limit_bp = o[5], o[6]
     -- one warehouse that has every line, best first
     local parcels = {}  -- {cand, rule, {sku, qty, ...}}
     for _, c in ipairs(cands) do
@@ -201,8 +199,8 @@ for n, o in ipairs(orders) do
       rows[#rows + 1] = {whs[c[1]], p[2], c[3], c[4], f, p[3], {}}
     end
     if limit_bp > 0 and freight * 10000 > limit_bp * goods then
-      -- a person decides: nothing allocated, nothing recorded
-      if review_arg > 0 then redis.call('SET', P .. 'o:' .. key, ARGV[review_arg], 'NX', 'EX', review_ttl) end
+      -- a person decides: nothing allocated, nothing recorded (the execute stage writes what
+      -- the order holds from validation, o:<key>, for a reviewer's reject to release)
       out[n] = {'w', freight, rows, {}}
       routed[key] = out[n]
     else

@@ -1,6 +1,8 @@
 """orderq on a real 3-master Valkey cluster (``ORDERQ_REDIS_CLUSTER=1``): real ingress and
 stage processes, orders spread over every master, the stock race across validate
-processes, and a worker SIGKILLed mid-work whose pending entries the others reclaim."""
+processes, and a worker SIGKILLed mid-work whose pending entries the others reclaim. With a
+replica per master: a master SIGKILLed under load fails over, and ``ORDERQ_WAIT_REPLICAS``
+keeps every acknowledged order across it."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import redis
 
 from orderq import audit, keys, stats
 from orderq import client as oq_client
-from orderq.clusterdev import DevCluster
+from orderq.clusterdev import SLOTS, DevCluster
 from orderq.errors import ConfigError, OrderqError, ServerCheckError
 from orderq.settings import Settings
 from tests.conftest import ADMIN, auth, drain, make_order
@@ -302,3 +304,187 @@ async def test_review_holds_and_rate_limit_on_the_cluster(cenv, settings_for, in
             assert 429 in codes and codes[0] == 202, codes
     finally:
         await r.close()
+
+
+# --- replicas and failover ------------------------------------------------------------------
+
+
+def test_cluster_dev_with_replicas(tmp_path: Path) -> None:
+    """`orderq cluster-dev --replicas 1`: 3 masters and 3 replicas, one replica per master, every
+    node with the durable config (append-only file, noeviction) and a short node timeout."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "ORDERQ_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orderq", "cluster-dev", "--replicas", "1"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line_out = proc.stdout.readline()
+        url = line_out.strip().rpartition("ORDERQ_REDIS_URL=")[2]
+        assert url.startswith("redis://127.0.0.1:"), line_out
+        with redis.Redis.from_url(url) as c:
+            rows = [r.split() for r in c.execute_command("CLUSTER", "NODES").decode().splitlines()]
+        masters = {r[0]: r for r in rows if "master" in r[2]}
+        replicas = [r for r in rows if "slave" in r[2]]
+        assert len(masters) == 3 and len(replicas) == 3, rows
+        assert sorted(r[3] for r in replicas) == sorted(masters), rows  # one replica per master
+        assert all(r[7] == "connected" for r in rows), rows
+        for r in rows:
+            port = int(r[1].split("@")[0].rpartition(":")[2])
+            with redis.Redis(port=port) as c:
+                conf = c.config_get("appendonly") | c.config_get("maxmemory-policy")
+                conf |= c.config_get("cluster-node-timeout")
+                assert conf == {
+                    "appendonly": "yes",
+                    "maxmemory-policy": "noeviction",
+                    "cluster-node-timeout": "2000",
+                }, (port, conf)
+                if "slave" in r[2]:
+                    assert c.info("replication")["master_link_status"] == "up"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+async def test_wait_replicas_without_a_replica_answers_503(cenv, ingress):
+    """ORDERQ_WAIT_REPLICAS=1 where no master has a replica (the cluster, and a plain server): no
+    write can be confirmed by a replica, so no 202 but 503 + Retry-After after the ack deadline."""
+    for env in (cenv, {}):
+        base = await ingress(**env, ORDERQ_WAIT_REPLICAS=1, ORDERQ_ACK_DEADLINE_MS=300)
+        async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=15) as c:
+            for i in range(3):
+                resp = await c.post("/v1/orders", json=make_order(f"W{i}"))
+                assert resp.status_code == 503, resp.text
+                assert int(resp.headers["retry-after"]) >= 1
+            resp = await c.post("/v1/orders/batch", json={"orders": [make_order(f"WB{i}") for i in range(6)]})
+            assert resp.status_code == 503, resp.text
+
+
+@pytest.mark.parametrize(("value", "word"), [("-1", ">= 0"), ("17", "<= 16"), ("one", "integer")])
+def test_wait_replicas_bad_value_names_the_variable(value: str, word: str) -> None:
+    with pytest.raises(ConfigError, match=f"ORDERQ_WAIT_REPLICAS: .*{word}"):
+        Settings.from_mapping({"ORDERQ_WAIT_REPLICAS": value})
+    assert Settings.from_mapping({"ORDERQ_WAIT_REPLICAS": "2"}).wait_replicas == 2
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[DevCluster]:
+    """A cluster of 3 masters with one replica each, for one test (it kills a master)."""
+    c = DevCluster(tmp_path / "replicated", replicas=1).start()
+    yield c
+    c.kill()
+
+
+CUT_OFF_S = 1.0  # how long the victim's replica misses the stream before its master dies
+
+
+@pytest.mark.parametrize(
+    ("durability", "wait_replicas"),
+    [  # ~16 s each; the two that only report their losses run in `make reliability`
+        pytest.param("fast", 0, marks=pytest.mark.long),
+        pytest.param("fsync", 0, marks=pytest.mark.long),
+        ("fsync", 1),
+    ],
+)
+async def test_master_sigkilled_under_load_fails_over(
+    durability: str, wait_replicas: int, replicated: DevCluster, ingress, stages, settings_for
+) -> None:
+    """A master SIGKILLed while orders flow through real ingress, validate and execute processes:
+    its replica is elected by the other nodes, every process refreshes its slot map and goes on,
+    and the killed node, restarted as a supervisor would, rejoins as a replica.
+
+    Right before the kill the replica is cut off from its master for CUT_OFF_S (frozen, its
+    replication link dropped), as a replica behind on a slow link would be: what the master
+    acknowledged meanwhile exists only on the master. With ORDERQ_WAIT_REPLICAS=1 no such 202 is
+    given (WAIT), so no acknowledged order is lost; fast and fsync alone lose them on failover:
+    recorded, not asserted. Loss oracle as in the fault tests."""
+    from redis.crc import key_slot
+
+    from tests.test_faults import LOAD_S, Load, reconcile, record
+
+    cluster = replicated
+    victim = cluster.nodes[0]  # the node of ORDERQ_REDIS_URL too: the stages must do without it
+    replica = next(n for n in cluster.replica_nodes if n.master is victim)
+    env = {
+        "ORDERQ_REDIS_URL": cluster.url,
+        "ORDERQ_REDIS_CLUSTER": "1",
+        "ORDERQ_PARTITIONS": PARTITIONS,
+        "ORDERQ_DURABILITY": durability,
+        "ORDERQ_WAIT_REPLICAS": wait_replicas,
+        "ORDERQ_WORKER_BATCH": 50,
+    }
+    base = await ingress(**env)
+    procs = [stages("validate", **env), stages("execute", **env)]
+    last_slot = SLOTS // cluster.masters - 1  # nodes[0] holds the first range of slots
+    victim_parts = {i for i, p in enumerate(keys.partitions(PARTITIONS)) if key_slot(p.intake.encode()) <= last_slot}
+    assert victim_parts
+
+    def on_victim(keys_: set[str]) -> set[str]:
+        return {k for k in keys_ if keys.partition_of(k, PARTITIONS) in victim_parts}
+
+    def cut_off() -> None:
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGSTOP)
+        with victim.client() as c:
+            c.execute_command("CLIENT", "KILL", "TYPE", "replica")
+
+    load = await Load(base, "F").start()
+    try:
+        await asyncio.sleep(LOAD_S)
+        acked_before = set(load.acked)
+        assert on_victim(acked_before), load.answers
+        await asyncio.to_thread(cut_off)
+        cut = set(load.acked)
+        await asyncio.sleep(CUT_OFF_S)
+        acked_cut_off = on_victim(load.acked - cut)
+        killed = time.monotonic()
+        victim.kill()
+        replica.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        promoted = await asyncio.to_thread(cluster.wait_failover, victim, 30)
+        failover_s = time.monotonic() - killed
+        assert promoted is replica
+        await asyncio.to_thread(cluster.restart, victim)
+        rejoined_s = time.monotonic() - killed
+        assert victim.role() == "slave" and promoted.role() == "master"
+        acked_at_rejoin = set(load.acked)
+        deadline = time.monotonic() + 20
+        while not on_victim(load.acked - acked_at_rejoin):  # the failed-over partitions take orders again
+            assert time.monotonic() < deadline, (load.answers, load.errors[-5:])
+            await asyncio.sleep(0.05)
+        writes_back_s = time.monotonic() - killed
+        await asyncio.sleep(LOAD_S)
+    finally:
+        await load.stop()
+    assert len(load.acked) > len(acked_at_rejoin) + 20, load.answers
+    r = await oq_client.connect(settings_for(**{**env, "ORDERQ_REDIS_URL": promoted.url}))
+    try:
+        figures = await reconcile(r, load, procs)
+    finally:
+        await r.close()
+    figures.update(
+        durability=durability,
+        wait_replicas=wait_replicas,
+        acked_on_victim_while_cut_off=len(acked_cut_off),
+        failover_s=round(failover_s, 2),
+        rejoined_s=round(rejoined_s, 2),
+        victim_partitions_accepting_again_s=round(writes_back_s, 2),
+    )
+    record(f"cluster_failover_{durability}_wait{wait_replicas}", figures)
+    assert "500" not in figures["answers"], figures
+    assert figures["duplicate_effects"] == 0, figures["_dup_keys"]
+    assert figures["lost_audit"] == 0, figures["_lost_keys"]
+    assert figures["not_executed"] == 0, figures  # what survived is executed, after the failover too
+    if wait_replicas:
+        assert figures["lost_acknowledged"] == 0, figures["_lost_keys"]
+    for p in procs:
+        assert p.proc is not None and p.proc.poll() is None, f"{p.stage} died:\n{p.log()[-3000:]}"

@@ -10,6 +10,7 @@ import asyncio
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,17 @@ import httpx
 import pytest
 import redis
 
-from orderq import audit, keys, stats
+from dispatch.worker import Dispatcher
+from orderq import audit, keys, stats, warehouses
 from orderq import client as oq_client
 from orderq.clusterdev import SLOTS, DevCluster
 from orderq.errors import ConfigError, OrderqError, ServerCheckError
 from orderq.settings import Settings
+from orderq.warehouses import Warehouse
 from tests.conftest import ADMIN, auth, drain, make_order
-from tests.test_validate_rules import RULES_ON, _started, line, order
+from tests.test_dispatch import Sink, dispatcher_settings, running, until
+from tests.test_validate_rules import RULES_ON, _started, accept, line, order
+from validate import stock
 
 PARTITIONS = 6  # two per master
 
@@ -488,3 +493,33 @@ async def test_master_sigkilled_under_load_fails_over(
         assert figures["lost_acknowledged"] == 0, figures["_lost_keys"]
     for p in procs:
         assert p.proc is not None and p.proc.poll() is None, f"{p.stage} died:\n{p.log()[-3000:]}"
+
+
+async def test_routed_split_order_and_its_dispatch_on_the_cluster(cenv, cr, settings_for):
+    """Routing (the ledger slot) and the partitions' execute scripts in one pipeline over
+    several masters; the dispatcher reads each outbox stream on its own master."""
+    await warehouses.put(
+        cr,
+        [
+            Warehouse(id="SH", province="上海市", lat=31.23, lng=121.47, carriers=["sf"]),
+            Warehouse(id="GZ", province="广东省", lat=23.13, lng=113.26, carriers=["zto"]),
+        ],
+    )
+    await stock.set_stock(cr, [("LAMP", 5, "SH"), ("DESK", 5, "GZ")])
+    orders = [
+        make_order(f"CS{i}", lines=[line("LAMP", 1, "900.00", "900.00"), line("DESK", 1, "1900.00", "1900.00")])
+        for i in range(4)
+    ]
+    await accept(cr, *orders)
+    await drain(cr)
+    sink = await Sink().start()
+    conn = await oq_client.connect(dispatcher_settings(settings_for, **cenv, ORDERQ_WEBHOOK_WMS_PICK=sink.url + "/p"))
+    try:
+        async with running(Dispatcher(conn, consumer="cluster-dispatch")):
+            await until(lambda: len(sink.delivered()) == 8, "every pick delivered")
+    finally:
+        await conn.close()
+        await sink.stop()
+    assert sink.delivered() == Counter({f"tmall:TCS{i}:wms.pick@{w}": 1 for i in range(4) for w in ("SH", "GZ")})
+    report = await audit.run(cr)
+    assert report["lost"] == 0 and report["duplicate_effects"] == 0

@@ -34,7 +34,7 @@ from orderq.warehouses import Warehouse
 
 RULES_FILE = "routing.toml"
 RANK_CACHE = 10_000  # places x hot-line combinations remembered
-NO_ROUTING = [[1, keys.DEFAULT_WAREHOUSE, "|", 0.0, 0, 0, 0]]  # no warehouse: ship from "default"
+NO_ROUTING = [[1, 0.0, 0, 0, 0, "", ""]]  # no warehouse: everything ships from "default"
 DAY_MS = 24 * 3600 * 1000
 WAREHOUSE_KINDS = ("hot_sku", "nearest")
 KINDS = (*WAREHOUSE_KINDS, "carrier", "freight_review")
@@ -68,6 +68,7 @@ class Rules:
     tariffs: dict[str, Tariff]
     default_carrier: str
     source: str = ""
+    fronts: dict[str, str] = field(default_factory=dict)  # every hot SKU -> its front warehouse
 
     @property
     def freight_limit_bp(self) -> int:
@@ -76,10 +77,6 @@ class Rules:
             if r.kind == "freight_review":
                 return round(r.max_share * 10_000)
         return 0
-
-    @property
-    def hot(self) -> tuple[Rule, ...]:
-        return tuple(r for r in self.rules if r.kind == "hot_sku")
 
     def tariff(self, carrier: str) -> Tariff:
         return self.tariffs.get(carrier) or self.tariffs[self.default_carrier]
@@ -153,7 +150,11 @@ def parse(doc: dict[str, Any], source: str = "") -> Rules:
         if kind == "freight_review" and not 0 < rule.max_share <= 10:
             raise RulesError(f"{where}: max_share must be > 0, got {rule.max_share}")
         rules.append(rule)
-    return Rules(rules=tuple(rules), tariffs=tariffs, default_carrier=default, source=source)
+    fronts: dict[str, str] = {}
+    for rule in rules:
+        for sku, wh in rule.front.items():
+            fronts.setdefault(sku, wh)
+    return Rules(rules=tuple(rules), tariffs=tariffs, default_carrier=default, source=source, fronts=fronts)
 
 
 def load(rules_dir: Path) -> Rules:
@@ -231,13 +232,15 @@ class Routed:
 
     outcome: str  # s ship | w review (freight over the limit)
     freight: int  # cents
-    parcels: list[dict[str, Any]]  # the status record's "route" entries
+    route: str  # the status record's "route" entries, JSON ("" when not routed)
+    picks: list[str]  # the warehouses that ship it, one wms.pick each ([] when not routed)
     gift_out_of_stock: list[str]
     routed: bool  # False: no warehouse configured (one implicit pick)
 
 
 _pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder(list[list[Any]]).decode
+_unpack = msgspec.msgpack.Decoder(list[str]).decode
+_json = msgspec.json.Encoder().encode
 
 
 def _lines(o: Order) -> list[object]:
@@ -274,18 +277,6 @@ def review_record(o: Order, accepted_us: int) -> bytes:
     )
 
 
-def _money(c: int) -> str:
-    return f"{c // 100}.{c % 100:02d}"
-
-
-def _pairs(flat: list[Any]) -> list[dict[str, Any]]:
-    return [{"sku": _text(flat[i]), "qty": int(flat[i + 1])} for i in range(0, len(flat), 2)]
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 class Router:
     """The routing rules in force, and the batch call."""
 
@@ -298,22 +289,31 @@ class Router:
         self._ranked: dict[tuple[str, str | None, tuple[str, ...]], list[list[object]]] = {}
 
     def _candidates(self, rules: Rules, whs: dict[str, Warehouse], ids: list[str], o: Order) -> list[list[object]]:
-        """The script's candidate rows for ``o`` (index, rule, carrier|rule, km, tariff)."""
-        fronts = tuple(w for r in rules.hot for line in o.lines if (w := r.front.get(line.sku)))
+        """``o``'s candidate list as route.lua reads it: warehouse index, km, tariff, and the
+        route entry's JSON up to its freight, plain and split."""
+        hot = rules.fronts
+        fronts = tuple(hot[line.sku] for line in o.lines if line.sku in hot) if hot else ()
         key = (o.ship_to.province, o.ship_to.city, fronts)
-        rows = self._ranked.get(key)
-        if rows is None:
+        found = self._ranked.get(key)
+        if found is None:
             if len(self._ranked) >= RANK_CACHE:
                 self._ranked.clear()
             index = {wid: i for i, wid in enumerate(ids, 1)}
             rows = []
             for c in candidates(rules, whs, o):
                 t = rules.tariff(c.carrier)
-                km = round(c.km, 1) if c.km is not None else 0.0
-                carrier = f"{c.carrier}|{c.carrier_rule}"
-                rows.append([index[c.warehouse], c.rule, carrier, km, t.base, t.per_km, t.per_unit])
-            self._ranked[key] = rows
-        return rows
+                km = round(c.km, 1) if c.km is not None else None
+                head = {
+                    "warehouse": c.warehouse,
+                    "carrier": c.carrier,
+                    "carrier_rule": c.carrier_rule,
+                    "distance_km": km,
+                }
+                plain = _json({**head, "rule": c.rule})[:-1].decode() + ',"freight":"'
+                split = _json({**head, "rule": "split"})[:-1].decode() + ',"freight":"'
+                rows.append([index[c.warehouse], km or 0.0, t.base, t.per_km, t.per_unit, plain, split])
+            found = self._ranked[key] = rows
+        return found
 
     def reload(self) -> Rules:
         """Read the file again; RulesError leaves the rules in force unchanged."""
@@ -340,34 +340,33 @@ class Router:
         limit = rules.freight_limit_bp if routed else 0
         rows: list[list[object]] = []
         sent: list[int] = []
+        cand_lists: list[list[list[object]]] = [] if routed else [NO_ROUTING]
+        used: dict[int, int] = {}  # id of a candidate list -> its index in cand_lists (1-based)
         for n, o in enumerate(orders):
             if not routed and not o.gifts:
                 continue
-            cands = self._candidates(rules, whs, ids, o) if routed else NO_ROUTING
+            if routed:  # orders to one place share one candidate list in the call
+                ranked = self._candidates(rules, whs, ids, o)
+                cands = used.get(id(ranked))
+                if cands is None:
+                    cand_lists.append(ranked)
+                    cands = used[id(ranked)] = len(cand_lists)
+            else:
+                cands = 1
             hour = str(accepted_us[n] // 3_600_000_000)  # (Lua formats numbers slowly)
             over = 0 if approved[n] else limit
-            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o), over, hour])
+            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o) if over else 0, over, hour])
             sent.append(n)
-        out = [Routed("s", 0, [], [], routed) for _ in orders]
+        out = [Routed("s", 0, "", [], [], routed) for _ in orders]
         if not rows:
             return out
         # a route is needed again only by a redelivery of its entry: kept a day, like decisions
         args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), keys.LEDGER_REPLAY_TTL_S]
-        args += [_pack(ids), _pack(rows)]
+        args += [_pack(ids), _pack(cand_lists), _pack(rows), "1" if routed else "0"]
         (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
-        for n, res in zip(sent, _unpack(raw), strict=True):
-            outcome, freight, parcels, oos = _text(res[0]), int(res[1]), res[2], res[3]
-            docs = []
-            for wid, rule, carrier, km, f, lines, gifts in parcels:
-                carrier_name, _, carrier_rule = _text(carrier).partition("|")
-                doc: dict[str, Any] = {"warehouse": _text(wid), "carrier": carrier_name or None, "rule": _text(rule)}
-                if routed:
-                    doc["carrier_rule"] = carrier_rule
-                    doc["distance_km"] = float(km)
-                    doc["freight"] = _money(int(f))
-                doc["lines"] = _pairs(lines)
-                if gifts:
-                    doc["gifts"] = _pairs(gifts)
-                docs.append(doc)
-            out[n] = Routed(outcome, freight, docs, [_text(s) for s in oos], routed)
+        for n, rec in zip(sent, _unpack(raw), strict=True):
+            outcome, freight, picks, oos, route = rec.split("\t", 4)
+            out[n] = Routed(
+                outcome, int(freight), route, picks.split(",") if picks else [], oos.split(",") if oos else [], routed
+            )
         return out

@@ -126,10 +126,10 @@ class ExecuteWorker(StreamWorker):
                 reviewed.append((e, order))
             else:
                 outcome = "e"
-                picks = [p["warehouse"] for p in d.parcels] if d is not None and d.routed else None
+                picks = d.picks if d is not None and d.routed else None
                 acts = plan(order, stage, mode, picks)
                 if d is not None and d.routed:
-                    route = json_encoder.encode(d.parcels).decode()
+                    route = d.route
                 if d is not None and d.gift_out_of_stock:
                     more = json_encoder.encode([f"gift_out_of_stock:{sku}" for sku in d.gift_out_of_stock]).decode()
                     gift_oos += d.gift_out_of_stock

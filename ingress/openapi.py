@@ -104,7 +104,7 @@ class Parcel(Struct, omit_defaults=True):
     rule: str  # the rule that chose the warehouse (split: the order needed several)
     lines: list[SkuQty]
     carrier_rule: str | UnsetType = UNSET  # the rule that chose the carrier
-    distance_km: float | UnsetType = UNSET
+    distance_km: float | UnsetType | None = UNSET  # null: the address could not be located
     freight: Money | UnsetType = UNSET  # the estimate
     gifts: list[SkuQty] | UnsetType = UNSET
 

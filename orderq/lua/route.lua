@@ -13,17 +13,22 @@
 -- redelivered order gets it back and allocates nothing twice. An order sent to review for
 -- its freight allocates nothing and is not recorded (routed afresh once approved).
 -- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] msgpack:
---   {warehouse ids...} (every warehouse a candidate may name), [5] msgpack array of
---   orders, each {key, {sku, qty, ...} lines (first: the main line), {sku, qty, ...} gifts,
---   {{cand, rule, carrier, distance (km), base (cents), per km (cents/1000), per unit
---   (cents)}, ...} candidates best first (cand: index into the warehouse ids), goods
---   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000)}
--- Returns msgpack: per order {outcome s|w, freight (cents), {{warehouse, rule, carrier,
---   distance, freight, {sku, qty, ...}, {gift sku, qty, ...}}, ...}, {gift sku out of stock...}}
+--   {warehouse ids...} (every warehouse a candidate may name), [5] msgpack: candidate lists
+--   (orders to one place share theirs), each {{warehouse index, distance (km), base (cents),
+--   per km (cents/1000), per unit (cents), route entry JSON up to the freight, the same
+--   for a split}, ...} best first, [6] msgpack array of orders, each {key, {sku, qty, ...}
+--   lines (first: the main line), {sku, qty, ...} gifts, candidate list index, goods
+--   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000)},
+--   [7] '1': warehouses are configured (render the route), else gifts only
+-- Returns msgpack: per order its record "<s|w>\t<freight cents>\t<picks: SH,GZ>\t<gifts out
+--   of stock: SKU,...>\t<route JSON: per parcel warehouse, carrier, rule, carrier_rule,
+--   distance_km, freight, lines, gifts>" (picks and route empty when not routed or in review)
 local P = ARGV[1]
 local ppm, ttl = tonumber(ARGV[2]), ARGV[3]
 local whs = cmsgpack.unpack(ARGV[4])
-local orders = cmsgpack.unpack(ARGV[5])
+local cand_lists = cmsgpack.unpack(ARGV[5])
+local orders = cmsgpack.unpack(ARGV[6])
+local routing = ARGV[7] == '1'  -- warehouses configured: the route is rendered for the status record
 
 local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 local function chunked(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
@@ -126,26 +131,38 @@ local function allocate(sku, wh, key, qty, reserved)  -- qty of sku shipped by w
   hw[key] = (hw[key] or 0) + qty
 end
 
--- 2. route, order by order
+-- 2. route, order by order. A candidate is {warehouse index, distance (km), base (cents),
+-- per km (cents/1000), per unit (cents), JSON of its route entry up to the freight, the same
+-- for a split}: the route JSON is built by concatenation (SKUs need no escaping).
+local function money(c) return string.format('%d.%02d', math.floor(c / 100), c % 100) end
+local function items_json(flat)
+  local parts = {}
+  for i = 1, #flat, 2 do parts[#parts + 1] = '{"sku":"' .. flat[i] .. '","qty":' .. flat[i + 1] .. '}' end
+  return table.concat(parts, ',')
+end
 local out = {}
-local routed = {}  -- order key -> its row, for a key twice in one batch
+local routed = {}  -- order key -> its record, for a key twice in one batch
 for n, o in ipairs(orders) do
+  local key = o[1]
   if recs[n] then
-    out[n] = cmsgpack.unpack(recs[n])
-  elseif routed[o[1]] then
-    out[n] = routed[o[1]]
+    out[n] = recs[n]
+  elseif routed[key] then
+    out[n] = routed[key]
   else
-    local key, lines, gifts, cands = o[1], o[2], o[3], o[4]
+    local lines, gifts, cands = o[2], o[3], cand_lists[o[4]]
     local goods, limit_bp = o[5], o[6]
     -- one warehouse that has every line, best first
-    local parcels = {}  -- {cand, rule, {sku, qty, ...}}
+    local parcels = {}  -- {candidate, {sku, qty, ...}, split}
     for _, c in ipairs(cands) do
-      local ok = true
+      local wh, ok = whs[c[1]], true
       for i = 1, #lines, 2 do
-        if not can(lines[i], whs[c[1]], lines[i + 1]) then ok = false break end
+        if not can(lines[i], wh, lines[i + 1]) then
+          ok = false
+          break
+        end
       end
       if ok then
-        parcels[1] = {c, c[2], lines}
+        parcels[1] = {c, lines, false}
         break
       end
     end
@@ -157,11 +174,11 @@ for n, o in ipairs(orders) do
       local function take(ci, sku, qty)
         local p = by_cand[ci]
         if not p then
-          p = {cands[ci], 'split', {}}
+          p = {cands[ci], {}, true}
           by_cand[ci] = p
         end
-        p[3][#p[3] + 1] = sku
-        p[3][#p[3] + 1] = qty
+        p[2][#p[2] + 1] = sku
+        p[2][#p[2] + 1] = qty
       end
       for ci, c in ipairs(cands) do
         for _, l in ipairs(left) do
@@ -173,8 +190,7 @@ for n, o in ipairs(orders) do
       end
       for ci, c in ipairs(cands) do
         for _, l in ipairs(left) do
-          local s = stock[l[1]]
-          local have = s.avail[whs[c[1]]]
+          local have = stock[l[1]].avail[whs[c[1]]]
           if l[2] > 0 and have > 0 then
             local q = math.min(have, l[2])
             take(ci, l[1], q)
@@ -190,50 +206,66 @@ for n, o in ipairs(orders) do
       end
     end
     -- freight: per parcel, base + per km x distance + per unit x units
-    local freight, rows = 0, {}
+    local freight = 0
     for _, p in ipairs(parcels) do
       local c, units = p[1], 0
-      for i = 2, #p[3], 2 do units = units + p[3][i] end
-      local f = c[5] + math.floor(c[6] * c[4] / 1000 + 0.5) + c[7] * units
-      freight = freight + f
-      rows[#rows + 1] = {whs[c[1]], p[2], c[3], c[4], f, p[3], {}}
+      for i = 2, #p[2], 2 do units = units + p[2][i] end
+      p[4] = c[3] + math.floor(c[4] * c[2] / 1000 + 0.5) + c[5] * units
+      freight = freight + p[4]
     end
     if limit_bp > 0 and freight * 10000 > limit_bp * goods then
       -- a person decides: nothing allocated, nothing recorded (the execute stage writes what
       -- the order holds from validation, o:<key>, for a reviewer's reject to release)
-      out[n] = {'w', freight, rows, {}}
+      out[n] = 'w\t' .. freight .. '\t\t\t'
       routed[key] = out[n]
     else
       -- the lines' units leave their warehouses' free stock (sub-units of a split line too)
-      for _, row in ipairs(rows) do
-        for i = 1, #row[6], 2 do allocate(row[6][i], row[1], key, row[6][i + 1], true) end
+      local main  -- the parcel with the order's first line
+      for _, p in ipairs(parcels) do
+        local wh = whs[p[1][1]]
+        for i = 1, #p[2], 2 do
+          allocate(p[2][i], wh, key, p[2][i + 1], true)
+          if not main and p[2][i] == lines[1] then main = p end
+        end
       end
-      -- gifts: from the main line's warehouse, when it and the total still have them
-      local main = rows[1]
-      local oos = {}
+      main = main or parcels[1]
+      -- gifts: from the main (first) line's warehouse, when it and the total still have them
+      local given, oos = {}, {}
+      local wh = whs[main[1][1]]
       for i = 1, #gifts, 2 do
         local sku, qty = gifts[i], gifts[i + 1]
         local s = stock[sku]
-        local wh = main and main[1] or ''
         if not s.p then
-          main[7][#main[7] + 1] = sku  -- no stock record: shipped, not counted
-          main[7][#main[7] + 1] = qty
-        elseif sellable(s) >= qty and (not s.tracked or (s.avail[wh] or 0) >= qty) then
+          given[#given + 1] = sku  -- no stock record: shipped, not counted
+          given[#given + 1] = qty
+        elseif sellable(s) >= qty and (not s.tracked or s.avail[wh] >= qty) then
           allocate(sku, wh, key, qty, false)
-          main[7][#main[7] + 1] = sku
-          main[7][#main[7] + 1] = qty
+          given[#given + 1] = sku
+          given[#given + 1] = qty
         else
           oos[#oos + 1] = sku
           redis.call('HINCRBY', P .. 'gift_oos', sku, 1)
         end
       end
-      local row = {'s', freight, rows, oos}
+      -- the record: outcome, freight, picks, gifts out of stock, route JSON (tab-separated)
+      local json, picks = '', ''
+      if routing then
+        local docs, names = {}, {}
+        for i, p in ipairs(parcels) do
+          local d = (p[3] and p[1][7] or p[1][6]) .. money(p[4]) .. '","lines":[' .. items_json(p[2]) .. ']'
+          if p == main and #given > 0 then d = d .. ',"gifts":[' .. items_json(given) .. ']' end
+          docs[i] = d .. '}'
+          names[i] = whs[p[1][1]]
+        end
+        json, picks = '[' .. table.concat(docs, ',') .. ']', table.concat(names, ',')
+      end
+      local rec = 's\t' .. freight .. '\t' .. picks .. '\t' .. table.concat(oos, ',') .. '\t' .. json
       local nb = new_recs[bucket_of[n]] or {}
       new_recs[bucket_of[n]] = nb
       nb[#nb + 1] = key
-      nb[#nb + 1] = cmsgpack.pack(row)
-      out[n] = row
-      routed[key] = row
+      nb[#nb + 1] = rec
+      out[n] = rec
+      routed[key] = rec
     end
   end
 end

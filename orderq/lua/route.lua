@@ -97,7 +97,11 @@ end
 for sku, keys in pairs(holders) do
   local v = chunked('HMGET', P .. 'sku:' .. sku .. ':h', keys)
   local s = stock[sku]
-  for i, key in ipairs(keys) do s.h[key] = tonumber(v[i] or 0) end
+  s.h0 = {}  -- as read: only what changed is written back
+  for i, key in ipairs(keys) do
+    s.h[key] = tonumber(v[i] or 0)
+    s.h0[key] = s.h[key]
+  end
 end
 
 local function can(sku, wh, qty)  -- whether warehouse wh can ship qty of sku
@@ -278,11 +282,14 @@ for sku, s in pairs(stock) do
   local set, del = {}, {}
   for _, key in ipairs(holders[sku]) do
     local q = s.h[key]
-    if q > 0 then
-      set[#set + 1] = key
-      set[#set + 1] = q
-    else
-      del[#del + 1] = key
+    if q ~= s.h0[key] then
+      s.h0[key] = q  -- (a key listed twice is written once)
+      if q > 0 then
+        set[#set + 1] = key
+        set[#set + 1] = q
+      else
+        del[#del + 1] = key
+      end
     end
   end
   write('HSET', skey .. ':h', set, 2)

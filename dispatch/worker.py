@@ -41,6 +41,7 @@ from orderq import keys
 from orderq.client import Redis
 from orderq.control import Control
 from orderq.schema import unpack_order
+from orderq.status import parse_parcel
 from orderq.worker import parse_read
 
 log = structlog.get_logger("orderq.dispatch")
@@ -72,7 +73,7 @@ class Held:
     due: float = 0.0
     error: str = ""
     warehouse: str = ""  # a routed pick (issue 9): the warehouse that ships it
-    route: bytes = b""  # ... and the order's route (JSON), its parcel named by warehouse
+    route: bytes = b""  # ... and its parcel of the order's route (orderq/status.py parses it)
 
 
 @dataclass(slots=True)
@@ -90,8 +91,7 @@ def request_body(action: str, h: Held) -> bytes:
     body: dict[str, Any] = {"order_key": h.key, "action": action, "fulfilment_id": h.fid, "order": doc}
     if h.warehouse:  # a routed pick: which warehouse ships which lines, with which carrier
         body["warehouse"] = h.warehouse
-        parcels = msgspec.json.decode(h.route) if h.route else []
-        body["parcel"] = next((x for x in parcels if x.get("warehouse") == h.warehouse), None)
+        body["parcel"] = parse_parcel(h.route.decode()) if h.route else None
     return _json.encode(body)
 
 

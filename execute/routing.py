@@ -19,6 +19,7 @@ one implicit warehouse ``default``, and the script runs only for orders with gif
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -33,6 +34,7 @@ from orderq.schema import Order, cents, goods_cents
 from orderq.warehouses import Warehouse
 
 RULES_FILE = "routing.toml"
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # rule and carrier names: none of the route's separators
 RANK_CACHE = 10_000  # places x hot-line combinations remembered
 NO_ROUTING = [[1, 0.0, 0, 0, 0, "", ""]]  # no warehouse: everything ships from "default"
 DAY_MS = 24 * 3600 * 1000
@@ -103,6 +105,8 @@ def parse(doc: dict[str, Any], source: str = "") -> Rules:
     for name, t in carriers.items():
         if name == "default":
             continue
+        if not NAME.match(name):
+            raise RulesError(f"{source}: carriers.{name}: a carrier is named with letters, digits, _ and -")
         if not isinstance(t, dict):
             raise RulesError(f"{source}: carriers.{name} must be a table")
         unknown = set(t) - {"base", "per_km", "per_unit"}
@@ -125,8 +129,8 @@ def parse(doc: dict[str, Any], source: str = "") -> Rules:
         kind, name = raw.get("kind"), raw.get("name")
         if kind not in KINDS:
             raise RulesError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        if not isinstance(name, str) or not name or name in names or "|" in name:
-            raise RulesError(f"{where}: needs a unique name (no '|'), got {name!r}")
+        if not isinstance(name, str) or not NAME.match(name) or name in names:
+            raise RulesError(f"{where}: needs a unique name of letters, digits, _ and -, got {name!r}")
         names.add(name)
         unknown = set(raw) - {"name", "kind", "front", "prefer_km", "provinces", "carrier", "max_share"}
         if unknown:
@@ -240,7 +244,6 @@ class Routed:
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[str]).decode
-_json = msgspec.json.Encoder().encode
 
 
 def _lines(o: Order) -> list[object]:
@@ -303,14 +306,9 @@ class Router:
             for c in candidates(rules, whs, o):
                 t = rules.tariff(c.carrier)
                 km = round(c.km, 1) if c.km is not None else None
-                head = {
-                    "warehouse": c.warehouse,
-                    "carrier": c.carrier,
-                    "carrier_rule": c.carrier_rule,
-                    "distance_km": km,
-                }
-                plain = _json({**head, "rule": c.rule})[:-1].decode() + ',"freight":"'
-                split = _json({**head, "rule": "split"})[:-1].decode() + ',"freight":"'
+                # the route entry up to its freight (compact, see route.lua; orderq/status.py renders it)
+                head = f"{c.warehouse}|{c.carrier}|{{}}|{c.carrier_rule}|{'' if km is None else km}|"
+                plain, split = head.format(c.rule), head.format("split")
                 rows.append([index[c.warehouse], km or 0.0, t.base, t.per_km, t.per_unit, plain, split])
             found = self._ranked[key] = rows
         return found

@@ -20,6 +20,38 @@ TIME_FIELDS = {
 }
 
 
+def _items(text: str) -> list[dict[str, Any]]:
+    out = []
+    for item in text.split(",") if text else ():
+        sku, _, qty = item.rpartition(":")
+        out.append({"sku": sku, "qty": int(qty)})
+    return out
+
+
+def parse_parcel(text: str) -> dict[str, Any]:
+    """One parcel of a route as route.lua writes it ("<warehouse>|<carrier>|<rule>|<carrier
+    rule>|<km>|<freight cents>|<sku>:<qty>,...|<gift sku>:<qty>,...") -> the record's entry."""
+    wh, carrier, rule, carrier_rule, km, freight, lines, gifts = text.split("|")
+    cents = int(freight)
+    doc: dict[str, Any] = {
+        "warehouse": wh,
+        "carrier": carrier or None,
+        "rule": rule,
+        "carrier_rule": carrier_rule,
+        "distance_km": float(km) if km else None,
+        "freight": f"{cents // 100}.{cents % 100:02d}",
+        "lines": _items(lines),
+    }
+    if gifts:
+        doc["gifts"] = _items(gifts)
+    return doc
+
+
+def parse_route(text: str) -> list[dict[str, Any]]:
+    """A route (parcels joined by ';') -> its entries, in the order they were chosen."""
+    return [parse_parcel(p) for p in text.split(";") if p]
+
+
 def render(order_key: str, h: dict[bytes, bytes]) -> dict[str, Any]:
     """A status hash -> the contract's JSON record."""
     actions: list[dict[str, str]] = []
@@ -46,6 +78,6 @@ def render(order_key: str, h: dict[bytes, bytes]) -> dict[str, Any]:
     if h.get(b"f"):
         record["fulfilment_id"] = h[b"f"].decode()
     if h.get(b"rt"):  # the route: one entry, or a list when the order was split
-        route = any_json_decoder.decode(h[b"rt"])
+        route = parse_route(h[b"rt"].decode())
         record["route"] = route[0] if len(route) == 1 else route
     return record

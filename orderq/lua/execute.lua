@@ -3,15 +3,16 @@
 -- with HSETNX in the same script that appends the outbox entry, so a redelivered
 -- batch re-runs harmlessly.
 -- A routed order (issue 9) has one pick per warehouse: action wms.pick@<warehouse>, ledger
--- field x:wms.pick@<warehouse>, an outbox entry naming the warehouse ('w') and carrying the
--- route ('r'); a split order's picks get fulfilment id <id>-<warehouse>.
+-- field x:wms.pick@<warehouse>, an outbox entry naming the warehouse ('w') and carrying its
+-- parcel of the route ('r'); a split order's picks get fulfilment id <id>-<warehouse>.
 -- KEYS[1] counters, KEYS[2..4] lanes vip/new/regular, KEYS[5] deferred stream,
 -- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8] review zset, KEYS[9..13] outbox
 -- streams (ACTIONS order), KEYS[14..] status record per order
 -- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
 --   trimmed, the dispatcher deletes what it delivered), then per order 9 values: lane (1..3), entry id,
 --   order key, outcome (e executed | h held | w review: freight over the limit), fulfilment
---   id, actions ("name=state,..."), payload, route (JSON, '' none), reasons to add (JSON
+--   id, actions ("name=state,..."), payload, route (compact text, see route.lua; '' none),
+--   reasons to add (JSON
 --   array, '' none)
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -29,8 +30,9 @@ local function to_outbox(name, key, fid, payload, route, split)
     if split then entry[5] = fid .. '-' .. wh end
     entry[#entry + 1] = 'w'
     entry[#entry + 1] = wh
-    entry[#entry + 1] = 'r'
-    entry[#entry + 1] = route
+    entry[#entry + 1] = 'r'  -- its own parcel of the route
+    local pattern = ';(' .. (string.gsub(wh, '%-', '%%-')) .. '|[^;]*)'  -- ('-' is magic in patterns)
+    entry[#entry + 1] = string.match(';' .. route, pattern) or ''
   end
   if trim[base] then
     redis.call('XADD', outbox[base], 'MAXLEN', '~', trim[base], unpack(entry))

@@ -15,14 +15,13 @@
 -- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] msgpack:
 --   {warehouse ids...} (every warehouse a candidate may name), [5] msgpack: candidate lists
 --   (orders to one place share theirs), each {{warehouse index, distance (km), base (cents),
---   per km (cents/1000), per unit (cents), route entry JSON up to the freight, the same
---   for a split}, ...} best first, [6] msgpack array of orders, each {key, {sku, qty, ...}
+--   per km (cents/1000), per unit (cents), route entry up to the freight, the same for a
+--   split}, ...} best first, [6] msgpack array of orders, each {key, {sku, qty, ...}
 --   lines (first: the main line), {sku, qty, ...} gifts, candidate list index, goods
 --   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000)},
 --   [7] '1': warehouses are configured (render the route), else gifts only
 -- Returns msgpack: per order its record "<s|w>\t<freight cents>\t<picks: SH,GZ>\t<gifts out
---   of stock: SKU,...>\t<route JSON: per parcel warehouse, carrier, rule, carrier_rule,
---   distance_km, freight, lines, gifts>" (picks and route empty when not routed or in review)
+--   of stock: SKU,...>\t<route>" (picks and route empty when not routed or in review)
 local P = ARGV[1]
 local ppm, ttl = tonumber(ARGV[2]), ARGV[3]
 local whs = cmsgpack.unpack(ARGV[4])
@@ -136,12 +135,13 @@ local function allocate(sku, wh, key, qty, reserved)  -- qty of sku shipped by w
 end
 
 -- 2. route, order by order. A candidate is {warehouse index, distance (km), base (cents),
--- per km (cents/1000), per unit (cents), JSON of its route entry up to the freight, the same
--- for a split}: the route JSON is built by concatenation (SKUs need no escaping).
-local function money(c) return string.format('%d.%02d', math.floor(c / 100), c % 100) end
-local function items_json(flat)
+-- per km (cents/1000), per unit (cents), its route entry up to the freight, the same for a
+-- split}. A route is compact text (orderq/status.py renders it): per parcel
+-- "<warehouse>|<carrier>|<rule>|<carrier rule>|<km>|<freight cents>|<sku>:<qty>,...|<gift
+-- sku>:<qty>,...", parcels joined by ';' (SKUs and names hold none of these separators).
+local function items(flat)
   local parts = {}
-  for i = 1, #flat, 2 do parts[#parts + 1] = '{"sku":"' .. flat[i] .. '","qty":' .. flat[i + 1] .. '}' end
+  for i = 1, #flat, 2 do parts[#parts + 1] = flat[i] .. ':' .. flat[i + 1] end
   return table.concat(parts, ',')
 end
 local out = {}
@@ -252,18 +252,16 @@ for n, o in ipairs(orders) do
         end
       end
       -- the record: outcome, freight, picks, gifts out of stock, route JSON (tab-separated)
-      local json, picks = '', ''
+      local route, picks = '', ''
       if routing then
         local docs, names = {}, {}
         for i, p in ipairs(parcels) do
-          local d = (p[3] and p[1][7] or p[1][6]) .. money(p[4]) .. '","lines":[' .. items_json(p[2]) .. ']'
-          if p == main and #given > 0 then d = d .. ',"gifts":[' .. items_json(given) .. ']' end
-          docs[i] = d .. '}'
+          docs[i] = (p[3] and p[1][7] or p[1][6]) .. p[4] .. '|' .. items(p[2]) .. '|' .. (p == main and items(given) or '')
           names[i] = whs[p[1][1]]
         end
-        json, picks = '[' .. table.concat(docs, ',') .. ']', table.concat(names, ',')
+        route, picks = table.concat(docs, ';'), table.concat(names, ',')
       end
-      local rec = 's\t' .. freight .. '\t' .. picks .. '\t' .. table.concat(oos, ',') .. '\t' .. json
+      local rec = 's\t' .. freight .. '\t' .. picks .. '\t' .. table.concat(oos, ',') .. '\t' .. route
       local nb = new_recs[bucket_of[n]] or {}
       new_recs[bucket_of[n]] = nb
       nb[#nb + 1] = key

@@ -253,6 +253,11 @@ def _lines(o: Order) -> list[object]:
     return [x for sku, qty in agg.items() for x in (sku, qty)]
 
 
+def _text(flat: list[object]) -> str:
+    """``[sku, qty, ...]`` as route text: ``sku:qty,...``."""
+    return ",".join(f"{flat[i]}:{flat[i + 1]}" for i in range(0, len(flat), 2))
+
+
 def _gifts(o: Order) -> list[object]:
     agg: dict[str, int] = {}
     for g in o.gifts:
@@ -325,11 +330,14 @@ class Router:
         orders: list[Order],
         approved: list[bool],
         accepted_us: list[int],
+        redelivered: list[bool] | None = None,
     ) -> list[Routed]:
         """Route a batch with one script call; with no warehouse, only orders with gifts go
         to the script (their gifts' stock), the others ship from ``default`` untouched."""
         rules = self.rules
         routed = bool(whs)
+        if redelivered is None:  # unknown: look for a record of every order
+            redelivered = [True] * len(orders)
         ids = list(whs) if routed else [keys.DEFAULT_WAREHOUSE]
         cached = self._cache_for
         if cached is None or cached[0] is not rules or cached[1] is not whs:  # new rules or warehouses
@@ -353,7 +361,10 @@ class Router:
                 cands = 1
             hour = str(accepted_us[n] // 3_600_000_000)  # (Lua formats numbers slowly)
             over = 0 if approved[n] else limit
-            rows.append([o.key, _lines(o), _gifts(o), cands, goods_cents(o) if over else 0, over, hour])
+            lines, gifts = _lines(o), _gifts(o)
+            goods = goods_cents(o) if over else 0
+            again = 1 if redelivered[n] else 0
+            rows.append([o.key, lines, gifts, cands, goods, over, hour, again, _text(lines), _text(gifts)])
             sent.append(n)
         out = [Routed("s", 0, "", [], [], routed) for _ in orders]
         if not rows:

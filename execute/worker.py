@@ -106,6 +106,7 @@ class ExecuteWorker(StreamWorker):
                 [o for _, o in ready],
                 [e.get(b"ap") == b"1" for e, _ in ready],
                 [int(e.get(b"ta") or 0) for e, _ in ready],
+                [e.delivered_again for e, _ in ready],
             )
             # (entry ids are unique per stream only: two lanes may hold the same id)
             routes = {(e.stream, e.id): d for (e, _), d in zip(ready, decided, strict=True)}

@@ -130,13 +130,19 @@ async def test_redelivered_split_order_picks_and_allocates_once(rr: oq_client.Re
     o = order(ship_to=SUZHOU, lines=[line("LAMP", 1, "900.00", "900.00"), line("DESK", 2, "900.00", "900.00")])
     (key,) = await accept(rr, o)
     await drain_validate(rr)
+    # an executor takes the entry, routes it (allocating), and dies before executing it
+    p = rr.partition_of(key)
+    taken = await rr.client.xreadgroup(keys.GROUP_EXECUTE, "dead-executor", dict.fromkeys(p.lanes, ">"))
+    assert sum(len(msgs) for _, msgs in taken) == 1
     raw = msgspec.json.encode(o)
     parsed = normalise(order_decoder.decode(raw), raw)
     router = Router(rr.settings.rules_dir)
     whs = await warehouses.get_all(rr)
-    first = await router.route(rr, whs, [parsed], [False], [int(time.time() * 1e6)])
-    again = await router.route(rr, whs, [parsed], [False], [int(time.time() * 1e6)])
+    now = int(time.time() * 1e6)
+    first = await router.route(rr, whs, [parsed], [False], [now], [False])
+    again = await router.route(rr, whs, [parsed], [False], [now], [True])  # a redelivery: its record
     assert first[0].route == again[0].route and first[0].picks == again[0].picks == ["SH", "GZ"]
+    await asyncio.sleep(1.2)  # past ORDERQ_CLAIM_IDLE_MS (1 s in tests): a live executor reclaims it
     await drain(rr)
     st = await status(rr, key)
     assert st["status"] == "executed" and pick_warehouses(st) == ["GZ", "SH"]

@@ -18,7 +18,8 @@
 --   per km (cents/1000), per unit (cents), route entry up to the freight, the same for a
 --   split}, ...} best first, [6] msgpack array of orders, each {key, {sku, qty, ...}
 --   lines (first: the main line), {sku, qty, ...} gifts, candidate list index, goods
---   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000)},
+--   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000),
+--   delivered before (0|1: may have a record), lines and gifts as route text}
 --   [7] '1': warehouses are configured (render the route), else gifts only
 -- Returns msgpack: per order its record "<s|w>\t<freight cents>\t<picks: SH,GZ>\t<gifts out
 --   of stock: SKU,...>\t<route>" (picks and route empty when not routed or in review)
@@ -45,15 +46,18 @@ local function write(cmd, key, flat, step)  -- HSET key flat... / HDEL key flat.
   end
 end
 
--- 1. orders routed already, and the stock the others need
-local buckets = {}  -- rt:<hour> -> {order key, ...}
+-- 1. orders routed already (only an entry delivered before can have been: its executor
+-- may have died between this script and the execute script), and the stock the others need
+local buckets = {}  -- rt:<hour> -> {order key, ...} of the orders delivered before
 local bucket_of = {}
 for n, o in ipairs(orders) do
   local b = P .. 'rt:' .. o[7]
   bucket_of[n] = b
-  buckets[b] = buckets[b] or {}
-  local list = buckets[b]
-  list[#list + 1] = o[1]
+  if o[8] == 1 then
+    buckets[b] = buckets[b] or {}
+    local list = buckets[b]
+    list[#list + 1] = o[1]
+  end
 end
 local recorded = {}  -- bucket -> {order key -> record}
 for b, list in pairs(buckets) do
@@ -63,7 +67,7 @@ for b, list in pairs(buckets) do
   recorded[b] = m
 end
 local recs, new_recs = {}, {}
-for n, o in ipairs(orders) do recs[n] = recorded[bucket_of[n]][o[1]] or false end
+for n, o in ipairs(orders) do recs[n] = o[8] == 1 and recorded[bucket_of[n]][o[1]] or false end
 local stock = {}  -- sku -> {p, r, dr, tracked, avail = {wh -> units}, da = {wh -> units}, h = {key -> units}, hw = {wh -> {key -> units}}}
 local fields = {'p', 'r'}
 for _, wh in ipairs(whs) do
@@ -256,7 +260,10 @@ for n, o in ipairs(orders) do
       if routing then
         local docs, names = {}, {}
         for i, p in ipairs(parcels) do
-          docs[i] = (p[3] and p[1][7] or p[1][6]) .. p[4] .. '|' .. items(p[2]) .. '|' .. (p == main and items(given) or '')
+          local what = p[2] == lines and o[9] or items(p[2])  -- (Python rendered the whole order's)
+          local extra = ''
+          if p == main then extra = #given == #gifts and o[10] or items(given) end
+          docs[i] = (p[3] and p[1][7] or p[1][6]) .. p[4] .. '|' .. what .. '|' .. extra
           names[i] = whs[p[1][1]]
         end
         route, picks = table.concat(docs, ';'), table.concat(names, ',')

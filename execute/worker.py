@@ -150,7 +150,7 @@ class ExecuteWorker(StreamWorker):
                 args: list[object] = [self.group, self.settings.outbox_trim]
                 for e, key, outcome, fid, acts, route, more in rows:
                     ks.append(p.status(key))
-                    args += [e.lane, e.id, key, outcome, fid, acts, e.get(b"d"), route, more]
+                    args += [f"{e.lane}\t{e.id}\t{key}\t{outcome}\t{fid}\t{acts}\t{route}\t{more}", e.get(b"d")]
                 self.r.script(pipe, "execute", ks, args)
             # what an order sent to review for its freight holds from validation: a reviewer's
             # reject releases by it (in the pipeline, so it exists before the review does)

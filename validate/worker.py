@@ -135,16 +135,10 @@ class ValidateWorker(StreamWorker):
                 args: list[object] = [self.group, ttl]
                 for e, d in items:
                     ks.append(p.status(d.order.key))
-                    args += [
-                        e.id,
-                        d.outcome,
-                        d.priority,
-                        d.order.key,
-                        e.get(b"d"),
-                        e.get(b"ta"),
-                        json_encoder.encode(d.reasons),
-                        d.risk_score,
-                    ]
+                    ta = e.get(b"ta").decode()
+                    why = json_encoder.encode(d.reasons).decode()
+                    head = f"{e.id}\t{d.outcome}\t{d.priority}\t{d.order.key}\t{ta}\t{d.risk_score}\t{why}"
+                    args += [head, e.get(b"d")]
                 self.r.script(pipe, "handoff", ks, args)
             for reason, n in reasons.items():
                 pipe.hincrby(metrics.REASONS_KEY, reason, n)

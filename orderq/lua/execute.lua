@@ -9,11 +9,11 @@
 -- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8] review zset, KEYS[9..13] outbox
 -- streams (ACTIONS order), KEYS[14..] status record per order
 -- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
---   trimmed, the dispatcher deletes what it delivered), then per order 9 values: lane (1..3), entry id,
---   order key, outcome (e executed | h held | w review: freight over the limit), fulfilment
---   id, actions ("name=state,..."), payload, route (compact text, see route.lua; '' none),
---   reasons to add (JSON
---   array, '' none)
+--   trimmed, the dispatcher deletes what it delivered), then per order 2 values: its head
+--   "<lane 1..3>\t<entry id>\t<order key>\t<outcome: e executed | h held | w review (freight
+--   over the limit)>\t<fulfilment id>\t<actions: name=state,...>\t<route: compact text, see
+--   route.lua; '' none>\t<reasons to add: JSON array; '' none>" (none of them holds a tab),
+--   and its payload
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local outbox = {['wms.pick'] = KEYS[9], ['notify.sms'] = KEYS[10], ['invoice.request'] = KEYS[11],
@@ -47,15 +47,16 @@ local function with_reasons(status, more)  -- the record's reasons JSON plus mor
   if #list == 0 then return '[]' end
   return cjson.encode(list)
 end
+-- (one argument per order for what is small: redis-py packs each argument at a cost)
+local HEAD = '^(%d)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
 local acks = {{}, {}, {}}
 local n = {executed = 0, held = 0, deferred = 0, dropped = 0, executed_vip = 0,
            executed_new = 0, executed_regular = 0, review = 0}
-local per = 9
 for i = 14, #KEYS do
-  local a = 3 + (i - 14) * per
-  local lane, id, key, outcome = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local fid, actions, payload = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
-  local route, more = ARGV[a + 7], ARGV[a + 8]
+  local a = 3 + (i - 14) * 2
+  local lane, id, key, outcome, fid, actions, route, more = string.match(ARGV[a], HEAD)
+  local payload = ARGV[a + 1]
+  lane = tonumber(lane)
   local status = KEYS[i]
   local ids = acks[lane]
   ids[#ids + 1] = id

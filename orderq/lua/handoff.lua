@@ -2,19 +2,21 @@
 -- order whose record is past 'accepted' is only acknowledged (a redelivered entry).
 -- KEYS[1] intake, KEYS[2] counters, KEYS[3..5] ready lanes vip/new/regular,
 -- KEYS[6] review zset, KEYS[7] parked payloads, KEYS[8..] status record per order
--- ARGV[1] group, ARGV[2] status TTL (s), then per order 8 values: entry id,
---   outcome (v validated | r rejected | w review), priority (vip|new|regular), order key,
---   payload, accept time (us), reasons (JSON array), risk score
+-- ARGV[1] group, ARGV[2] status TTL (s), then per order 2 values: its head "<entry id>\t
+--   <outcome: v validated | r rejected | w review>\t<priority: vip|new|regular>\t<order
+--   key>\t<accept time (us)>\t<risk score>\t<reasons: JSON array>" (no field holds a tab)
+--   and its payload
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local lanes = {vip = KEYS[3], new = KEYS[4], regular = KEYS[5]}
 local n = {validated = 0, rejected = 0, review = 0}
 local ids = {}
-local per = 8
+-- (one argument per order for what is small: redis-py packs each argument at a cost)
+local HEAD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
 for i = 8, #KEYS do
-  local a = 3 + (i - 8) * per
-  local id, outcome, prio, key = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local payload, ta, reasons, risk = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local a = 3 + (i - 8) * 2
+  local id, outcome, prio, key, ta, risk, reasons = string.match(ARGV[a], HEAD)
+  local payload = ARGV[a + 1]
   local status = KEYS[i]
   ids[#ids + 1] = id
   local st = redis.call('HGET', status, 's')

@@ -18,6 +18,7 @@ import itertools
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,9 @@ class OrderFactory:
         usable = [c for c in CHANNEL_WEIGHTS if c in channels and (tokens is None or c in tokens)]
         if not usable:
             raise ValueError("no channel with a token to send orders with")
+        # recipients differ from run to run too: a second run against the same instance within
+        # ORDERQ_DUP_WINDOW_S must not meet the first one's orders as duplicate suspects
+        self.phone_offset = zlib.crc32(run_id.encode()) % 100_000_000
         self.channel_cycle = [c for c in usable for _ in range(CHANNEL_WEIGHTS[c])]
         self.rnd.shuffle(self.channel_cycle)
         self.templates = {
@@ -145,7 +149,7 @@ class OrderFactory:
         return tmpl % {
             b"oid": oid.encode(),
             b"cid": cid.encode(),
-            b"phone": f"138{n % 100_000_000:08d}".encode(),
+            b"phone": f"138{(n + self.phone_offset) % 100_000_000:08d}".encode(),
             b"ip": f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}".encode(),
             b"n": str(n).encode(),
             b"sku": SKUS[n % len(SKUS)].encode(),

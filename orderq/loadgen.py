@@ -19,7 +19,7 @@ import math
 import random
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,32 +344,25 @@ async def closed_loop(
     max_requests: int = 0,
 ) -> float:
     """Every connection sends back-to-back for ``duration_s``; returns the elapsed seconds."""
-    conns = await open_connections(host, port, connections)
     pc = time.perf_counter
-    start = pc()
-    deadline = start + duration_s
-    rec.first_send = start
     sent = 0
+    start = deadline = 0.0
 
-    async def worker(i: int) -> None:
+    def begin() -> None:
+        nonlocal start, deadline
+        start = rec.first_send = pc()
+        deadline = start + duration_s
+
+    async def worker(conns: list[Any], i: int) -> None:
         nonlocal sent
         while True:
             t0 = pc()
             if t0 >= deadline or (max_requests and sent >= max_requests):
                 return
             sent += 1
-            res = await _send(conns, i, host, port, make())
-            now = pc()
-            if res is None:
-                rec.errors += 1
-                continue
-            rec.add(now - t0, res[0], res[1], now)
+            await _exchange(conns, i, host, port, make(), rec, t0)
 
-    try:
-        await asyncio.gather(*(worker(i) for i in range(connections)))
-    finally:
-        for c in conns:
-            c.close()
+    await _on_connections(host, port, connections, begin, worker)
     return pc() - start
 
 
@@ -386,14 +379,16 @@ async def open_loop(
     Latency counts from the scheduled time: when every connection is busy, the wait for
     one is part of the answer time a client would see.
     """
-    conns = await open_connections(host, port, connections)
     pc = time.perf_counter
-    start = pc() + 0.02
-    rec.first_send = start
     total = len(offsets)
     nxt = 0
+    start = 0.0
 
-    async def worker(i: int) -> None:
+    def begin() -> None:
+        nonlocal start
+        start = rec.first_send = pc() + 0.02
+
+    async def worker(conns: list[Any], i: int) -> None:
         nonlocal nxt
         while nxt < total:
             k = nxt
@@ -402,19 +397,37 @@ async def open_loop(
             delay = target - pc()
             if delay > 0:
                 await asyncio.sleep(delay)
-            res = await _send(conns, i, host, port, make())
-            now = pc()
-            if res is None:
-                rec.errors += 1
-                continue
-            rec.add(now - target, res[0], res[1], now)
+            await _exchange(conns, i, host, port, make(), rec, target)
 
+    await _on_connections(host, port, connections, begin, worker)
+    return pc() - start
+
+
+async def _exchange(conns: list[Any], i: int, host: str, port: int, body: bytes, rec: Recorder, since: float) -> None:
+    """Send one request on connection ``i`` and record its answer, timed from ``since``."""
+    res = await _send(conns, i, host, port, body)
+    now = time.perf_counter()
+    if res is None:
+        rec.errors += 1
+        return
+    rec.add(now - since, res[0], res[1], now)
+
+
+async def _on_connections(
+    host: str,
+    port: int,
+    connections: int,
+    begin: Callable[[], None],
+    worker: Callable[[list[Any], int], Awaitable[None]],
+) -> None:
+    """Open the connections, then ``begin()`` (the clock starts) and one ``worker`` on each."""
+    conns = await open_connections(host, port, connections)
+    begin()
     try:
-        await asyncio.gather(*(worker(i) for i in range(connections)))
+        await asyncio.gather(*(worker(conns, i) for i in range(connections)))
     finally:
         for c in conns:
             c.close()
-    return pc() - start
 
 
 def constant_schedule(rate: float, duration_s: float) -> list[float]:

@@ -25,9 +25,7 @@ one are claimed after ``ORDERQ_CLAIM_IDLE_MS`` by the others.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +40,7 @@ from orderq.client import Redis
 from orderq.control import Control
 from orderq.schema import unpack_order
 from orderq.status import parse_parcel
-from orderq.worker import parse_read
+from orderq.worker import Consumer, parse_read
 
 log = structlog.get_logger("orderq.dispatch")
 
@@ -355,31 +353,18 @@ class Target:
         )
 
 
-class Dispatcher:
+class Dispatcher(Consumer):
     """Every configured target, each in its own task; a keep-alive for the entries they hold."""
 
     stage = "dispatch"
 
     def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
-        self.r = r
-        self.settings = r.settings
-        self.control = control
-        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
-        self.stopping = asyncio.Event()
+        super().__init__(r, control, consumer)
         self.targets = {a: Target(self, a, url) for a, url in self.settings.webhooks.items()}
 
     @property
     def delivered(self) -> int:
         return sum(t.delivered for t in self.targets.values())
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    async def sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
-        except TimeoutError:
-            pass
 
     async def ensure_groups(self) -> None:
         """The ``dispatch`` group on each configured outbox stream, at id 0 (never ``$``)."""

@@ -55,11 +55,11 @@ class BatchResult:
     failed: dict[str, tuple[Entry, str]] = field(default_factory=dict)  # entry id -> (entry, error)
 
 
-class StreamWorker:
-    """Base of the validate and execute workers."""
+class Consumer:
+    """What every worker process shares (the stream workers and the dispatcher): its
+    connection, settings, control mirror, consumer name, and a stop that ends its waits."""
 
     stage = ""
-    group = ""
 
     def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
         self.r = r
@@ -67,6 +67,25 @@ class StreamWorker:
         self.control = control
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the worker is told to stop."""
+        try:
+            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
+        except TimeoutError:
+            pass
+
+
+class StreamWorker(Consumer):
+    """Base of the validate and execute workers."""
+
+    group = ""
+
+    def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
+        super().__init__(r, control, consumer)
         self.batch = self.settings.worker_batch
         self._next_reclaim = 0.0
         self.behind = False  # the last fetch came back at least half full
@@ -88,9 +107,6 @@ class StreamWorker:
         raise NotImplementedError
 
     # --- the loop ---------------------------------------------------------------------
-    def stop(self) -> None:
-        self.stopping.set()
-
     @property
     def paused(self) -> bool:
         return self.control is not None and self.stage in self.control.paused
@@ -114,7 +130,7 @@ class StreamWorker:
             if self.paused or (index and not self.behind):
                 # Extra loops help only while the stage is behind; at low load they would
                 # split the trickle into more, smaller round trips.
-                await self._sleep(0.05 if self.paused else IDLE_LOOP_S)
+                await self.sleep(0.05 if self.paused else IDLE_LOOP_S)
                 continue
             try:
                 now = time.monotonic()
@@ -152,7 +168,7 @@ class StreamWorker:
                 delay = ERROR_BACKOFF_S[min(errors, len(ERROR_BACKOFF_S) - 1)]
                 errors += 1
                 self.log.warning(f"{self.stage}.batch_failed", error=repr(exc), retry_in_s=delay)
-                await self._sleep(delay)
+                await self.sleep(delay)
 
     async def _one_by_one(self, entries: list[Entry]) -> None:
         """Process a reclaimed batch entry by entry; an entry that fails alone has its own error
@@ -170,12 +186,6 @@ class StreamWorker:
             await ensure_groups(self.r)
         except Exception as exc:
             self.log.warning("groups.ensure_failed", error=repr(exc))
-
-    async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.stopping.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _process(self, entries: list[Entry]) -> None:
         t0 = time.perf_counter()

@@ -57,7 +57,7 @@ class ValidateWorker(StreamWorker):
                     self.log.info("holds.released", orders=moved)
             except Exception as exc:  # Redis away: the next sweep tries again
                 self.log.warning("holds.sweep_failed", error=repr(exc))
-            await self._sleep(holds.SWEEP_S)
+            await self.sleep(holds.SWEEP_S)
 
     async def fetch(self, block_ms: int) -> list[Entry]:
         parts = self.r.partitions

@@ -38,6 +38,7 @@ from dispatch.circuit import CLOSED, HALF_OPEN, OPEN, Circuit
 from orderq import keys
 from orderq.client import Redis
 from orderq.control import Control
+from orderq.runner import exit_watchdog
 from orderq.schema import unpack_order
 from orderq.status import parse_parcel
 from orderq.worker import Consumer, parse_read
@@ -437,10 +438,13 @@ async def serve(settings: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.stop)
     log.info("dispatch.started", worker=d.consumer, targets=dict(settings.webhooks))
+    clean = False
     try:
         await d.run()
+        clean = True
     finally:
         log.info("dispatch.stopped", worker=d.consumer, delivered=d.delivered)
+        exit_watchdog("dispatch", 0 if clean else 1)
         await d.close()
         await control.stop()
         await r.close()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import os
 import signal
+import sys
+import threading
 from typing import Any
 
 import structlog
@@ -16,6 +20,26 @@ from orderq.settings import Settings
 log = structlog.get_logger("orderq.runner")
 
 STOP_REPORT_S = 10.0  # a stage still running this long after SIGTERM logs where it waits
+EXIT_GRACE_S = 5.0  # a stage that has stopped and still has not exited after this is made to
+
+
+def exit_watchdog(stage: str, code: int = 0) -> None:
+    """Once a stage has stopped (its batches acknowledged or left pending for redelivery),
+    nothing may keep its process alive: a teardown that waits on something (a connection, a
+    thread) would hold a deploy or `orderq up`'s restart until SIGKILL. Seen about once in ten
+    test runs. A daemon thread, so it works even if the event loop itself is blocked: after
+    EXIT_GRACE_S it writes every thread's stack to stderr (the next diagnosis) and exits with
+    ``code`` (0 after a clean stop, 1 after a failure)."""
+
+    def fire() -> None:
+        sys.stderr.write(f"orderq: {stage} stopped but its process did not exit in {EXIT_GRACE_S:g}s; stacks:\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(EXIT_GRACE_S, fire)
+    timer.daemon = True
+    timer.start()
 
 
 def _report_slow_stop(stage: str) -> None:
@@ -52,11 +76,14 @@ async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info(f"{stage}.sighup_ignored"))
     log.info(f"{stage}.started", worker=worker.consumer, partitions=settings.partitions)
     flusher = metrics.start_flusher(r)
+    clean = False
     try:
         await worker.run()
+        clean = True
     finally:
         await metrics.stop_flusher(flusher, r)
         log.info(f"{stage}.stopped", worker=worker.consumer, processed=worker.processed)
+        exit_watchdog(stage, 0 if clean else 1)
         await control.stop()
         await r.close()
 
@@ -75,11 +102,14 @@ async def run_breaker(settings: Settings) -> None:
     log.info("breaker.started", open_depth=settings.breaker_open_depth, shed_depth=settings.shed_depth)
     # The dashboard's history and the alerts: once a second each, beside the 10/s sampler.
     side = [asyncio.create_task(history.run(r, b.stopping)), asyncio.create_task(Alerts(r).run(b.stopping))]
+    clean = False
     try:
         await b.run()
+        clean = True
     finally:
         b.stopping.set()
         await asyncio.gather(*side, return_exceptions=True)
+        exit_watchdog("breaker", 0 if clean else 1)
         await control.stop()
         await r.close()
 

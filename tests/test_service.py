@@ -282,3 +282,20 @@ async def _send(c: httpx.AsyncClient, path: str, body: object, headers: dict[str
             return resp
         await asyncio.sleep(min(2.0, float(resp.headers.get("Retry-After", "1"))))
     return resp
+
+
+def test_a_stopped_stage_that_cannot_exit_is_made_to_with_its_stacks(tmp_path: Path) -> None:
+    """Once a stage has stopped, nothing holds its process: a stuck teardown (here a thread that
+    never ends) gets every thread's stack written to stderr and the process exits anyway."""
+    script = (
+        "import threading, time\n"
+        "from orderq import runner\n"
+        "runner.EXIT_GRACE_S = 0.5\n"
+        "threading.Thread(target=time.sleep, args=(3600,), name='stuck-teardown').start()\n"
+        "runner.exit_watchdog('execute', 0)\n"
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 20
+    assert "execute stopped but its process did not exit" in proc.stderr
+    assert "time.sleep" in proc.stderr or "Thread" in proc.stderr  # the stuck thread's stack

@@ -299,3 +299,18 @@ def test_a_stopped_stage_that_cannot_exit_is_made_to_with_its_stacks(tmp_path: P
     assert proc.returncode == 0 and time.monotonic() - t0 < 20
     assert "execute stopped but its process did not exit" in proc.stderr
     assert "time.sleep" in proc.stderr or "Thread" in proc.stderr  # the stuck thread's stack
+
+
+async def test_sighup_to_orderq_up_reloads_the_routing_rules_and_stops_nothing(up: Up) -> None:
+    up.start()
+    await up.ready()
+    before = up.stages()
+    assert up.proc is not None
+    up.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while "execute.rules_reloaded" not in up.log():
+        assert time.monotonic() < deadline, up.log()[-3000:]
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    assert up.stages() == before and up.proc.poll() is None  # every stage still the same process
+    assert up.terminate() == 0

@@ -28,7 +28,7 @@ from orderq.warehouses import Warehouse
 from tests.conftest import ADMIN, auth, drain
 from tests.test_validate_rules import RULES_ON, accept, line, run, status
 from tests.test_validate_rules import order as _order
-from validate import review, stock
+from validate import holds, review, stock
 
 SHANGHAI = Warehouse(id="SH", province="上海市", city="上海市", lat=31.23, lng=121.47, carriers=["sf"])
 GUANGZHOU = Warehouse(id="GZ", province="广东省", city="广州市", lat=23.13, lng=113.26, carriers=["zto"])
@@ -409,3 +409,17 @@ def test_bad_rules_file_stops_the_execute_stage_with_exit_2(stages: Callable[...
     assert proc.proc is not None
     assert proc.proc.wait(20) == 2
     assert "ORDERQ_RULES_DIR" in proc.log() and "carrier rule needs provinces" in proc.log()
+
+
+async def test_an_approved_order_stays_approved_through_a_region_hold(rr: oq_client.Redis) -> None:
+    await counts(rr, {("SOCKS", "SH"): 10})
+    (st,) = await run(rr, order(ship_to=URUMQI, lines=[line("SOCKS", 1, "20.00", "20.00")], paid_amount="20.00"))
+    assert st["status"] == "review" and "freight_over_limit" in st["reasons"]
+    await holds.set_hold(rr, URUMQI["province"], "snow")
+    assert (await review.decide(rr, st["order_key"], "approve"))[1] == "validated"
+    await drain(rr)
+    assert (await status(rr, st["order_key"]))["status"] == "held"
+    await holds.delete_hold(rr, URUMQI["province"])
+    await drain(rr)
+    st = await status(rr, st["order_key"])
+    assert st["status"] == "executed" and st["route"]["warehouse"] == "SH", st  # not back to review

@@ -30,14 +30,13 @@ import msgspec
 
 from orderq import geo, keys
 from orderq.client import Redis
-from orderq.schema import Order, cents, goods_cents
+from orderq.schema import Order, coupon_cents, flat_totals, goods_cents
 from orderq.warehouses import Warehouse
 
 RULES_FILE = "routing.toml"
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # rule and carrier names: none of the route's separators
 RANK_CACHE = 10_000  # places x hot-line combinations remembered
 NO_ROUTING = [[1, 0.0, 0, 0, 0, "", ""]]  # no warehouse: everything ships from "default"
-DAY_MS = 24 * 3600 * 1000
 WAREHOUSE_KINDS = ("hot_sku", "nearest")
 KINDS = (*WAREHOUSE_KINDS, "carrier", "freight_review")
 
@@ -235,7 +234,6 @@ class Routed:
     """What routing decided for one order."""
 
     outcome: str  # s ship | w review (freight over the limit)
-    freight: int  # cents
     route: str  # the status record's "route" entries, JSON ("" when not routed)
     picks: list[str]  # the warehouses that ship it, one wms.pick each ([] when not routed)
     gift_out_of_stock: list[str]
@@ -246,40 +244,25 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[str]).decode
 
 
-def _lines(o: Order) -> list[object]:
-    agg: dict[str, int] = {}
-    for line in o.lines:
-        agg[line.sku] = agg.get(line.sku, 0) + line.qty
-    return [x for sku, qty in agg.items() for x in (sku, qty)]
-
-
 def _text(flat: list[object]) -> str:
     """``[sku, qty, ...]`` as route text: ``sku:qty,...``."""
     return ",".join(f"{flat[i]}:{flat[i + 1]}" for i in range(0, len(flat), 2))
 
 
-def _gifts(o: Order) -> list[object]:
-    agg: dict[str, int] = {}
-    for g in o.gifts:
-        agg[g.sku] = agg.get(g.sku, 0) + g.qty
-    return [x for sku, qty in agg.items() for x in (sku, qty)]
-
-
 def review_record(o: Order, accepted_us: int) -> bytes:
     """What an order sent to review for its freight holds, in the form release.lua reads
     (rules.lua writes the same for the orders validation sends to review)."""
-    day = (accepted_us // 1000 + keys.BEIJING_OFFSET_MS) // DAY_MS
     return _pack(
         [
             "w",
             0,
             ["freight_over_limit"],
-            _lines(o),
+            flat_totals(o.lines),
             [c.code for c in o.coupons],
-            keys.subsidy_key(day),
+            keys.subsidy_key(keys.beijing_day(accepted_us // 1000)),
             f"{o.channel}:{o.customer.id}",
             goods_cents(o),
-            sum(cents(c.amount) for c in o.coupons),
+            coupon_cents(o),
             0,
         ]
     )
@@ -361,12 +344,12 @@ class Router:
                 cands = 1
             hour = str(accepted_us[n] // 3_600_000_000)  # (Lua formats numbers slowly)
             over = 0 if approved[n] else limit
-            lines, gifts = _lines(o), _gifts(o)
+            lines, gifts = flat_totals(o.lines), flat_totals(o.gifts)
             goods = goods_cents(o) if over else 0
             again = 1 if redelivered[n] else 0
             rows.append([o.key, lines, gifts, cands, goods, over, hour, again, _text(lines), _text(gifts)])
             sent.append(n)
-        out = [Routed("s", 0, "", [], [], routed) for _ in orders]
+        out = [Routed("s", "", [], [], routed) for _ in orders]
         if not rows:
             return out
         # a route is needed again only by a redelivery of its entry: kept a day, like decisions
@@ -374,8 +357,6 @@ class Router:
         args += [_pack(ids), _pack(cand_lists), _pack(rows), "1" if routed else "0"]
         (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
         for n, rec in zip(sent, _unpack(raw), strict=True):
-            outcome, freight, picks, oos, route = rec.split("\t", 4)
-            out[n] = Routed(
-                outcome, int(freight), route, picks.split(",") if picks else [], oos.split(",") if oos else [], routed
-            )
+            outcome, _freight, picks, oos, route = rec.split("\t", 4)
+            out[n] = Routed(outcome, route, picks.split(",") if picks else [], oos.split(",") if oos else [], routed)
         return out

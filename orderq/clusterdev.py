@@ -26,7 +26,7 @@ from pathlib import Path
 import redis
 
 from orderq.errors import OrderqError
-from orderq.server import DURABLE_CONFIG, die_with_parent, find_binary, free_port
+from orderq.server import DURABLE_CONFIG, free_port, spawn
 
 SLOTS = 16384
 START_TIMEOUT_S = 30.0  # six nodes, MEET gossip and the replicas' first sync on a busy machine
@@ -89,14 +89,7 @@ class ClusterNode:
             + "\n",
             encoding="utf-8",
         )
-        self.proc = subprocess.Popen(
-            [find_binary(), str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches orderq, which stops the nodes itself
-            preexec_fn=die_with_parent,
-        )
+        self.proc = spawn(conf)
 
     def wait_up(self, deadline: float) -> None:
         while True:

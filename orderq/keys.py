@@ -197,6 +197,12 @@ LEDGER_REPLAY_TTL_S = 24 * 3600  # decisions of a batch, for its redelivery
 SUBSIDY_TTL_S = 2 * 24 * 3600  # a customer's day totals outlive their (Beijing) day
 IP_WINDOW_MS = 3600 * 1000  # the sliding hour of ORDERQ_IP_ORDERS_PER_HOUR
 BEIJING_OFFSET_MS = 8 * 3600 * 1000  # "one day" of the subsidy cap is a Beijing calendar day
+DAY_MS = 24 * 3600 * 1000
+
+
+def beijing_day(ms: int) -> int:
+    """The Beijing calendar day (days since the epoch) of a time in ms: the subsidy cap's day."""
+    return (ms + BEIJING_OFFSET_MS) // DAY_MS
 
 
 def stock_key(sku: str) -> str:

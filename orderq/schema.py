@@ -132,6 +132,23 @@ def cents(value: str) -> int:
     return int(whole) * 100 + int((frac + "00")[:2])
 
 
+def sku_totals(items: list[Line] | list[Gift]) -> dict[str, int]:
+    """Units per SKU (a SKU on several lines counts once, with their sum), in first-seen order."""
+    out: dict[str, int] = {}
+    for item in items:
+        out[item.sku] = out.get(item.sku, 0) + item.qty
+    return out
+
+
+def flat_totals(items: list[Line] | list[Gift]) -> list[object]:
+    """:func:`sku_totals` as the scripts read it: ``[sku, qty, sku, qty, ...]``."""
+    return [x for sku, qty in sku_totals(items).items() for x in (sku, qty)]
+
+
+def coupon_cents(o: Order) -> int:
+    return sum(cents(c.amount) for c in o.coupons)
+
+
 def goods_cents(o: Order) -> int:
     """The goods' value: each line's price (unit, else paid) x qty; with no line prices, what
     was paid plus what the coupons took off."""
@@ -140,7 +157,7 @@ def goods_cents(o: Order) -> int:
         price = line.unit_price or line.paid_price
         if price:
             goods += cents(price) * line.qty
-    return goods or cents(o.paid_amount) + sum(cents(c.amount) for c in o.coupons)
+    return goods or cents(o.paid_amount) + coupon_cents(o)
 
 
 def utc_iso(ts_us: int) -> str:

@@ -75,6 +75,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def spawn(conf: Path) -> subprocess.Popen[bytes]:
+    """A valkey-server on ``conf``: its own session (a terminal's Ctrl-C reaches orderq, which
+    stops its servers itself, last) and killed with the orderq process that started it."""
+    return subprocess.Popen(
+        [find_binary(), str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+
+
 class EmbeddedServer:
     """A private Valkey under ``data_dir``; ``start()`` / ``stop()`` / ``kill()``."""
 
@@ -136,14 +149,7 @@ class EmbeddedServer:
         sock = self.dir / "valkey.sock"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        self.proc = subprocess.Popen(
-            [find_binary(), str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches orderq, which stops the server last
-            preexec_fn=die_with_parent,
-        )
+        self.proc = spawn(conf)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:

@@ -7,8 +7,12 @@ keeps every acknowledged order across it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,9 +30,9 @@ from orderq.clusterdev import SLOTS, DevCluster
 from orderq.errors import ConfigError, OrderqError, ServerCheckError
 from orderq.settings import Settings
 from orderq.warehouses import Warehouse
-from tests.conftest import ADMIN, auth, drain, make_order
+from tests.conftest import ADMIN, ROOT, auth, drain, make_order
 from tests.test_dispatch import Sink, dispatcher_settings, running, until
-from tests.test_validate_rules import RULES_ON, _started, accept, line, order
+from tests.test_validate_rules import RULES_ON, _started, accept, line, order, race_outcome
 from validate import stock
 
 PARTITIONS = 6  # two per master
@@ -148,11 +152,7 @@ async def test_thirty_orders_race_for_twenty_units_on_the_cluster(cenv, cr, ingr
             for o in orders:
                 resp = await c.get(f"/v1/orders/tmall/{o['order_id']}", headers=ADMIN)
                 docs.append(resp.json())
-            assert sum(d["status"] == "executed" for d in docs) == 19
-            rejected = [d for d in docs if d["status"] == "rejected"]
-            assert len(rejected) == 11 and all(d["reasons"] == ["out_of_stock:HOT"] for d in rejected)
-            view = (await c.get("/v1/admin/stock/HOT", headers=ADMIN)).json()
-            assert view == {"sku": "HOT", "physical": 20, "reserved": 19, "sellable": 0}
+            await race_outcome(c, docs)
         for p in procs:
             assert p.stop() == 0
     finally:
@@ -218,29 +218,29 @@ async def test_mismatched_cluster_settings_are_refused(cenv, settings_for, valke
         await oq_client.connect(settings_for(**{**cenv, "ORDERQ_PARTITIONS": 2}))
 
 
-def test_cluster_dev_command_starts_and_stops(tmp_path: Path) -> None:
-    """`orderq cluster-dev` prints a node URL that answers as a cluster, and stops on SIGTERM."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
+@contextlib.contextmanager
+def cluster_dev_command(tmp_path: Path, *args: str) -> Iterator[str]:
+    """A real ``orderq cluster-dev`` process; yields the node URL it prints, stops it with SIGTERM
+    (which must exit 0)."""
     env = {**os.environ, "ORDERQ_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orderq", "cluster-dev"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
+    cmd = [sys.executable, "-m", "orderq", "cluster-dev", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line_out = proc.stdout.readline()
         url = line_out.strip().rpartition("ORDERQ_REDIS_URL=")[2]
         assert url.startswith("redis://127.0.0.1:"), line_out
-        with redis.Redis.from_url(url) as c:
-            assert b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+        yield url
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_cluster_dev_command_starts_and_stops(tmp_path: Path) -> None:
+    """`orderq cluster-dev` prints a node URL that answers as a cluster, and stops on SIGTERM."""
+    with cluster_dev_command(tmp_path) as url, redis.Redis.from_url(url) as c:
+        assert b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
     with pytest.raises(redis.ConnectionError), redis.Redis.from_url(url) as c:
         c.ping()
 
@@ -317,25 +317,7 @@ async def test_review_holds_and_rate_limit_on_the_cluster(cenv, settings_for, in
 def test_cluster_dev_with_replicas(tmp_path: Path) -> None:
     """`orderq cluster-dev --replicas 1`: 3 masters and 3 replicas, one replica per master, every
     node with the durable config (append-only file, noeviction) and a short node timeout."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    env = {**os.environ, "ORDERQ_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orderq", "cluster-dev", "--replicas", "1"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line_out = proc.stdout.readline()
-        url = line_out.strip().rpartition("ORDERQ_REDIS_URL=")[2]
-        assert url.startswith("redis://127.0.0.1:"), line_out
+    with cluster_dev_command(tmp_path, "--replicas", "1") as url:
         with redis.Redis.from_url(url) as c:
             rows = [r.split() for r in c.execute_command("CLUSTER", "NODES").decode().splitlines()]
         masters = {r[0]: r for r in rows if "master" in r[2]}
@@ -355,10 +337,6 @@ def test_cluster_dev_with_replicas(tmp_path: Path) -> None:
                 }, (port, conf)
                 if "slave" in r[2]:
                     assert c.info("replication")["master_link_status"] == "up"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        proc.stdout.close()  # type: ignore[union-attr]
 
 
 async def test_wait_replicas_without_a_replica_answers_503(cenv, ingress):

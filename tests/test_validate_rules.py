@@ -398,6 +398,16 @@ async def test_duplicate_suspect_across_channels(rr):
 
 
 # --- the race ---------------------------------------------------------------------------
+async def race_outcome(c: httpx.AsyncClient, docs: list[dict[str, Any]]) -> None:
+    """30 orders for one unit each of HOT, 20 physical: exactly floor(20 x 0.95) = 19 got a unit
+    (and executed), the other 11 were rejected out of stock, and the stock says so."""
+    assert sum(d["status"] == "executed" for d in docs) == 19
+    rejected = [d for d in docs if d["status"] == "rejected"]
+    assert len(rejected) == 11 and all(d["reasons"] == ["out_of_stock:HOT"] for d in rejected)
+    view = (await c.get("/v1/admin/stock/HOT", headers=ADMIN)).json()
+    assert view == {"sku": "HOT", "physical": 20, "reserved": 19, "sellable": 0}
+
+
 async def test_thirty_orders_race_for_twenty_units(ingress, stages, settings_for):
     """Two real validate processes, small batches, orders arriving in several requests:
     exactly floor(20 x 0.95) = 19 orders get a unit, the other 11 are out of stock."""
@@ -421,11 +431,7 @@ async def test_thirty_orders_race_for_twenty_units(ingress, stages, settings_for
             docs = await _settled(r, ks)
             await drain(r)  # execute what was validated
             docs = [await status(r, k) for k in ks]
-            assert sum(d["status"] == "executed" for d in docs) == 19
-            rejected = [d for d in docs if d["status"] == "rejected"]
-            assert len(rejected) == 11 and all(d["reasons"] == ["out_of_stock:HOT"] for d in rejected)
-            view = (await c.get("/v1/admin/stock/HOT", headers=ADMIN)).json()
-            assert view == {"sku": "HOT", "physical": 20, "reserved": 19, "sellable": 0}
+            await race_outcome(c, docs)
         for p in procs:
             assert p.stop() == 0
     finally:

@@ -24,11 +24,9 @@ import msgspec
 
 from orderq import keys
 from orderq.client import Redis
-from orderq.schema import Order, cents, goods_cents, money
+from orderq.schema import Order, coupon_cents, goods_cents, money, sku_totals
 from orderq.settings import Settings
 from validate import risk
-
-DAY_MS = 24 * 3600 * 1000
 
 # Reasons are listed in this order (stock first, risk last); a code's prefix before ':'.
 REASON_ORDER = {
@@ -86,14 +84,8 @@ def order_row(
     o: Order, accepted_ms: int, base: int, pre_reject: bool, dup: bool = True, approval: bool = False
 ) -> list[object]:
     """One order as the ledger script reads it (an element of its msgpack batch)."""
-    lines: dict[str, int] = {}
-    for line in o.lines:
-        lines[line.sku] = lines.get(line.sku, 0) + line.qty
-    goods = goods_cents(o)
-    coupon_total = sum(cents(c.amount) for c in o.coupons)
-    flat: list[object] = []
-    for sku, qty in lines.items():
-        flat += (sku, qty)
+    lines = sku_totals(o.lines)
+    flat = [x for sku, qty in lines.items() for x in (sku, qty)]
     return [
         o.key,
         o.channel,
@@ -103,9 +95,9 @@ def order_row(
         1 if pre_reject else 0,
         o.customer.ip or "",
         risk.fingerprint(o, lines) if dup else "",
-        (accepted_ms + keys.BEIJING_OFFSET_MS) // DAY_MS,
-        goods,
-        coupon_total,
+        keys.beijing_day(accepted_ms),
+        goods_cents(o),
+        coupon_cents(o),
         flat,
         [c.code for c in o.coupons],
         str(accepted_ms),  # Lua formats numbers slowly

@@ -46,7 +46,7 @@ SCRIPT_NAMES = (
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 
 
-def _load_lua(name: str) -> str:
+def load_lua(name: str) -> str:
     return resources.files("orderq").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
@@ -206,7 +206,7 @@ async def ensure_groups(r: Redis) -> None:
 async def load_scripts(client: Any) -> dict[str, str]:
     shas = {}
     for name in SCRIPT_NAMES:
-        sha = await client.script_load(_load_lua(name))
+        sha = await client.script_load(load_lua(name))
         shas[name] = sha.decode() if isinstance(sha, bytes) else str(sha)
     return shas
 

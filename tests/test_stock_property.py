@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orderq import keys
-from orderq.client import _load_lua
+from orderq.client import load_lua
 from orderq.server import EmbeddedServer
 from orderq.settings import Settings
 from validate import rules
@@ -37,7 +37,7 @@ ops = st.lists(st.one_of(reserve, reserve, release, execute, count), min_size=1,
 @pytest.fixture(scope="module")
 def sync(valkey: EmbeddedServer) -> Any:
     c = redis.Redis.from_url(valkey.url)
-    shas = {name: c.script_load(_load_lua(name)) for name in ("rules", "release", "restock")}
+    shas = {name: c.script_load(load_lua(name)) for name in ("rules", "release", "restock")}
     yield c, shas
     c.close()
 

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint fmt bench clean browser reliability
+.PHONY: run test lint fmt bench clean browser prometheus reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ run: $(VENV)/.installed
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "make: chromium not installed; tests/test_dashboard_browser.py will skip"
 
-test: $(VENV)/.installed-test browser
+# promtool and prometheus (deploy/prometheus rules, tests/test_prometheus_rules.py) come from
+# Debian's prometheus package; without its recommends (no node exporter service).
+prometheus:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || echo "make: prometheus not installed; tests/test_prometheus_rules.py will skip"
+
+test: $(VENV)/.installed-test browser prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not long"
@@ -44,8 +49,14 @@ fmt: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(VENV)/.installed-test
-	$(BIN)/orderq bench --reference --spike --json bench-report.json
+# --peers: taskiq (the fastest Python queue measured here) on the same Redis, the bar the
+# pipeline's rate is set against; the peers extra installs it.
+$(VENV)/.installed-peers: pyproject.toml | $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q -e '.[test,load,peers]'
+	touch $@
+
+bench: $(VENV)/.installed-peers
+	$(BIN)/orderq bench --reference --peers --spike --json bench-report.json
 
 clean:
 	rm -rf $(VENV) .orderq *.egg-info

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ingress import admin, dashboard, openapi, responses
+from ingress.admission import Admission
 from ingress.channels import ChannelHandlers, load_mappings
 from ingress.committer import Committer
 from ingress.limits import BodyLimit
@@ -32,6 +33,7 @@ log = structlog.get_logger("orderq.ingress")
 
 def build_app(settings: Settings) -> Any:
     state = SimpleNamespace(settings=settings, auth=Auth(settings), meter=RateMeter())
+    state.admission = Admission(settings.ack_target_ms)  # overload control (contract §6), started below
     h = Handlers(state)
     mappings = load_mappings(settings)  # compiled once; a broken file stops start-up (ConfigError)
 
@@ -41,6 +43,7 @@ def build_app(settings: Settings) -> Any:
         state.control = await Control(state.redis, "ingress").start()
         state.committer = Committer(state.redis)
         state.limiter = Limiter(state.redis)
+        state.admission.start()
         flusher = metrics.start_flusher(state.redis)
         if not settings.auth:
             log.warning("ingress.auth_off", message="ORDERQ_AUTH=off: every request is accepted without a token")
@@ -49,6 +52,7 @@ def build_app(settings: Settings) -> Any:
             yield
         finally:
             await state.committer.close()
+            state.admission.stop()
             await metrics.stop_flusher(flusher, state.redis)
             await state.control.stop()
             await state.redis.close()

@@ -16,8 +16,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress import responses
+from ingress.admission import ANYONE, NOBODY, VIP_ONLY
 from ingress.mapping import Mapping, MappingError, load_dir
-from ingress.routes import DECODE_ERRORS, Handlers, Refusal, _reason, _require_json, _retry_after
+from ingress.routes import DECODE_ERRORS, OVERLOADED, Handlers, Refusal, _reason, _require_json, _retry_after
 from orderq import metrics
 from orderq.errors import ConfigError, ServerUnavailable
 from orderq.schema import ErrorDetail, Order, any_json_decoder, json_encoder, pack
@@ -120,6 +121,8 @@ class ChannelHandlers:
     async def post_order(self, request: Request) -> Response:
         """One order in the channel's own format (contract §7); answers like POST /v1/orders."""
         t0 = time.perf_counter()
+        adm = self.h.s.admission
+        ticket = None
         try:
             m = self._mapping_for(request)
             payload = await read_json(request)
@@ -129,17 +132,26 @@ class ChannelHandlers:
                 if r.status == 422:
                     await self.h._count("invalid")
                 raise
+            # Overload (contract §6): the channel's tier is known once mapped; no Redis call yet.
+            ticket = adm.admit_tier(order.customer.tier == "vip")
+            if ticket is None:
+                return adm.refusal()
             queued = await accept(self.h, order)
         except Refusal as r:
             return r.response()
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
+        finally:
+            if ticket is not None:
+                adm.leave(ticket)
         return answer(self.h, order.key, bool(queued), t0)
 
     async def post_batch(self, request: Request) -> Response:
         """``{"orders": [...]}`` in the channel's own format; answers like POST /v1/orders/batch."""
         t0 = time.perf_counter()
         h = self.h
+        adm = h.s.admission
+        ticket = None
         try:
             m = self._mapping_for(request)
             doc = await read_json(request)
@@ -166,8 +178,24 @@ class ChannelHandlers:
                     items.append(map_order(h, m, payload))
                 except Refusal as r:
                     items.append((m.key_hint(payload), r))
+            # Overload (contract §6), as POST /v1/orders/batch: the request is one unit in flight.
+            room = adm.room()
+            if room != ANYONE:
+                for i, item in enumerate(items):
+                    if isinstance(item, tuple):
+                        continue
+                    vip = item.customer.tier == "vip"
+                    if room == NOBODY or not vip:
+                        adm.count(vip)
+                        items[i] = (item.key, OVERLOADED)
+                if room == NOBODY:
+                    return adm.refusal()
+            ticket = adm.enter(vip=room == VIP_ONLY)
+            return await h.queue_batch(items, t0)
         except Refusal as r:
             return r.response()
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
-        return await h.queue_batch(items, t0)
+        finally:
+            if ticket is not None:
+                adm.leave(ticket)

@@ -14,6 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress import responses
+from ingress.admission import ERROR as OVERLOAD_ERROR
+from ingress.admission import MESSAGE as OVERLOAD_MESSAGE
+from ingress.admission import NOBODY, VIP_ONLY, peek, tiers_of_batch
 from orderq import control as ctl
 from orderq import keys, metrics, stats
 from orderq.client import UNAVAILABLE
@@ -89,6 +92,8 @@ class Auth:
         self.enabled = settings.auth
         self.channel_tokens: dict[str, str] = dict(settings.channel_tokens)
         self.admin = settings.admin_token or ""
+        # encoded once: channel_of runs on every order write, refusals included
+        self._channel_bytes = [(c, t.encode()) for c, t in self.channel_tokens.items()]
 
     def channel_of(self, request: Request) -> str | None:
         """The channel whose token the request carries; 401 when none matches."""
@@ -98,8 +103,9 @@ class Auth:
         if token is None:
             raise Refusal(401, "unauthorized", "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         found = None
-        for channel, t in self.channel_tokens.items():
-            if _same(token, t):  # no early exit: time does not tell which channel matched
+        presented = token.encode()
+        for channel, t in self._channel_bytes:
+            if hmac.compare_digest(presented, t):  # no early exit: time does not tell which channel matched
                 found = channel
         if found is None:
             if self.admin and _same(token, self.admin):
@@ -132,6 +138,15 @@ class Auth:
         if any(_same(token, t) for t in self.channel_tokens.values()):
             raise Refusal(403, "forbidden", f"token of another channel than {channel!r}")
         raise Refusal(401, "unauthorized", "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _body(request: Request) -> bytes:
+    """The request body. ``BodyLimit`` (the outermost middleware) has read it and hands it
+    over whole in one message, so one ``receive()`` is all it takes (cheaper than
+    ``Request.body()``, which matters on the hot path: refusals read it too)."""
+    message = await request.receive()
+    body: bytes = message.get("body", b"") if message["type"] == "http.request" else b""
+    return body
 
 
 def _require_json(request: Request) -> None:
@@ -201,12 +216,17 @@ class Handlers:
     # --- orders ---------------------------------------------------------------------
     async def post_order(self, request: Request) -> Response:
         t0 = time.perf_counter()
+        adm = self.s.admission
+        ticket = None
         try:
             token_channel = self.s.auth.channel_of(request)
             _require_json(request)
-            body = await request.body()
+            body = await _body(request)
             if not body:
                 raise Refusal(400, "invalid_json", "empty body")
+            ticket = adm.admit(body)  # overload (contract §6): decided before any decode or Redis call
+            if ticket is None:
+                return adm.refusal()
             try:
                 order = self._decode_order(body)
             except Refusal as r:
@@ -228,18 +248,32 @@ class Handlers:
             return r.response()
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
+        finally:
+            if ticket is not None:
+                adm.leave(ticket)
         body_out = {"order_key": key, "status": "accepted", "duplicate": not flag, "stage": self.s.control.stage}
         metrics.ACK_LATENCY.observe(time.perf_counter() - t0)
         return responses.json(body_out, 202 if flag else 200)
 
     async def post_batch(self, request: Request) -> Response:
         t0 = time.perf_counter()
+        adm = self.s.admission
+        ticket = None
         try:
             token_channel = self.s.auth.channel_of(request)
             _require_json(request)
-            body = await request.body()
+            body = await _body(request)
             if not body:
                 raise Refusal(400, "invalid_json", "empty body")
+            # Overload (contract §6): no room at all refuses the request; room for VIP orders
+            # only sheds the others (peeked at, never decoded). The request is one unit in flight.
+            room = adm.room()
+            if room == NOBODY:
+                vip, other = tiers_of_batch(body)
+                adm.count(True, vip)
+                adm.count(False, other)
+                return adm.refusal()
+            ticket = adm.enter(vip=room == VIP_ONLY)
             try:
                 batch = batch_decoder.decode(body)
             except msgspec.ValidationError as exc:
@@ -261,6 +295,12 @@ class Handlers:
                 await self._rate(token_channel, len(batch.orders))
             items: list[Order | tuple[str | None, Refusal]] = []
             for raw in batch.orders:
+                if room == VIP_ONLY:
+                    vip, hint = peek(raw)
+                    if not vip:
+                        adm.count(False)
+                        items.append((hint, OVERLOADED))
+                        continue
                 try:
                     order = self._decode_order(raw)
                 except Refusal as r:
@@ -272,24 +312,33 @@ class Handlers:
                     items.append((order.key, Refusal(403, "forbidden", message, [detail])))
                     continue
                 items.append(order)
+            return await self.queue_batch(items, t0)
         except Refusal as r:
             return r.response()
         except ServerUnavailable as exc:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
-        return await self.queue_batch(items, t0)
+        finally:
+            if ticket is not None:
+                adm.leave(ticket)
 
     async def queue_batch(self, items: list[Order | tuple[str | None, Refusal]], t0: float) -> Response:
         """Queue a decoded batch (an ``Order``, or the key hint and refusal of an invalid one, per
         item) in one group commit; answer the contract's batch body in request order. A key
-        repeated inside the batch is a duplicate of its first occurrence."""
+        repeated inside the batch is a duplicate of its first occurrence. An item refused with
+        :data:`OVERLOADED` is ``shed`` and the answer carries ``Retry-After``."""
         results: list[dict[str, Any]] = []
         pending: list[tuple[int, asyncio_future]] = []
         seen: set[str] = set()
         committer = self.s.committer
-        n_invalid = n_shed = n_dup = 0
+        n_invalid = n_shed = n_dup = n_overload = 0
         for item in items:
             if isinstance(item, tuple):
                 hint, r = item
+                if r is OVERLOADED:
+                    n_shed += 1
+                    n_overload += 1
+                    results.append({"order_key": hint, "status": "shed", "error": OVERLOAD_ERROR})
+                    continue
                 n_invalid += 1
                 error = {"code": r.code, "message": r.message, "details": r.details or []}
                 results.append({"order_key": hint, "status": "invalid", "error": error})
@@ -318,8 +367,9 @@ class Handlers:
             else:
                 n_dup += 1
                 results[i]["status"] = "duplicate"
-        # Intra-batch duplicates never reach Redis (the intake script counts the others).
-        extra = {"invalid": n_invalid, "shed": n_shed}
+        # Intra-batch duplicates never reach Redis (the intake script counts the others); orders
+        # shed for overload are counted by admission control, not with the breaker's shedding.
+        extra = {"invalid": n_invalid, "shed": n_shed - n_overload}
         intra_dups = n_dup - (len(pending) - n_acc)
         if intra_dups:
             extra["duplicates"] = intra_dups
@@ -328,6 +378,7 @@ class Handlers:
         return responses.json(
             {"results": results, "accepted": n_acc, "duplicates": n_dup, "invalid": n_invalid, "shed": n_shed},
             202,
+            self.s.admission.retry_after() if n_overload else None,
         )
 
     async def _count_many(self, counts: dict[str, int]) -> None:
@@ -412,10 +463,19 @@ class Handlers:
             await asyncio.wait_for(self.s.redis.client.ping(), READY_TIMEOUT_S)
         except (*UNAVAILABLE, TimeoutError) as exc:
             return responses.error(503, "unavailable", f"Redis unreachable: {exc!r}")
-        stage = self.s.control.stage
-        if stage == "shedding":
-            return responses.error(503, "shedding", "ingress is shedding load", headers=_retry_after(2))
-        return responses.json({"status": "ready", "stage": stage})
+        # Contract §4: unready only when this process refuses every order. Shedding regular and
+        # new orders is not that: every ingress sheds alike, and a load balancer that took them
+        # all out would refuse the VIP orders they still take.
+        if self.s.admission.refusing_all:  # this process is overloaded past its VIP room (§6)
+            return responses.error(503, "overloaded", "ingress refuses every order, VIP too", headers=_retry_after(1))
+        c = self.s.control
+        if c.stage == "shedding" and c.backlog >= self.s.settings.shed_vip_depth:
+            return responses.error(503, "shedding", "ingress refuses every order, VIP too", headers=_retry_after(2))
+        return responses.json({"status": "ready", "stage": c.stage})
+
+
+# A batch item refused by admission control (marker; never raised): answered "shed", code overloaded.
+OVERLOADED = Refusal(503, "overloaded", OVERLOAD_MESSAGE)
 
 
 class PauseBody(msgspec.Struct):

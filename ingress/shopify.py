@@ -60,6 +60,8 @@ class ShopifyHandler:
         """Shopify orders/create webhook, signed (X-Shopify-Hmac-Sha256); answers like POST /v1/orders."""
         t0 = time.perf_counter()
         h = self.h
+        adm = h.s.admission
+        ticket = None
         try:
             body = await request.body()
             secret = h.s.settings.shopify_secret
@@ -80,6 +82,10 @@ class ShopifyHandler:
                 if r.status == 422:
                     await h._count("invalid")
                 raise
+            # Overload (contract §6): refused before the webhook id is claimed (a Redis call).
+            ticket = adm.admit_tier(order.customer.tier == "vip")
+            if ticket is None:
+                return adm.refusal()
             key = order.key
             known, repoint = await self._claim(webhook_id, key) if webhook_id else (None, False)
             if known is not None:
@@ -95,6 +101,9 @@ class ShopifyHandler:
             return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
         except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
+        finally:
+            if ticket is not None:
+                adm.leave(ticket)
         return answer(h, key, bool(queued), t0)
 
     def _webhook_key(self, webhook_id: str) -> str:

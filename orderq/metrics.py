@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Iterable
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -21,6 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from orderq import keys, stats
 from orderq.client import Redis
+from orderq.control import cancel_and_wait
 
 log = structlog.get_logger("orderq.metrics")
 
@@ -70,9 +75,46 @@ ACK_LATENCY = Histogram("ack_latency", ACK_BUCKETS)
 E2E_LATENCY = Histogram("e2e_latency", E2E_BUCKETS)
 
 
+class Counter:
+    """Counts by label in process memory, added to a Redis hash with the histograms (no
+    round trip where they are counted)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.counts: dict[str, int] = {}
+
+    def inc(self, label: str, n: int = 1) -> None:
+        self.counts[label] = self.counts.get(label, 0) + n
+
+    def drain_into(self, pipe: Any) -> bool:
+        if not self.counts:
+            return False
+        for label, n in self.counts.items():
+            pipe.hincrby(self.key, label, n)
+        self.counts = {}
+        return True
+
+
+OVERLOAD_REFUSED = Counter(keys.OVERLOAD_REFUSED_KEY)  # ingress admission control's 503s, by tier
+PROCESS = f"{socket.gethostname()}:{os.getpid()}"
+STATE_FRESH_S = 5.0  # an ingress's published state older than this is a process that is gone
+_state: list[Callable[[], dict[str, float]]] = []  # this process's admission state, if an ingress
+
+
+def publish_state(fn: Callable[[], dict[str, float]] | None) -> None:
+    """Publish ``fn()`` (the ingress admission controller's state) with every flush."""
+    _state[:] = [fn] if fn is not None else []
+
+
 async def flush(r: Redis, hists: Iterable[Histogram] = (ACK_LATENCY, E2E_LATENCY)) -> None:
     pipe = r.client.pipeline(transaction=False)
-    if any([h.drain_into(pipe) for h in hists]):
+    wrote = any([h.drain_into(pipe) for h in hists])
+    wrote = OVERLOAD_REFUSED.drain_into(pipe) or wrote
+    for fn in _state:
+        doc = {**fn(), "at": time.time()}
+        pipe.hset(keys.INGRESS_STATE_KEY, PROCESS, json.dumps(doc))
+        wrote = True
+    if wrote:
         await pipe.execute()
 
 
@@ -90,9 +132,7 @@ def start_flusher(r: Redis) -> asyncio.Task[None]:
 
 
 async def stop_flusher(task: asyncio.Task[None], r: Redis) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    await cancel_and_wait([task])  # not one cancel: a flush in flight can swallow it (3.11)
     with contextlib.suppress(Exception):
         await flush(r)
 
@@ -132,7 +172,9 @@ async def render(r: Redis) -> bytes:
     pipe.hgetall(REASONS_KEY)
     pipe.hgetall(keys.ALERTS_COUNT_KEY)
     pipe.hgetall(keys.GIFT_OOS_KEY)
-    stage_raw, ack, e2e, reasons, alerts, gifts_short = await pipe.execute()
+    pipe.hgetall(keys.OVERLOAD_REFUSED_KEY)
+    pipe.hgetall(keys.INGRESS_STATE_KEY)
+    stage_raw, ack, e2e, reasons, alerts, gifts_short, overload, ingress_state = await pipe.execute()
     stage = (stage_raw or b"normal").decode()
     fams: list[Any] = []
 
@@ -185,6 +227,9 @@ async def render(r: Redis) -> bytes:
     for kind in sorted(set(keys.ALERT_KINDS) | set(fired)):
         alerts_c.add_metric([kind], fired.get(kind, 0.0))
     fams.append(alerts_c)
+    gone = _admission(fams, overload, ingress_state)
+    if gone:  # processes that stopped publishing a minute ago: forget them
+        await r.client.hdel(keys.INGRESS_STATE_KEY, *gone)
     fams.append(_histogram("orderq_ack_latency_seconds", "Ingress request to acknowledgement", ack, ACK_BUCKETS, None))
     fams.append(
         _histogram("orderq_e2e_latency_seconds", "Accepted to executed, by priority", e2e, E2E_BUCKETS, "priority")
@@ -192,3 +237,41 @@ async def render(r: Redis) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(fams))
     return generate_latest(registry)
+
+
+def _admission(fams: list[Any], overload: dict[bytes, bytes], ingress_state: dict[bytes, bytes]) -> list[bytes]:
+    """Ingress admission control (contract §6): refusals by tier, and each live ingress
+    process's state as it published it at its last flush. Returns the entries of processes
+    gone for a minute."""
+    refused = {k.decode(): float(v) for k, v in overload.items()}
+    c = CounterMetricFamily(
+        "orderq_overload_refused",
+        "Orders an overloaded ingress process refused (503 overloaded), by customer tier",
+        labels=["tier"],
+    )
+    for tier in sorted({"vip", "regular"} | set(refused)):
+        c.add_metric([tier], refused.get(tier, 0.0))
+    fams.append(c)
+    state = GaugeMetricFamily(
+        "orderq_ingress_overload",
+        "Per ingress process over its last second: 0 took every order, 1 refused regular/new, 2 refused VIP too",
+        labels=["process"],
+    )
+    limit = GaugeMetricFamily(
+        "orderq_ingress_inflight_limit", "Per ingress process: orders it admits in flight", labels=["process"]
+    )
+    now = time.time()
+    gone: list[bytes] = []
+    for proc, raw in sorted(ingress_state.items()):
+        try:
+            doc = json.loads(raw)
+            age = now - float(doc["at"])
+            if age <= STATE_FRESH_S:
+                state.add_metric([proc.decode()], float(doc["state"]))
+                limit.add_metric([proc.decode()], float(doc["limit"]))
+        except (ValueError, TypeError, KeyError):
+            age = float("inf")
+        if age > 60:
+            gone.append(proc)
+    fams += [state, limit]
+    return gone

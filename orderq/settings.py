@@ -187,8 +187,13 @@ class Settings:
     worker_batch: int = 200
     worker_concurrency: int = 3
     ack_deadline_ms: int = 2000
+    # An ingress process that cannot acknowledge within this answers the excess 503 overloaded
+    # (contract §6, ingress/admission.py).
+    ack_target_ms: int = 100
     read_deadline_s: float = 10.0  # a request body must arrive whole within this (408)
     outbox_maxlen: int = 1_000_000
+    # `orderq audit` exits 1 while an unresolved dead letter is older than this (contract §5).
+    dead_letter_grace_s: int = 3600
     # Alerts (issue 5): evaluated by the breaker process.
     alert_webhook: str | None = None
     alert_window_s: int = 3600
@@ -268,14 +273,16 @@ class Settings:
         get("ORDERQ_WAIT_REPLICAS", lambda n, r: _int(n, r, 0, 16))
         get("ORDERQ_LOG_FORMAT", lambda n, r: _choice(n, r, ("console", "json")))
         get("ORDERQ_LOG_LEVEL", lambda n, r: _choice(n, r, ("debug", "info", "warning", "error")))
-        get("ORDERQ_STATUS_TTL_S", lambda n, r: _int(n, r, 60))
+        get("ORDERQ_STATUS_TTL_S", lambda n, r: _int(n, r, 1))
         get("ORDERQ_MAX_DELIVERIES", lambda n, r: _int(n, r, 1, 1000))
         get("ORDERQ_CLAIM_IDLE_MS", lambda n, r: _int(n, r, 100))
         get("ORDERQ_WORKER_BATCH", lambda n, r: _int(n, r, 1, 10_000))
         get("ORDERQ_WORKER_CONCURRENCY", lambda n, r: _int(n, r, 1, 64))
         get("ORDERQ_ACK_DEADLINE_MS", lambda n, r: _int(n, r, 10))
+        get("ORDERQ_ACK_TARGET_MS", lambda n, r: _int(n, r, 1, 60_000))
         get("ORDERQ_READ_DEADLINE_S", lambda n, r: _float(n, r, 0.1, 3600))
         get("ORDERQ_OUTBOX_MAXLEN", lambda n, r: _int(n, r, 1000))
+        get("ORDERQ_DEAD_LETTER_GRACE_S", lambda n, r: _int(n, r, 0))
         get("ORDERQ_ALERT_WEBHOOK", _http_url)
         get("ORDERQ_ALERT_WINDOW_S", lambda n, r: _int(n, r, 1))
         get("ORDERQ_ALERT_LAG_S", lambda n, r: _float(n, r, 0.001))

@@ -128,7 +128,7 @@ class Breaker:
                 if not entries:
                     continue
                 ks = [p.deferred, p.counters, *(p.outbox(a) for a in keys.ACTIONS)]
-                args: list[object] = [self.settings.outbox_trim]
+                args: list[object] = [self.settings.outbox_trim, self.settings.status_ttl_s]
                 for entry_id, f in entries:
                     key = f[b"k"].decode()
                     ks.append(p.status(key))

@@ -15,11 +15,18 @@ backoff and circuit breaker, so a target that is down delays only its own action
 * 5xx, 408/409/425/429, read timeouts: a failed delivery; retried with exponential
   backoff and jitter, dead-lettered after ``ORDERQ_MAX_DELIVERIES`` of them.
 * Other 4xx: the target refuses this request for good; dead-lettered at once.
+* An entry that cannot be sent (its payload does not decode, or building its request raises):
+  dead-lettered at once, while the rest of its batch goes on.
 
 Dead letters go to the partition's dispatch dead-letter stream, with the action marked
-``failed`` in the order's status record and counted in ``/v1/stats`` dead letters.
+``failed`` in the order's status record (a routed pick: its own ``x:wms.pick@<warehouse>``, and
+the letter keeps its warehouse and parcel for a replay) and counted in ``/v1/stats`` dead letters;
+the record keeps no TTL until its last one is resolved (orderq/lua/dispatched.lua).
 Entries held by a live dispatcher are kept fresh (``XCLAIM … JUSTID``); those of a dead
-one are claimed after ``ORDERQ_CLAIM_IDLE_MS`` by the others.
+one are claimed after ``ORDERQ_CLAIM_IDLE_MS`` by the others. A claim is not a failed
+delivery: restarts alone never dead-letter an entry; only one claimed more than
+``ORDERQ_MAX_DELIVERIES`` x ``CRASH_LOOP_FACTOR`` times (a dispatcher that dies on it every
+time) is, with its action marked ``failed``.
 """
 
 from __future__ import annotations
@@ -37,11 +44,11 @@ import structlog
 from dispatch.circuit import CLOSED, HALF_OPEN, OPEN, Circuit
 from orderq import keys
 from orderq.client import Redis
-from orderq.control import Control
+from orderq.control import Control, cancel_and_wait
 from orderq.runner import exit_watchdog
 from orderq.schema import unpack_order
 from orderq.status import parse_parcel
-from orderq.worker import Consumer, parse_read
+from orderq.worker import CRASH_LOOP_FACTOR, Consumer, parse_read
 
 log = structlog.get_logger("orderq.dispatch")
 
@@ -53,6 +60,7 @@ BACKOFF_MAX_S = 60.0  # cap of one retry delay
 RECLAIM_LIMIT = 500  # entries claimed from dead dispatchers per stream per sweep
 ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
 RETRYABLE = frozenset({408, 409, 425, 429})  # 4xx that mean "later", not "never"
+NEVER = 2**31  # reclaim.lua's delivery limits for outbox entries: claims are not failed attempts
 USER_AGENT = "orderq-dispatch/0.1"
 _json = msgspec.json.Encoder()
 
@@ -77,7 +85,7 @@ class Held:
 
 @dataclass(slots=True)
 class Outcome:
-    kind: str  # ok | refused | retry | unreachable
+    kind: str  # ok | refused | retry | unreachable | broken (an exception of ours, not the target's)
     detail: str = ""
     retry_after: float = 0.0
 
@@ -100,8 +108,10 @@ def idempotency_key(action: str, h: Held) -> str:
 
 
 def held_from(p: keys.Partition, stream: str, entry_id: str, fields: dict[bytes, bytes], due: float) -> Held:
+    """Never raises, whatever the entry holds: a corrupt one fails on its own when sent."""
     k, f, d, w, rt = (fields.get(name, b"") for name in (b"k", b"f", b"d", b"w", b"r"))
-    return Held(p, stream, entry_id, k.decode(), f.decode(), d, due=due, warehouse=w.decode(), route=rt)
+    k_, f_, w_ = (b.decode(errors="replace") for b in (k, f, w))
+    return Held(p, stream, entry_id, k_, f_, d, due=due, warehouse=w_, route=rt)
 
 
 def _retry_after(resp: httpx.Response) -> float:
@@ -196,11 +206,13 @@ class Target:
     # --- HTTP -----------------------------------------------------------------------------
     async def post(self, h: Held, probe: bool) -> Outcome:
         s = self.d.settings
-        headers = {"Idempotency-Key": idempotency_key(self.action, h), "X-Orderq-Attempt": str(h.tries + 1)}
         try:
+            headers = {"Idempotency-Key": idempotency_key(self.action, h), "X-Orderq-Attempt": str(h.tries + 1)}
             body = request_body(self.action, h)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return Outcome("refused", f"undecodable order payload: {exc}")
+        except Exception as exc:  # this entry cannot become a request: it ends alone
+            return Outcome("refused", f"unprocessable: {type(exc).__name__}: {exc}"[:300])
         timeout = min(s.dispatch_probe_timeout_s, s.dispatch_timeout_s) if probe else s.dispatch_timeout_s
         try:
             resp = await self.http.post(self.url, content=body, headers=headers, timeout=timeout)
@@ -208,6 +220,8 @@ class Target:
             return Outcome("unreachable", f"{type(exc).__name__}: {exc}"[:300])
         except httpx.HTTPError as exc:  # sent, maybe received: retry, the target dedups by key
             return Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])
+        except Exception as exc:  # e.g. a header this entry's key cannot be encoded in
+            return Outcome("broken", f"{type(exc).__name__}: {exc}"[:300])
         code = resp.status_code
         if 200 <= code < 300:
             return Outcome("ok")
@@ -252,19 +266,21 @@ class Target:
         r, s = self.d.r, self.d.settings
         self._next_reclaim = time.monotonic() + max(0.2, min(2.0, s.claim_idle_ms / 2000))
         targets = list(self.streams.items())
+        # A claim counts a delivery in Redis, but it is no failed attempt (a restart, a stall):
+        # reclaim.lua dead-letters nothing here; the attempts that failed are counted in settle().
         results = await r.run(
             lambda pipe: [
                 r.script(
                     pipe,
                     "reclaim",
                     [stream, keys.dispatch_dead(p), p.counters, p.errors],
-                    [keys.GROUP_DISPATCH, self.d.consumer, s.claim_idle_ms, s.max_deliveries, RECLAIM_LIMIT],
+                    [keys.GROUP_DISPATCH, self.d.consumer, s.claim_idle_ms, NEVER, RECLAIM_LIMIT, NEVER],
                 )
                 for stream, p in targets
             ]
         )
         now = time.monotonic()
-        claimed = 0
+        fresh: list[Held] = []
         for (stream, p), (entries, n_dead, _cursor) in zip(targets, results, strict=True):
             self.dead_lettered += int(n_dead)
             for entry_id, flat in entries:
@@ -273,10 +289,69 @@ class Target:
                 slot = (stream, entry_id.decode())
                 if slot in self.held:  # our own, idle during a long request
                     continue
-                self.held[slot] = held_from(p, stream, slot[1], fields, now)
-                claimed += 1
-        if claimed:
-            self.log.warning("dispatch.reclaimed", claimed=claimed)
+                h = self.held[slot] = held_from(p, stream, slot[1], fields, now)
+                fresh.append(h)
+        if fresh:
+            self.log.warning("dispatch.reclaimed", claimed=len(fresh))
+            await self.end_crash_loops(fresh)
+
+    async def end_crash_loops(self, claimed: list[Held]) -> None:
+        """An entry claimed over and over (its dispatcher dies on it every time, recording
+        nothing) is dead-lettered, its action ``failed``: a crash loop must end. One pipelined
+        XPENDING per stream, on claims only."""
+        r, s = self.d.r, self.d.settings
+        limit = s.max_deliveries * CRASH_LOOP_FACTOR
+        streams = sorted({h.stream for h in claimed})
+        count = RECLAIM_LIMIT + self.hold_max
+        replies = await r.run(
+            lambda pipe: [
+                pipe.xpending_range(stream, keys.GROUP_DISPATCH, "-", "+", count, consumername=self.d.consumer)
+                for stream in streams
+            ]
+        )
+        deliveries: dict[tuple[str, str], int] = {}
+        for stream, rows in zip(streams, replies, strict=True):
+            for row in rows:
+                entry_id = row["message_id"]
+                entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                deliveries[stream, entry_id] = int(row["times_delivered"])
+        dead: dict[str, list[Held]] = {}
+        for h in claimed:
+            n = deliveries.get((h.stream, h.id), 0)
+            if n > limit:
+                h.attempts, h.error = n, f"delivered {n} times without completing"
+                dead.setdefault(h.stream, []).append(h)
+        if dead:
+            await self.write({}, dead)
+            for items in dead.values():
+                for h in items:
+                    self.held.pop((h.stream, h.id), None)
+                    self.log.warning("dispatch.dead_letter", order_key=h.key, entry_id=h.id, deliveries=h.attempts)
+            self.dead_lettered += sum(len(v) for v in dead.values())
+
+    async def write(self, done: dict[str, list[Held]], dead: dict[str, list[Held]]) -> None:
+        """Delivered entries acknowledged and deleted, given-up ones dead-lettered: one
+        dispatched.lua call per stream."""
+        streams = sorted(set(done) | set(dead))
+        if not streams:
+            return
+        r = self.d.r
+
+        def build(pipe: Any) -> None:
+            for stream in streams:
+                p = self.streams[stream]
+                ok, gone = done.get(stream, []), dead.get(stream, [])
+                args: list[Any] = [keys.GROUP_DISPATCH, self.action, len(ok), *(h.id for h in ok)]
+                for h in gone:
+                    args += [h.id, h.key, h.fid, h.payload, h.attempts, h.error[:500], h.warehouse, h.route]
+                r.script(
+                    pipe,
+                    "dispatched",
+                    [stream, keys.dispatch_dead(p), p.counters, *(p.status(h.key) for h in gone)],
+                    args,
+                )
+
+        await r.run(build)
 
     async def settle(self, batch: list[Held], outcomes: list[Outcome], t0: float) -> None:
         """Breaker, retries and the batch's Redis writes: one script call per stream."""
@@ -286,7 +361,20 @@ class Target:
         done: dict[str, list[Held]] = {}
         dead: dict[str, list[Held]] = {}
         retried = 0
+        # An exception of ours on one entry is that entry's: dead-lettered at once. On every
+        # entry of a batch, it is nobody's: the batch waits and tries again (and counts it).
+        ours = len(batch) > 1 and all(out.kind == "broken" for out in outcomes)
         for h, out in zip(batch, outcomes, strict=True):
+            if out.kind == "broken":
+                h.error = out.detail
+                h.attempts += 1
+                h.tries += 1
+                if ours and h.attempts < s.max_deliveries:
+                    h.due = now + self.backoff(h, 0.0)
+                    retried += 1
+                else:
+                    dead.setdefault(h.stream, []).append(h)
+                continue
             if out.kind == "ok":
                 self.circuit.success()
                 done.setdefault(h.stream, []).append(h)
@@ -310,25 +398,7 @@ class Target:
             for h in self.held.values():
                 h.due = min(h.due, now)
         self._note_state()
-        streams = sorted(set(done) | set(dead))
-        if streams:
-            r = self.d.r
-
-            def build(pipe: Any) -> None:
-                for stream in streams:
-                    p = self.streams[stream]
-                    ok, gone = done.get(stream, []), dead.get(stream, [])
-                    args: list[Any] = [keys.GROUP_DISPATCH, self.action, len(ok), *(h.id for h in ok)]
-                    for h in gone:
-                        args += [h.id, h.key, h.fid, h.payload, h.attempts, h.error[:500]]
-                    r.script(
-                        pipe,
-                        "dispatched",
-                        [stream, keys.dispatch_dead(p), p.counters, *(p.status(h.key) for h in gone)],
-                        args,
-                    )
-
-            await r.run(build)
+        await self.write(done, dead)
         for group in (done, dead):
             for items in group.values():
                 for h in items:
@@ -385,11 +455,7 @@ class Dispatcher(Consumer):
         try:
             await asyncio.gather(*(t.run(drain) for t in self.targets.values()))
         finally:
-            keeper.cancel()
-            try:
-                await keeper
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([keeper])  # not one cancel: a claim in flight can swallow it (3.11)
         return self.delivered
 
     async def _keep_alive(self) -> None:

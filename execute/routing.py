@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -30,6 +31,7 @@ import msgspec
 
 from orderq import geo, keys
 from orderq.client import Redis
+from orderq.openrecords import OpenRecords
 from orderq.schema import Order, coupon_cents, flat_totals, goods_cents
 from orderq.warehouses import Warehouse
 
@@ -39,6 +41,8 @@ RANK_CACHE = 10_000  # places x hot-line combinations remembered
 NO_ROUTING = [[1, 0.0, 0, 0, 0, "", ""]]  # no warehouse: everything ships from "default"
 WAREHOUSE_KINDS = ("hot_sku", "nearest")
 KINDS = (*WAREHOUSE_KINDS, "carrier", "freight_review")
+# the statuses in which an order may be routed again: its route record stays open (see route.lua)
+ROUTE_WAITING = frozenset({"accepted", "validated", "held", "review"})
 
 
 class RulesError(ValueError):
@@ -238,6 +242,7 @@ class Routed:
     picks: list[str]  # the warehouses that ship it, one wms.pick each ([] when not routed)
     gift_out_of_stock: list[str]
     routed: bool  # False: no warehouse configured (one implicit pick)
+    recorded: bool = False  # route.lua recorded it (kept open until the worker reports it executed)
 
 
 _pack = msgspec.msgpack.Encoder().encode
@@ -278,6 +283,12 @@ class Router:
         # city, fronts) while the rules and the warehouses stay the same objects.
         self._cache_for: tuple[Rules, dict[str, Warehouse]] | None = None
         self._ranked: dict[tuple[str, str | None, tuple[str, ...]], list[list[object]]] = {}
+        self.open = OpenRecords(keys.ROUTED_OPEN_KEY, ROUTE_WAITING)
+
+    def executed(self, order_keys: Iterable[str]) -> None:
+        """The worker executed these orders (each with a recorded route): the next call closes
+        their open route records."""
+        self.open.done(order_keys)
 
     def _candidates(self, rules: Rules, whs: dict[str, Warehouse], ids: list[str], o: Order) -> list[list[object]]:
         """``o``'s candidate list as route.lua reads it: warehouse index, km, tariff, and the
@@ -313,14 +324,12 @@ class Router:
         orders: list[Order],
         approved: list[bool],
         accepted_us: list[int],
-        redelivered: list[bool] | None = None,
     ) -> list[Routed]:
         """Route a batch with one script call; with no warehouse, only orders with gifts go
-        to the script (their gifts' stock), the others ship from ``default`` untouched."""
+        to the script (their gifts' stock), the others ship from ``default`` untouched. An
+        order routed before (whatever its delivery count) gets its recorded route back."""
         rules = self.rules
         routed = bool(whs)
-        if redelivered is None:  # unknown: look for a record of every order
-            redelivered = [True] * len(orders)
         ids = list(whs) if routed else [keys.DEFAULT_WAREHOUSE]
         cached = self._cache_for
         if cached is None or cached[0] is not rules or cached[1] is not whs:  # new rules or warehouses
@@ -346,17 +355,30 @@ class Router:
             over = 0 if approved[n] else limit
             lines, gifts = flat_totals(o.lines), flat_totals(o.gifts)
             goods = goods_cents(o) if over else 0
-            again = 1 if redelivered[n] else 0
-            rows.append([o.key, lines, gifts, cands, goods, over, hour, again, _text(lines), _text(gifts)])
+            rows.append([o.key, lines, gifts, cands, goods, over, hour, _text(lines), _text(gifts)])
             sent.append(n)
         out = [Routed("s", "", [], [], routed) for _ in orders]
         if not rows:
             return out
-        # a route is needed again only by a redelivery of its entry: kept a day, like decisions
+        # a route is needed again only by an order routed a second time: in its hour's bucket for
+        # a day, like decisions, and kept open until the order is executed (orderq/openrecords.py)
+        await self.open.sweep(r)
+        closing = self.open.take()
         args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), keys.LEDGER_REPLAY_TTL_S]
-        args += [_pack(ids), _pack(cand_lists), _pack(rows), "1" if routed else "0"]
-        (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
+        args += [_pack(ids), _pack(cand_lists), _pack(rows), "1" if routed else "0", _pack(closing) if closing else ""]
+        try:
+            (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
+        except BaseException:
+            self.open.give_back(closing)
+            raise
         for n, rec in zip(sent, _unpack(raw), strict=True):
             outcome, _freight, picks, oos, route = rec.split("\t", 4)
-            out[n] = Routed(outcome, route, picks.split(",") if picks else [], oos.split(",") if oos else [], routed)
+            out[n] = Routed(
+                outcome,
+                route,
+                picks.split(",") if picks else [],
+                oos.split(",") if oos else [],
+                routed,
+                recorded=outcome == "s",
+            )
         return out

@@ -92,7 +92,7 @@ class ExecuteWorker(StreamWorker):
             try:
                 order = unpack_order(e.get(b"d"))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                result.failed[e.id] = (e, f"undecodable order payload: {exc}")
+                result.failed[e.stream, e.id] = (e, f"undecodable order payload: {exc}")
                 continue
             held = order.ship_to.province in holds
             items.append((e, order, held))
@@ -106,7 +106,6 @@ class ExecuteWorker(StreamWorker):
                 [o for _, o in ready],
                 [e.get(b"ap") == b"1" for e, _ in ready],
                 [int(e.get(b"ta") or 0) for e, _ in ready],
-                [e.delivered_again for e, _ in ready],
             )
             # (entry ids are unique per stream only: two lanes may hold the same id)
             routes = {(e.stream, e.id): d for (e, _), d in zip(ready, decided, strict=True)}
@@ -146,16 +145,19 @@ class ExecuteWorker(StreamWorker):
                     p.parked,
                     p.review,
                     *(p.outbox(a) for a in keys.ACTIONS),
+                    p.errors,
                 ]
-                args: list[object] = [self.group, self.settings.outbox_trim]
+                again = " ".join(f"{e.lane}:{e.id}" for e, *_ in rows if e.delivered_again)
+                args: list[object] = [self.group, self.settings.outbox_trim, ttl, again]
                 for e, key, outcome, fid, acts, route, more in rows:
                     ks.append(p.status(key))
                     args += [f"{e.lane}\t{e.id}\t{key}\t{outcome}\t{fid}\t{acts}\t{route}\t{more}", e.get(b"d")]
                 self.r.script(pipe, "execute", ks, args)
             # what an order sent to review for its freight holds from validation: a reviewer's
-            # reject releases by it (in the pipeline, so it exists before the review does)
+            # reject releases by it (in the pipeline, so it exists before the review does); no
+            # TTL while it waits, the decision starts one (validate/review.py)
             for e, order in reviewed:
-                pipe.set(keys.ledger_key(order.key), review_record(order, int(e.get(b"ta") or 0)), nx=True, ex=ttl)
+                pipe.set(keys.ledger_key(order.key), review_record(order, int(e.get(b"ta") or 0)), nx=True)
             # reason counters of the operators' view (a redelivered batch may count again)
             if freight_review:
                 pipe.hincrby(metrics.REASONS_KEY, "freight_over_limit", freight_review)
@@ -163,10 +165,21 @@ class ExecuteWorker(StreamWorker):
                 pipe.hincrby(metrics.REASONS_KEY, "gift_out_of_stock", len(gift_oos))
 
         totals = {"executed": 0, "held": 0, "deferred": 0, "dropped": 0, "review": 0}
-        for res in (await self.r.run(build))[: len(by_part)] if by_part else []:
+        replies = (await self.r.run(build))[: len(by_part)] if by_part else []
+        for rows, res in zip(by_part.values(), replies, strict=True):
             for name, v in zip(("executed", "held", "deferred", "dropped", "", "review"), res, strict=False):
                 if name:
                     totals[name] += int(v)
+            missing = {int(i) for i in res[6]} if len(res) > 6 else set()
+            for i in missing:  # no status record: not executed, not acknowledged
+                e = rows[i - 1][0]
+                result.failed[e.stream, e.id] = (e, "status record missing: not executed (its effect ledger is gone)")
+            # executed: their route records need not be kept open any longer (execute/routing.py)
+            self.router.executed(
+                row[1]
+                for n, row in enumerate(rows, 1)
+                if row[2] == "e" and n not in missing and (d := routes.get((row[0].stream, row[0].id))) and d.recorded
+            )
         now = time.time()
         lat: list[tuple[str, float]] = []
         for rows in by_part.values():

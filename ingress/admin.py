@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from ingress import responses
 from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _require_json_syntax, _retry_after
-from orderq import warehouses
+from orderq import deadletters, warehouses
 from orderq.client import UNAVAILABLE
 from orderq.schema import ErrorDetail, Sku, Text
 from orderq.status import render
@@ -37,6 +37,10 @@ class StockItem(msgspec.Struct, forbid_unknown_fields=True):
 
 class StockBody(msgspec.Struct, forbid_unknown_fields=True):
     items: Annotated[list[StockItem], Meta(min_length=1, max_length=10_000)]
+
+
+class DiscardBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
 
 
 class HoldBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -115,7 +119,17 @@ class Admin:
             bad = [ErrorDetail(path=path, message=msg) for path, msg in warehouses.problems(body.warehouses)]
             if bad:
                 raise Refusal(422, "invalid_request", "the body fails the schema", bad)
-            await warehouses.put(self.s.redis, body.warehouses)
+            try:
+                await warehouses.put(self.s.redis, body.warehouses)
+            except warehouses.InUse as exc:  # removing it would strand its stock records
+                left = [
+                    ErrorDetail(
+                        path=f"stock.{s.sku}.warehouses.{s.warehouse}",
+                        message=f"physical {s.physical}, allocated {s.allocated} to {s.orders} order(s)",
+                    )
+                    for s in exc.left
+                ]
+                raise Refusal(409, "warehouse_in_use", str(exc), left) from None
             log.info("admin.warehouses_set", warehouses=[w.id for w in body.warehouses])
             return responses.json({"warehouses": [msgspec.to_builtins(w) for w in body.warehouses]})
 
@@ -211,6 +225,49 @@ class Admin:
 
         return await self._guard(request, work)
 
+    # --- dead letters (contract §5; the logic is orderq/deadletters.py) ----------------
+    async def get_dead_letters(self, request: Request) -> Response:
+        async def work() -> Response:
+            q = request.query_params
+            stage, limit, after = q.get("stage") or None, q.get("limit", "100"), q.get("after") or None
+            bad = []
+            if stage is not None and stage not in deadletters.STAGES:
+                bad.append(ErrorDetail(path="stage", message="one of validate, execute, dispatch"))
+            if not limit.isdigit() or not 1 <= int(limit) <= deadletters.MAX_LIST:
+                bad.append(ErrorDetail(path="limit", message=f"an integer from 1 to {deadletters.MAX_LIST}"))
+            if after is not None and deadletters.parse_id(self.s.redis, after) is None:
+                bad.append(ErrorDetail(path="after", message="the next of a previous page"))
+            if bad:
+                raise Refusal(422, "invalid_request", "bad query parameters", bad)
+            items, nxt = await deadletters.list_dead(self.s.redis, stage, int(limit), after)
+            return responses.json({"items": [d.doc() for d in items], "next": nxt})
+
+        return await self._guard(request, work)
+
+    async def replay_dead_letter(self, request: Request) -> Response:
+        return await self._resolve_dead_letter(request, None)
+
+    async def discard_dead_letter(self, request: Request) -> Response:
+        return await self._resolve_dead_letter(request, DiscardBody)
+
+    async def _resolve_dead_letter(self, request: Request, body_type: type[DiscardBody] | None) -> Response:
+        async def work() -> Response:
+            dl_id = request.path_params["id"]
+            reason = (await _body(request, body_type)).reason if body_type is not None else None
+            try:
+                if reason is None:
+                    doc = await deadletters.replay(self.s.redis, dl_id)
+                else:
+                    doc = await deadletters.discard(self.s.redis, dl_id, reason)
+            except deadletters.NotFound:
+                return responses.error(404, "not_found", f"no unresolved dead letter {dl_id!r}")
+            except deadletters.NotReplayable as exc:
+                return responses.error(409, "not_replayable", str(exc))
+            log.info(f"admin.dead_letter_{doc['resolution']}", **doc, reason=reason)
+            return responses.json(doc)
+
+        return await self._guard(request, work)
+
 
 def routes(state: Any) -> list[Route]:
     a = Admin(state)
@@ -223,6 +280,9 @@ def routes(state: Any) -> list[Route]:
         Route("/v1/admin/holds", a.post_hold, methods=["POST"]),
         Route("/v1/admin/holds", a.get_holds, methods=["GET"]),
         Route("/v1/admin/holds/{province}", a.delete_hold, methods=["DELETE"]),
+        Route("/v1/admin/dead-letters", a.get_dead_letters, methods=["GET"]),
+        Route("/v1/admin/dead-letters/{id}/replay", a.replay_dead_letter, methods=["POST"]),
+        Route("/v1/admin/dead-letters/{id}/discard", a.discard_dead_letter, methods=["POST"]),
         Route("/v1/review", a.get_review, methods=["GET"]),
         Route("/v1/review/{channel}/{order_id}/approve", a.approve, methods=["POST"]),
         Route("/v1/review/{channel}/{order_id}/reject", a.reject, methods=["POST"]),

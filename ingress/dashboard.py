@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from ingress import responses
 from ingress.routes import Refusal, _bearer, _retry_after
-from orderq import history, keys, stats
+from orderq import deadletters, history, keys, stats
 from orderq.client import UNAVAILABLE
 from orderq.control import HOLDS_KEY
 from orderq.metrics import REASONS_KEY
@@ -153,6 +153,7 @@ class Dashboard:
         pipe.hgetall(keys.ALERTS_STATE_KEY)
         pipe.hgetall(HOLDS_KEY)
         raw, reasons, alerts, holds = await pipe.execute()
+        dead = await deadletters.summary(r)  # unresolved: count and the oldest few, with their error
         if not self._merge(raw, complete=len(raw) < HEAD_READ or not self.history):
             self._merge(await r.client.lrange(keys.HISTORY_KEY, 0, keys.HISTORY_LEN - 1), complete=True)
         active = []
@@ -168,6 +169,7 @@ class Dashboard:
                 ({"province": k.decode(), **msgspec.json.decode(v)} for k, v in holds.items()),
                 key=lambda h: (str(h.get("since", "")), h["province"]),
             ),
+            "dead_letters": dead,
             "thresholds": {
                 "open_depth": settings.breaker_open_depth,
                 "close_depth": settings.breaker_close_depth,
@@ -284,6 +286,7 @@ main { display:grid; grid-template-columns:repeat(auto-fit, minmax(300px, 1fr));
 table { border-collapse:collapse; width:100%; font-variant-numeric:tabular-nums; }
 td { padding:3px 4px; border-bottom:1px solid var(--line); }
 td.n { text-align:right; font-weight:600; }
+td.err { max-width:220px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; color:var(--red); }
 svg.chart { width:100%; height:240px; display:block; }
 svg.chart text { font-size:11px; fill:var(--muted); }
 svg.chart .grid { stroke:var(--line); }
@@ -414,12 +417,12 @@ function render(doc) {
   setText("r-validated", fmt(st.rates.validated_per_s));
   setText("r-executed", fmt(st.rates.executed_per_s));
   setText("c-review", fmt(st.depth.review));
-  setText("c-dead", fmt(st.totals.dead_letters));
+  setText("c-dead", fmt(doc.dead_letters.unresolved));
   setText("c-held", fmt(st.held || 0));
   setText("c-rejected", fmt(st.totals.rejected));
   setText("c-executed", fmt(st.totals.executed));
   setText("c-deferred", fmt(st.depth.deferred));
-  $("c-dead").classList.toggle("bad", st.totals.dead_letters > 0);
+  $("c-dead").classList.toggle("bad", doc.dead_letters.unresolved > 0);
   setText("updated", "updated " + shanghai(doc.computed_at, true));
 
   const d = st.depth, rows = [["intake", d.intake], ["ready vip", d.ready.vip], ["ready new", d.ready.new],
@@ -458,6 +461,18 @@ function render(doc) {
   for (const a of doc.alerts) {
     const since = a.since ? shanghai(Date.parse(a.since) / 1000) + " " : "";
     al.append(el("div", "alert", since + a.kind + ": " + (a.text || a.alert)));
+  }
+
+  const dl = doc.dead_letters, dt = $("dead");
+  setText("dead-count", fmt(dl.unresolved) + " unresolved \u00b7 " + fmt(st.totals.dead_letters) + " ever");
+  dt.replaceChildren();
+  for (const d of dl.oldest) {
+    const tr = el("tr"), err = el("td", "err", d.error);
+    err.title = d.error;
+    tr.append(el("td", "", shanghai(Date.parse(d.since) / 1000, true)), el("td", "", d.stage),
+              el("td", "", d.order_key + (d.action ? " " + d.action : "")), err);
+    tr.title = d.id;
+    dt.append(tr);
   }
 
   const hl = $("holds");
@@ -545,6 +560,9 @@ BODY = """
     <tr><td>deferred syncs waiting</td><td id="c-deferred" class="n"></td></tr>
   </tbody></table></div>
   <div class="card"><h2>Rejection and review reasons</h2><div id="reasons"></div></div>
+  <div class="card"><h2>Dead letters</h2><div id="dead-count" class="muted"></div>
+    <table><tbody id="dead"></tbody></table>
+    <div class="muted">oldest first; <code>orderq dead-letters list|replay|discard</code></div></div>
   <div class="card"><h2>Region holds</h2><ul id="holds"></ul></div>
   <div class="card"><h2>Workers</h2><table><tbody id="workers"></tbody></table>
     <h2 class="sub">Paused stages</h2><div id="paused"></div></div>

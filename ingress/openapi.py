@@ -121,6 +121,7 @@ class StatusRecord(Struct, omit_defaults=True):
     actions: list[ActionState]
     fulfilment_id: str | UnsetType = UNSET
     route: Parcel | list[Parcel] | UnsetType = UNSET  # a list when the order was split
+    error: str | UnsetType = UNSET  # rejected as `unprocessable`: what broke on it
 
 
 class ReadyDepth(Struct):
@@ -279,6 +280,48 @@ class ReviewList(Struct):
     items: list[ReviewItem]
 
 
+class DeadLetterItem(Struct):
+    """An unresolved dead letter; ``id`` is opaque (it names where the entry is)."""
+
+    id: str
+    stage: Literal["validate", "execute", "dispatch"]
+    order_key: str
+    action: str | None  # dispatch: the action the downstream refused; else null
+    error: str  # the last error
+    deliveries: int
+    since: str  # when it was dead-lettered (UTC)
+
+
+class DeadLetterList(Struct):
+    """Oldest first; ``next`` is the ``after`` of the next page (null: no more)."""
+
+    items: list[DeadLetterItem]
+    next: str | None
+
+
+class DiscardRequest(Struct):
+    reason: Annotated[str, Meta(min_length=1, max_length=500)]
+
+
+class DeadLetterResolved(Struct):
+    """The dead letter as it was, how it was resolved, and its order's status now."""
+
+    id: str
+    stage: Literal["validate", "execute", "dispatch"]
+    order_key: str
+    action: str | None
+    error: str
+    deliveries: int
+    since: str
+    resolution: Literal["replayed", "discarded"]
+    status: str | None  # null: no status record
+
+
+class DeadLetterSummary(Struct):
+    unresolved: int
+    oldest: list[DeadLetterItem]
+
+
 class SampleDepth(Struct):
     intake: int
     vip: int
@@ -338,6 +381,7 @@ class DashboardData(Struct):
     reasons: dict[str, int]
     alerts: list[ActiveAlert]
     holds: list[Hold]
+    dead_letters: DeadLetterSummary
     thresholds: Thresholds
     computed_at: float
     history: list[Sample]
@@ -407,7 +451,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Set the warehouses (the whole set)",
         "admin",
         ((200, "warehouses now", WarehousesBody),),
-        (*ADMIN_ERRORS, 400, 415, 422),
+        (*ADMIN_ERRORS, 400, 409, 415, 422),
         WarehousesBody,
     ),
     ("GET", "/v1/admin/warehouses"): Op(
@@ -446,9 +490,38 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         ((200, "the status record", StatusRecord),),
         (*ADMIN_ERRORS, 404, 409),
     ),
+    ("GET", "/v1/admin/dead-letters"): Op(
+        "Unresolved dead letters, oldest first",
+        "admin",
+        ((200, "a page of dead letters", DeadLetterList),),
+        (*ADMIN_ERRORS, 422),
+        query=(
+            ("stage", "only this stage's", {"enum": ["validate", "execute", "dispatch"]}),
+            ("limit", "how many", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+            ("after", "the next of the page before", {"type": "string"}),
+        ),
+    ),
+    ("POST", "/v1/admin/dead-letters/{id}/replay"): Op(
+        "Put a dead letter back where it failed (once in effect)",
+        "admin",
+        ((200, "replayed", DeadLetterResolved),),
+        (*ADMIN_ERRORS, 404, 409),
+    ),
+    ("POST", "/v1/admin/dead-letters/{id}/discard"): Op(
+        "Resolve a dead letter for good: the order rejected (discarded, its holds released) or the action failed",
+        "admin",
+        ((200, "discarded", DeadLetterResolved),),
+        (*ADMIN_ERRORS, 400, 404, 415, 422),
+        DiscardRequest,
+    ),
     ("GET", "/metrics"): Op("Prometheus metrics", None, ((200, "text exposition format", "text/plain"),), (503,)),
     ("GET", "/healthz"): Op("Liveness", None, ((200, "alive", Health),)),
-    ("GET", "/readyz"): Op("Readiness: Redis reachable, not shedding", None, ((200, "ready", Ready),), (503,)),
+    ("GET", "/readyz"): Op(
+        "Readiness: Redis reachable, and not refusing every order (VIP included)",
+        None,
+        ((200, "ready", Ready),),
+        (503,),
+    ),
     ("GET", "/dashboard"): Op(
         "The operators' live page",
         "dashboard",

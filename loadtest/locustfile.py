@@ -13,19 +13,31 @@
 
 Tokens come from ORDERQ_CHANNEL_TOKENS / ORDERQ_ADMIN_TOKEN, else from
 ``$ORDERQ_DATA_DIR/tokens.env`` (``./.orderq`` by default), as ``orderq up`` writes them.
-The contract's backpressure answers (``503`` shedding, ``429`` over the channel's rate,
-both with ``Retry-After``) are not failures: they are counted in their own rows
-(``... [503]``, ``... [429]``) and the refused orders are sent again after Retry-After,
-as a channel must. A failure is anything the contract does not allow.
+The contract's backpressure answers (``503`` shedding or ``overloaded``, ``429`` over the
+channel's rate, all with ``Retry-After``; a batch's ``shed`` orders) are not failures: they
+are counted in their own rows (``... [503]``, ``... [429]``) and the refused orders are sent
+again after Retry-After, as a channel must. A failure is anything the contract does not allow.
+
+Every order key sent and every answer go into the client-side oracle (``loadtest/oracle.py``).
+When the test stops, each process that sent orders looks every key up through the contract
+(``GET /v1/orders/{channel}/{order_id}``, admin token) and reports lost (acknowledged, no
+record), duplicated (an action applied twice), unexpected (a refused order that was written)
+and recovered (an answer in doubt, yet the order is there): logged, written as JSON to
+``ORDERQ_LOADTEST_ORACLE_OUT`` (default: ``<--csv prefix>_oracle.json``), in rows ``ORACLE
+...`` of the printed statistics (the ``--csv`` files are written before the check ends), and
+any lost, duplicated, unexpected or unchecked order makes locust exit 1.
+``ORDERQ_LOADTEST_ORACLE=0`` skips the check (the answers are still recorded).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 import urllib.error
@@ -35,13 +47,15 @@ from pathlib import Path
 from typing import Any
 
 from locust import FastHttpUser, constant, constant_pacing, constant_throughput, events, task
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 try:
     from loadtest import orders as oq
+    from loadtest.oracle import Oracle
 except ImportError:  # run from a checkout without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from loadtest import orders as oq
+    from loadtest.oracle import Oracle
 
 log = logging.getLogger("orderq.loadtest")
 
@@ -74,6 +88,14 @@ if not CHANNELS:
         "tokens.env that `orderq up` wrote (or ORDERQ_AUTH=off against an open ingress)"
     )
 MAKER = oq.OrderMaker(CHANNELS)  # one per process: order ids unique across its users
+ORACLE = Oracle()  # every order key this process sent and what its answers said
+_ORDER_ID = re.compile(rb'"order_id":"([^"]*)"')
+
+
+def _key(channel: str, body: bytes) -> str:
+    """The order key of an encoded order (``oq.encode``: compact JSON)."""
+    m = _ORDER_ID.search(body)
+    return f"{channel}:{m.group(1).decode() if m else ''}"
 
 
 class Ring:
@@ -117,6 +139,7 @@ class OrderqUser(FastHttpUser):
             "/v1/orders", data=body, headers=TOKENS.headers(channel), name=name, catch_response=True
         ) as resp:
             code = resp.status_code
+            ORACLE.record_answer(_key(channel, body), code, resp.content if code else None)
             if code in (200, 202):
                 outcome = "accepted" if code == 202 else "duplicate"
                 if expect not in ("either", outcome):
@@ -140,8 +163,11 @@ class OrderqUser(FastHttpUser):
         with self.client.post(
             "/v1/orders/batch", data=body, headers=TOKENS.headers(channel), name=name, catch_response=True
         ) as resp:
+            keys = [_key(channel, b) for b in bodies]
             if resp.status_code == 202:
-                statuses = [r["status"] for r in resp.json()["results"]]
+                doc = resp.json()
+                ORACLE.record_batch(keys, 202, doc)
+                statuses = [r["status"] for r in doc["results"]]
                 wrong = [
                     (i, s, e)
                     for i, (s, e) in enumerate(zip(statuses, expect, strict=True))
@@ -153,9 +179,11 @@ class OrderqUser(FastHttpUser):
                     i, s, e = wrong[0]
                     resp.failure(f"{len(wrong)} orders answered unexpectedly, e.g. #{i}: {s}, expected {e}")
                 shed = [i for i, s in enumerate(statuses) if s == "shed"]
-                if shed:  # the batch has no Retry-After; a shed order is sent again a little later
-                    self._later("batch", channel, [bodies[i] for i in shed], [expect[i] for i in shed], 2.0, attempt)
+                if shed:  # sent again after the answer's Retry-After (overload), else a little later
+                    delay = _retry_after(resp) if resp.headers and resp.headers.get("Retry-After") else 2.0
+                    self._later("batch", channel, [bodies[i] for i in shed], [expect[i] for i in shed], delay, attempt)
                 return statuses
+            ORACLE.record_batch(keys, resp.status_code, resp.content if resp.status_code else None)
             if self._refused(resp, name):
                 self._later("batch", channel, bodies, expect, _retry_after(resp), attempt)
                 return ["refused"] * len(bodies)
@@ -347,6 +375,43 @@ def _announce(environment: Any, **_: Any) -> None:
     if len(chosen) > 1 and not isinstance(environment.runner, WorkerRunner):
         log.warning("several scenarios run mixed (%s); name one class to run one scenario", ", ".join(chosen))
     log.info("orderq loadtest: %d channels, tokens from %s", len(CHANNELS), TOKENS.source)
+
+
+@events.test_stop.add_listener
+def _check_oracle(environment: Any, **_: Any) -> None:
+    """Look up every order this process sent (contract §4) and judge it; see the module doc."""
+    if isinstance(environment.runner, MasterRunner) or not ORACLE.answers or not environment.host:
+        return
+    if os.environ.get("ORDERQ_LOADTEST_ORACLE", "1") == "0":
+        return
+    if TOKENS.auth and not TOKENS.admin:
+        log.warning("oracle: no admin token, the %d orders sent are not checked", len(ORACLE.answers))
+        return
+    t0 = time.monotonic()
+    try:
+        import gevent.pool
+
+        pool_map = gevent.pool.Pool(16).imap_unordered
+    except ImportError:  # pragma: no cover - locust always brings gevent
+        pool_map = None
+    verdict = ORACLE.check_http(environment.host, TOKENS.admin_headers(), pool_map=pool_map)
+    took_ms = (time.monotonic() - t0) * 1000
+    log.info("oracle: %s (%.1f s)", verdict.line(), took_ms / 1000)
+    _event("ORACLE", "orders checked", took_ms)
+    for category in ("lost", "duplicated", "unexpected", "unchecked"):
+        n = getattr(verdict, category)
+        if n:
+            examples = ", ".join(verdict.examples.get(category, [])[:5])
+            _event("ORACLE", category, 0, RuntimeError(f"{n} orders {category}: {examples}"))
+    out = os.environ.get("ORDERQ_LOADTEST_ORACLE_OUT", "").strip()
+    prefix = getattr(environment.parsed_options, "csv_prefix", None) if environment.parsed_options else None
+    if not out and prefix:
+        out = f"{prefix}_oracle.json"
+    if out:
+        Path(out).write_text(json.dumps(verdict.as_dict(), indent=2), encoding="utf-8")
+    if not verdict.ok:
+        environment.process_exit_code = 1
+    ORACLE.answers.clear()  # checked once, also when locust stops twice
 
 
 @events.test_start.add_listener

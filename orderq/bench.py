@@ -9,12 +9,19 @@ the end. Phases (BENCHMARKS.md explains each figure):
 - ``single`` / ``batch``: the most orders/s the ingress accepts, workers paused (so the
   ingress is measured alone, like the reference it is compared with).
 - ``burst``: what single/batch queued is the burst: Redis memory per queued order, then
-  the workers resume and the time to drain it to backlog 0 gives executed orders/s.
+  the workers resume and the time to drain it to backlog 0 gives executed orders/s; Redis
+  memory per order once it is drained (what an executed order keeps: status record, outbox).
 - ``e2e``: a fixed offered rate with every stage running: ack and end-to-end latency,
   executed orders/s, time to drain after the last order.
 - ``spike`` (``--spike``): the 618 midnight surge, then an audit for lost orders.
 - ``reference`` (``--reference``): the same single/batch load against
   :mod:`orderq.benchref` on the same Redis, and the ratios ours / reference.
+
+Every order sent to orderq and its answer are recorded in the client-side oracle
+(``loadtest/oracle.py``); after the last phase each key is looked up in Redis and the report
+gives lost (acknowledged, no record), duplicated (an action applied twice, by the effect
+ledger), unexpected (a refused order that was written) and recovered (an answer in doubt,
+yet the order is there).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import httpx
 import msgspec
 import redis
 
+from loadtest import series
+from loadtest.oracle import Oracle
 from orderq import audit, keys, loadgen, stats
 from orderq import client as oq_client
 from orderq.errors import ConfigError, OrderqError
@@ -51,7 +60,7 @@ from orderq.tokens import ensure_tokens, tokens_path
 
 SCHEMA = "orderq.bench/1"
 CORE_PHASES = ("single", "batch", "burst", "e2e")
-ALL_PHASES = ("single", "batch", "burst", "reference", "e2e", "spike")
+ALL_PHASES = ("single", "batch", "burst", "reference", "e2e", "spike", "peers")
 SAMPLE_S = 0.1  # backlog / breaker stage sampling period
 DRAIN_SAMPLE_S = 0.025  # finer while a burst drains: its drain time gives executed orders/s
 PAUSE_SETTLE_S = 0.7  # a worker blocked in XREADGROUP (500 ms) may still take one batch after a pause
@@ -68,6 +77,7 @@ PRIORITIES = keys.PRIORITIES
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", metavar="FILE", help="also write the report as JSON (schema orderq.bench/1)")
+    ap.add_argument("--html", metavar="FILE", help="also write the report as one HTML page with plots")
     ap.add_argument(
         "--phases",
         default=",".join(CORE_PHASES),
@@ -75,8 +85,21 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--spike", action="store_true", help="add the spike phase (618 midnight surge)")
     ap.add_argument("--reference", action="store_true", help="add the reference-endpoint phase and ratios")
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="add the peer-queue phase: taskiq's no-op jobs/s on the same Redis (needs the peers extra)",
+    )
+    ap.add_argument("--peer-jobs", type=int, default=20000, help="no-op jobs the peer queue drains (default 20000)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase (default 10)")
     ap.add_argument("--connections", type=int, default=64, help="keep-alive connections (default 64)")
+    ap.add_argument(
+        "--open-connections",
+        type=int,
+        default=loadgen.OPEN_LOOP_CONNECTIONS,
+        help="e2e/spike: keep-alive connections of the open loop, opened before it starts (default "
+        f"{loadgen.OPEN_LOOP_CONNECTIONS}); refused orders are sent again after their Retry-After",
+    )
     ap.add_argument("--batch-size", type=int, default=100, help="orders per batch request (default 100)")
     ap.add_argument("--batch-connections", type=int, default=16, help="connections of the batch phases (default 16)")
     ap.add_argument("--rate", type=float, default=2400.0, help="orders/s offered in the e2e phase (default 2400)")
@@ -106,7 +129,8 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     phases = _phases(args)
     if args.start and args.url:
         raise ConfigError("--url", "cannot be combined with --start")
-    for name in ("duration", "connections", "batch_size", "batch_connections", "rate", "spike_orders"):
+    positive = ("duration", "connections", "batch_size", "batch_connections", "rate", "spike_orders")
+    for name in (*positive, "open_connections"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be > 0")
     if args.batch_size > settings.batch_max:
@@ -138,6 +162,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
         print(f"report written to {args.json}", flush=True)
+    if args.html:
+        from loadtest import report_html
+
+        report_html.write(report, args.html)
+        print(f"report written to {args.html}", flush=True)
     return 0
 
 
@@ -150,6 +179,8 @@ def _phases(args: argparse.Namespace) -> list[str]:
         wanted.append("spike")
     if args.reference:
         wanted.append("reference")
+    if getattr(args, "peers", False) and "peers" not in wanted:
+        wanted.append("peers")
     return [p for p in ALL_PHASES if p in wanted]  # run in the documented order
 
 
@@ -480,6 +511,7 @@ class Bench:
             self.run_id, f"{target.host}:{target.port}", target.tokens, target.settings.channels
         )
         self.notes: list[str] = []
+        self.oracle = Oracle()  # every order sent to orderq and its answer, checked at the end
         self.r: oq_client.Redis
         self.http: httpx.AsyncClient
 
@@ -503,6 +535,12 @@ class Bench:
             return sum(int(i["used_memory"]) for i in per_node.values())
         info = await self.r.client.info("memory")
         return int(info["used_memory"])
+
+    async def outbox_memory(self) -> int:
+        """Bytes of every outbox stream (MEMORY USAGE, every node of each stream counted)."""
+        streams = [p.outbox(a) for p in self.r.partitions for a in keys.ACTIONS]
+        sizes = await self.r.run(lambda pipe: [pipe.memory_usage(s, samples=0) for s in streams])
+        return sum(int(n or 0) for n in sizes)
 
     async def settle(self, what: str) -> dict[str, Any]:
         """Wait for backlog 0, stage normal and no deferred syncs left: the next phase starts clean."""
@@ -567,17 +605,25 @@ class Bench:
         for prio, values in per.items():
             q = loadgen.percentiles_ms(values)
             out[prio] = {"n": len(values), "p50": q["p50"], "p99": q["p99"], "max": q["max"]}
+            out[prio]["hist"] = series.log_hist(values)  # the distribution --html plots
         return out, outcomes
 
     # --- phases ----------------------------------------------------------------------
-    async def closed(self, batch: bool, host: str, port: int) -> dict[str, Any]:
+    async def closed(self, batch: bool, host: str, port: int, checked: bool = True) -> dict[str, Any]:
+        """A closed-loop phase; ``checked``: its orders go to orderq, into the oracle."""
         a = self.args
         size = a.batch_size if batch else 1
         conns = a.batch_connections if batch else a.connections
-        rec = loadgen.Recorder(per_request=size)
+        rec = loadgen.Recorder(per_request=size, oracle=self.oracle if checked else None)
         make = (lambda: self.factory.batch(size)) if batch else self.factory.single
         max_requests = math.ceil(a.max_orders / size) if a.max_orders else 0
-        elapsed = await loadgen.closed_loop(host, port, conns, make, a.duration, rec, max_requests)
+        self.factory.track = checked
+        try:
+            elapsed = await loadgen.closed_loop(
+                host, port, conns, make, a.duration, rec, max_requests, self.factory.take_keys if checked else None
+            )
+        finally:
+            self.factory.track = False
         return _closed_result(rec, elapsed, conns, size)
 
     async def offered(self, name: str, offsets: list[float], span_s: float) -> dict[str, Any]:
@@ -587,8 +633,21 @@ class Bench:
         self.factory.sample_every = max(1, a.sample_every)
         sampler = Sampler(self.r).start()
         executed0 = await self.executed()
-        rec = loadgen.Recorder()
-        elapsed = await loadgen.open_loop(self.t.host, self.t.port, a.connections, self.factory.single, offsets, rec)
+        rec = loadgen.Recorder(oracle=self.oracle)
+        self.factory.track = True
+        try:
+            elapsed = await loadgen.open_loop(
+                self.t.host,
+                self.t.port,
+                a.open_connections,
+                self.factory.single,
+                offsets,
+                rec,
+                self.factory.take_keys,
+                classify=lambda: self.factory.last_class,
+            )
+        finally:
+            self.factory.track = False
         executed1 = await self.executed()
         t_zero = await sampler.until_zero(rec.last_ack, a.drain_timeout)
         executed2 = await self.executed()
@@ -602,7 +661,7 @@ class Bench:
             "duration_s": round(elapsed, 2),
             "offered": len(offsets),
             "offered_per_s": _rate(len(offsets), span_s),
-            "connections": a.connections,
+            "connections": rec.connections,
             "requests": rec.requests,
             "orders_accepted": rec.accepted,
             "accepted_per_s": _rate(rec.accepted, elapsed),
@@ -610,7 +669,8 @@ class Bench:
             "refused": rec.refused,
             "connection_errors": rec.errors,
             "statuses": {str(k): v for k, v in sorted(rec.statuses.items())},
-            "ack_ms": loadgen.percentiles_ms(rec.latencies),
+            "ack_ms": loadgen.percentiles_ms(rec.ack_latencies),  # 202 / 200 only
+            **loadgen.resend_report(rec),  # every answer, first tries, resends, per class
             "executed_per_s": _rate(executed1 - executed0, elapsed),
             "executed_total": executed2 - executed0,
             "executed_per_s_incl_drain": _rate(executed2 - executed0, elapsed + (drain_s or 0.0)),
@@ -629,6 +689,7 @@ class Bench:
         sampler = Sampler(self.r)
         backlog0, _, _ = await sampler.probe()
         mem0 = await self.used_memory()
+        outbox0 = await self.outbox_memory()
         watch = Sampler(self.r).start()  # stages the breaker went through while the workers were paused
         if "single" in self.phases:
             _progress(f"single: {self.args.connections} connections for {self.args.duration:g}s (workers paused)")
@@ -647,17 +708,22 @@ class Bench:
         if backlog1 - backlog0 <= 0:
             n = self.args.burst_orders
             _progress(f"burst: queueing {n} orders (workers paused)")
-            rec = loadgen.Recorder(per_request=self.args.batch_size)
+            rec = loadgen.Recorder(per_request=self.args.batch_size, oracle=self.oracle)
             size = self.args.batch_size
-            await loadgen.closed_loop(
-                self.t.host,
-                self.t.port,
-                self.args.batch_connections,
-                lambda: self.factory.batch(size),
-                3600.0,
-                rec,
-                math.ceil(n / size),
-            )
+            self.factory.track = True
+            try:
+                await loadgen.closed_loop(
+                    self.t.host,
+                    self.t.port,
+                    self.args.batch_connections,
+                    lambda: self.factory.batch(size),
+                    3600.0,
+                    rec,
+                    math.ceil(n / size),
+                    self.factory.take_keys,
+                )
+            finally:
+                self.factory.track = False
             backlog1, _, _ = await sampler.probe()
         await watch.stop()
         mem1 = await self.used_memory()
@@ -687,6 +753,17 @@ class Bench:
             "stages_while_paused": watch.stages(),
         }
         ph["burst"]["settle"] = await self.settle("burst")
+        # What the drained burst still holds: every order is executed, nothing is queued; an
+        # executed order keeps its status record (until its TTL) and its outbox entries (until
+        # dispatched, or trimmed at ORDERQ_OUTBOX_MAXLEN).
+        after = await self.used_memory() - mem0
+        outbox = await self.outbox_memory() - outbox0
+        ph["burst"]["memory_after_drain"] = {
+            "redis_memory_bytes": after,
+            "per_order_bytes": round(after / queued) if queued > 0 else None,
+            "outbox_per_order_bytes": round(outbox / queued) if queued > 0 else None,
+            "settled": ph["burst"]["settle"]["settled"],
+        }
 
     async def reference(self, report: dict[str, Any]) -> None:
         ph = report["phases"]
@@ -729,10 +806,10 @@ class Bench:
             out: dict[str, Any] = {"stream": stream}
             if "single" in self.phases:
                 _progress(f"reference single: {self.args.connections} connections for {self.args.duration:g}s")
-                out["single"] = await self.closed(False, "127.0.0.1", port)
+                out["single"] = await self.closed(False, "127.0.0.1", port, checked=False)
             if "batch" in self.phases or "single" not in self.phases:
                 _progress(f"reference batch: {self.args.batch_size} orders per request for {self.args.duration:g}s")
-                out["batch"] = await self.closed(True, "127.0.0.1", port)
+                out["batch"] = await self.closed(True, "127.0.0.1", port, checked=False)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -754,6 +831,21 @@ class Bench:
         out["ratios"] = ratios
         ph["reference"] = out
 
+    async def peers(self, report: dict[str, Any]) -> None:
+        """The best peer queue's no-op rate on the same Redis (loadtest/peers.py), and ours ÷ it."""
+        from loadtest import peers
+
+        ph = report["phases"]
+        if self.t.settings.redis_cluster or not peers.available():
+            missing = "taskiq not installed (pip install -e '.[peers]')"
+            ph["peers"] = {"skipped": "Redis Cluster" if self.t.settings.redis_cluster else missing}
+            return
+        _progress(f"peers: taskiq drains {self.args.peer_jobs:,} no-op jobs (list and stream brokers)")
+        out = await peers.best(self.r.url, self.args.peer_jobs)
+        cap = (ph.get("burst") or {}).get("executed_per_s")
+        out["ratio_burst_executed"] = round(cap / out["best_jobs_per_s"], 2) if cap and out["best_jobs_per_s"] else None
+        ph["peers"] = out
+
     async def run(self) -> dict[str, Any]:
         a = self.args
         # A signal handler that raises inside a protocol callback would only kill that
@@ -763,6 +855,7 @@ class Bench:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         self.r = await oq_client.connect(self.t.settings)
         self.http = httpx.AsyncClient(base_url=self.t.base_url, timeout=30)
+        trace = series.begin(Sampler(self.r).probe)  # backlog, stage and answers over the run, for --html
         started = time.time()
         report: dict[str, Any] = {
             "schema": SCHEMA,
@@ -772,6 +865,7 @@ class Bench:
             "config": {
                 "duration_s": a.duration,
                 "connections": a.connections,
+                "open_connections": a.open_connections,
                 "batch_size": a.batch_size,
                 "batch_connections": a.batch_connections,
                 "rate": a.rate,
@@ -793,6 +887,8 @@ class Bench:
                 await self.ingress_phases(report)
             if "reference" in self.phases:
                 await self.reference(report)
+            if "peers" in self.phases:
+                await self.peers(report)
             if "e2e" in self.phases:
                 _progress(f"e2e: {a.rate:g} orders/s offered for {a.duration:g}s, every stage running")
                 offsets = loadgen.constant_schedule(a.rate, a.duration)
@@ -804,6 +900,9 @@ class Bench:
                 ph = report["phases"]["spike"] = await self.offered("spike", offsets, a.spike_seconds)
                 ph["offered_peak_per_s"] = round(loadgen.surge_peak_rate(a.spike_orders, a.spike_seconds), 1)
                 ph["settle"] = await self.settle("spike")
+            _progress(f"oracle: looking up the {len(self.oracle.answers):,} orders sent")
+            verdict = await self.oracle.check_redis(self.r)
+            report["oracle"] = verdict.as_dict()
             _progress("audit")
             au = await audit.run(self.r)
             report["audit"] = {k: v for k, v in au.items() if not k.endswith("_keys")}
@@ -812,6 +911,7 @@ class Bench:
                 report["phases"]["spike"]["lost"] = au["lost"]
                 report["phases"]["spike"]["duplicate_effects"] = au["duplicate_effects"]
         finally:
+            await trace.stop()
             await self.http.aclose()
             await self.r.close()
         ref = report["phases"].get("reference") or {}
@@ -822,6 +922,7 @@ class Bench:
                     f"{name}: {d.get('refused')} orders refused, {d.get('connection_errors')} connection errors "
                     f"(statuses {d.get('statuses')}): shedding or overload, see stages_visited"
                 )
+        report["series"] = trace.export()
         report["elapsed_s"] = round(time.time() - started, 1)
         report["summary"] = summary(report)
         report["targets"] = targets(report)
@@ -906,6 +1007,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "peak_backlog": {k: ph[k]["peak_backlog"] for k in ("burst", "e2e", "spike") if k in ph},
         "stages_visited": {k: ph[k]["stages_visited"] for k in ("burst", "e2e", "spike") if k in ph},
         "redis_memory_per_queued_order_bytes": burst.get("memory_per_queued_order_bytes"),
+        "redis_memory_per_order_after_drain_bytes": (burst.get("memory_after_drain") or {}).get("per_order_bytes"),
+        "oracle": {k: v for k, v in (report.get("oracle") or {}).items() if k != "examples"},
         "lost": report.get("audit", {}).get("lost"),
         "duplicate_effects": report.get("audit", {}).get("duplicate_effects"),
         "machine": report.get("machine"),
@@ -936,10 +1039,26 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     add(f"ack p99 at {e2e.get('offered_per_s', 0):g}/s offered, every stage", "< 100 ms", p99, below(p99, 100))
     cap = burst.get("executed_per_s")
     add("executed orders/s (burst drain)", ">= 3500", cap, at_least(cap, 3500))
+    peer = (ph.get("peers") or {}).get("ratio_burst_executed")
+    add("executed/s vs the best peer queue's no-op jobs/s", ">= 2", peer, at_least(peer, 2))
     sp99 = (spike.get("ack_ms") or {}).get("p99")
     add("spike ack p99", "< 100 ms", sp99, below(sp99, 100))
+    ap99 = (spike.get("answer_ms") or {}).get("p99")
+    add("spike answer p99 (202 and 503 alike)", "< 100 ms", ap99, below(ap99, 100))
+    first = spike.get("taken_first_try_share")
+    add("spike orders taken at the first try", ">= 0.6", first, at_least(first, 0.6))
+    taken = spike.get("all_taken_s") if spike else None
+    add(
+        "spike every order taken (resends)",
+        "<= 120 s",
+        taken,
+        None if not spike else (taken is not None and taken <= 120),
+    )
     lost = spike.get("lost")
     add("spike lost", "== 0", lost, None if lost is None else lost == 0)
+    o = report.get("oracle")
+    bad = None if o is None else o["lost"] + o["duplicated"] + o["unexpected"] + o["unchecked"]
+    add("oracle: lost + duplicated + unexpected", "== 0", bad, None if bad is None else bad == 0)
     sd = spike.get("drain_s") if spike else None
     add("spike backlog 0 after last order", "<= 5 s", sd, None if not spike else (sd is not None and sd <= 5))
     return out
@@ -982,6 +1101,15 @@ def render(report: dict[str, Any]) -> str:
     if ref.get("ratios"):
         r = ref["ratios"]
         lines.append(f"{'ours / reference':<26} single {r.get('single')}   batch {r.get('batch')}")
+    peers = ph.get("peers") or {}
+    if peers.get("runs"):
+        runs = "   ".join(f"{x['broker']} {x['jobs_per_s']:,.0f}" for x in peers["runs"])
+        lines.append(
+            f"{'peer queue (taskiq)':<26} no-op jobs/s: {runs}   "
+            f"burst executed/s ÷ best: {peers['ratio_burst_executed']}"
+        )
+    elif peers.get("skipped"):
+        lines.append(f"{'peer queue':<26} skipped: {peers['skipped']}")
     if "burst" in ph:
         b = ph["burst"]
         lines.append(
@@ -990,6 +1118,12 @@ def render(report: dict[str, Any]) -> str:
             f"drained in {b['drain_s']} s · {b['executed_per_s']} executed/s · peak backlog {b['peak_backlog']:,} · "
             f"stages {', '.join(b['stages_visited']) or '-'}"
         )
+        if b.get("memory_after_drain"):
+            m = b["memory_after_drain"]
+            lines.append(
+                f"{'':<26} after the drain: {m['per_order_bytes']} B Redis memory/order "
+                f"({m['outbox_per_order_bytes']} B of it in outbox streams)"
+            )
     for name in ("e2e", "spike"):
         if name not in ph:
             continue
@@ -1001,6 +1135,19 @@ def render(report: dict[str, Any]) -> str:
             f"stages {', '.join(d['stages_visited']) or '-'}"
         )
         lines.append(f"{'':<26} ack {_q(d['ack_ms'])}")
+        if d.get("answer_ms"):
+            lines.append(f"{'':<26} every answer (202 and 503) {_q(d['answer_ms'])}")
+            share = d["taken_first_try_share"]
+            lines.append(
+                f"{'':<26} taken at the first try {'-' if share is None else f'{share:.1%}'} · "
+                f"resends {d['resends']:,} · every order taken after {d['all_taken_s']} s · "
+                f"not taken {d['not_taken']} · refusing {d['refusing_s']} s · {d['connections']} connections"
+            )
+            for cls, q in d["answer_ms_by_class"].items():
+                lines.append(
+                    f"{'':<26} answer {cls:<8} p50 {q['p50']:.1f}  p99 {q['p99']:.1f} ms  (n={q['n']}"
+                    + (", while refusing)" if d["refusing_s"] else ")")
+                )
         for prio in PRIORITIES:
             e = d["e2e_ms"].get(prio)
             if e and e["n"]:
@@ -1013,6 +1160,15 @@ def render(report: dict[str, Any]) -> str:
             f"{'audit':<26} accepted {au['accepted']:,} · executed {au['executed']:,} · review {au['review']} · "
             f"rejected {au['rejected']} · lost {au['lost']} · duplicate effects {au['duplicate_effects']}"
         )
+    if report.get("oracle"):
+        o = report["oracle"]
+        lines.append(
+            f"{'oracle':<26} {o['sent']:,} orders sent · {o['acked']:,} acknowledged · lost {o['lost']} · "
+            f"duplicated {o['duplicated']} · unexpected {o['unexpected']} · recovered {o['recovered']}"
+            + (f" · unchecked {o['unchecked']}" if o["unchecked"] else "")
+        )
+        for category, examples in o["examples"].items():
+            lines.append(f"{'':<26} {category}: {', '.join(examples)}")
     lines += ["", "targets"]
     for t in report["targets"]:
         mark = {True: "ok  ", False: "MISS", None: "-   "}[t["ok"]]

@@ -30,6 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     cd.add_argument("--replicas", type=int, default=0, help="replicas per master (they fail over by themselves)")
     au = sub.add_parser("audit", help="reconcile accepted orders with what happened to them")
     au.add_argument("--json", action="store_true")
+    dl = sub.add_parser("dead-letters", help="list, replay or discard dead letters")
+    dls = dl.add_subparsers(dest="dl_command", required=True)
+    ls = dls.add_parser("list", help="unresolved dead letters, oldest first")
+    ls.add_argument("--stage", choices=("validate", "execute", "dispatch"))
+    ls.add_argument("--limit", type=int, default=100, help="at most this many (1 to 1000)")
+    ls.add_argument("--after", help="the 'next' of a previous page")
+    ls.add_argument("--json", action="store_true", help="print the API's JSON document")
+    rp = dls.add_parser("replay", help="put a dead letter back where it failed")
+    rp.add_argument("id")
+    dc = dls.add_parser("discard", help="resolve a dead letter for good (the order is rejected: discarded)")
+    dc.add_argument("id")
+    dc.add_argument("--reason", required=True)
     be = sub.add_parser("bench", help="headless benchmark; prints a report")
     from orderq import bench
 
@@ -103,6 +115,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_status(settings, args.json, args.watch))
     if cmd == "audit":
         return asyncio.run(_audit(settings, args.json))
+    if cmd == "dead-letters":
+        return asyncio.run(_dead_letters(settings, args))
     if cmd == "cluster-dev":
         from orderq import clusterdev
 
@@ -165,21 +179,67 @@ def render_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def _audit(settings: Settings, as_json: bool) -> int:
-    from orderq import audit, client
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from orderq import client, deadletters
 
+    if args.dl_command == "list" and not 1 <= args.limit <= deadletters.MAX_LIST:
+        print(f"orderq: --limit must be from 1 to {deadletters.MAX_LIST}", file=sys.stderr)
+        return 1
     r = await client.connect(settings)
     try:
-        report = await audit.run(r)
+        if args.dl_command == "list":
+            try:
+                items, nxt = await deadletters.list_dead(r, args.stage, args.limit, args.after)
+            except ValueError as exc:
+                print(f"orderq: --after: {exc}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(msgspec.json.encode({"items": [d.doc() for d in items], "next": nxt}).decode())
+            else:
+                print(render_dead_letters([d.doc() for d in items], nxt))
+            return 0
+        try:
+            if args.dl_command == "replay":
+                doc = await deadletters.replay(r, args.id)
+            else:
+                doc = await deadletters.discard(r, args.id, args.reason)
+        except deadletters.NotFound:
+            print(f"orderq: no unresolved dead letter {args.id!r}", file=sys.stderr)
+            return 1
+        except deadletters.NotReplayable as exc:
+            print(f"orderq: {exc}", file=sys.stderr)
+            return 1
+        print(f"{doc['id']}: {doc['resolution']} ({doc['order_key']} is {doc['status'] or 'unknown'})")
+        return 0
     finally:
         await r.close()
-    if as_json:
-        print(msgspec.json.encode(report).decode())
-    else:
-        for k, v in report.items():
-            if not k.endswith("_keys"):
-                print(f"{k:>18}: {v}")
-        for k in ("lost_keys", "duplicate_effect_keys"):
-            if report[k]:
-                print(f"{k}: {', '.join(report[k][:20])}")
-    return 1 if report["lost"] or report["duplicate_effects"] else 0
+
+
+def render_dead_letters(items: list[dict[str, Any]], nxt: str | None) -> str:
+    if not items:
+        return "no unresolved dead letters"
+    rows = [("ID", "STAGE", "SINCE (UTC)", "ORDER", "ACTION", "TRIES", "ERROR")]
+    for d in items:
+        error = " ".join(d["error"].split())
+        rows.append(
+            (
+                d["id"],
+                d["stage"],
+                d["since"][:19].replace("T", " "),
+                d["order_key"],
+                d["action"] or "-",
+                str(d["deliveries"]),
+                error if len(error) <= 60 else error[:59] + "…",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows]
+    if nxt:
+        lines.append(f"(more: --after {nxt})")
+    return "\n".join(lines)
+
+
+async def _audit(settings: Settings, as_json: bool) -> int:
+    from orderq import audit
+
+    return await audit.main(settings, as_json)

@@ -42,6 +42,14 @@ SCRIPT_NAMES = (
     "dispatched",
     # fulfilment routing (issue 9): warehouses, gifts, freight
     "route",
+    # warehouse removal that refuses while the warehouse holds stock (issue 13)
+    "retire",
+    # an entry that failed alone: dead-lettered at once, its batch-mates go on (issue 13)
+    "poison",
+    # dead letters an operator replays or discards (issue 13)
+    "deadletter",
+    # orderq audit and the client-side oracle: status records read per SCAN step (issue 13)
+    "audit",
 )
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 

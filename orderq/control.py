@@ -23,6 +23,8 @@ log = structlog.get_logger("orderq.control")
 
 REFRESH_S = 1.0  # fallback re-read of the control keys
 HEARTBEAT_S = 2.0  # worker registry refresh
+CANCEL_AGAIN_S = 0.05  # stop(): a task still running this long after its cancel is cancelled again
+DEREGISTER_S = 1.0  # stop(): longest wait to leave the worker registry (Redis may be away)
 HOLDS_KEY = f"{keys.PREFIX}:holds"  # hash: province -> JSON {"reason", "since"}
 
 
@@ -49,15 +51,11 @@ class Control:
         return self
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        if self.stage_name:
+        if self.stage_name:  # best effort: a stale entry ages out of /v1/stats by its heartbeat
             with contextlib.suppress(Exception):
-                await self.r.client.hdel(keys.WORKERS_KEY, self.worker_id)
+                await asyncio.wait_for(self.r.client.hdel(keys.WORKERS_KEY, self.worker_id), DEREGISTER_S)
 
     async def refresh(self) -> None:
         pipe = self.r.client.pipeline(transaction=False)
@@ -113,6 +111,23 @@ class Control:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended, cancelling again while one goes on.
+
+    Once is not enough on Python 3.11: ``asyncio.wait_for`` (redis-py's socket timeout
+    around every write) swallows a cancellation that lands as the awaited write completes
+    (CPython gh-86296, fixed in 3.12), so a task cancelled while sending a command carries
+    on, e.g. into ``pubsub.listen()``, which waits for ever; awaiting it hung the caller."""
+    pending = set(tasks)
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t  # (done: collects its outcome, so nothing warns "never retrieved")
 
 
 async def publish(r: Redis, event: dict[str, Any]) -> None:

@@ -54,6 +54,10 @@ ALERT_KINDS = ("order_surge", "execution_lag", "dead_letters", "sku_out_of_stock
 # hash: SKU -> consecutive out-of-stock refusals; the validate stage increments it on an
 # out_of_stock refusal and deletes the field when the SKU is reserved again.
 OOS_STREAK_KEY = f"{PREFIX}:alerts:oos_streak"
+# Ingress admission control (issue 14): each process counts its overload refusals in memory and
+# adds them here with its metrics flush, once a second (a refusal itself never touches Redis).
+OVERLOAD_REFUSED_KEY = f"{PREFIX}:m:overload"  # hash: customer tier -> orders refused 503 overloaded
+INGRESS_STATE_KEY = f"{PREFIX}:m:ingress"  # hash: "<host>:<pid>" -> JSON admission state, for /metrics
 
 _SLOTS = 16384
 
@@ -163,6 +167,12 @@ class Partition:
         return f"{self.base}:o:*"
 
 
+# SCAN pattern of every partition's status records at once (orderq audit scans each server
+# once, not once per partition); the validation ledger's records (RULES_PREFIX + "o:") match
+# it too and are told apart by their tag.
+STATUS_PATTERN = f"{PREFIX}:{{*}}:o:*"
+
+
 @cache
 def partitions(count: int) -> tuple[Partition, ...]:
     return tuple(Partition(i, partition_tag(i, count)) for i in range(count))
@@ -190,6 +200,12 @@ def customer_key(channel: str, customer_id: str) -> str:
 # customer_key above) are the Python side of the same formats.
 RULES_PREFIX = f"{PREFIX}:{{rules}}:"
 LEDGER_REPLAY_TTL_S = 24 * 3600  # decisions of a batch, for its redelivery
+# An order may wait far longer than that between its decision (or route) and its hand-off (or
+# execution): a dead letter, a region hold, a stage down after a crash. Its record is also kept
+# open, without a TTL, until its worker reports the order moved on (closed in its next script
+# call; orderq/openrecords.py sweeps what a stopped worker left open, by the status record).
+DECIDED_OPEN_KEY = f"{RULES_PREFIX}od:open"  # hash order key -> decision, of orders not handed off yet
+ROUTED_OPEN_KEY = f"{RULES_PREFIX}rt:open"  # hash order key -> route record, of orders not executed yet
 # (an order in review keeps its record as long as its status record: a reject releases by it)
 # Windows, day totals and decisions live in time-bucketed hashes, one write per bucket per
 # batch: inside a script, one write call costs several microseconds, one more field of it
@@ -252,8 +268,8 @@ def wh_holders_key(sku: str, warehouse: str) -> str:
 
 def route_key(hour: int) -> str:
     """Hash order key -> msgpack of the route it was given and what it allocated, for the
-    orders accepted in ``hour`` (ms // 3600000): a redelivery gets the same route back and
-    allocates nothing twice (LEDGER_REPLAY_TTL_S)."""
+    orders accepted in ``hour`` (ms // 3600000): an order routed a second time (whatever its
+    delivery count) gets the same route back and allocates nothing twice (LEDGER_REPLAY_TTL_S)."""
     return f"{RULES_PREFIX}rt:{hour}"
 
 
@@ -263,6 +279,15 @@ def route_key(hour: int) -> str:
 WAREHOUSES_KEY = f"{PREFIX}:warehouses"
 GIFT_OOS_KEY = f"{RULES_PREFIX}gift_oos"
 DEFAULT_WAREHOUSE = "default"  # where stock put without a warehouse lives
+# Warehouse removal (issue 13), in the ledger slot: the ids removed, which route.lua never
+# picks (an executor's warehouse list may be a moment old), taken off when an id is set again.
+RETIRED_WAREHOUSES_KEY = f"{RULES_PREFIX}wh:retired"
+
+
+def wh_skus_key(warehouse: str) -> str:
+    """Set of the SKUs counted (restock.lua) or allocated (route.lua) in ``warehouse``: what
+    its removal checks for stock or open allocations (retire.lua), deleted with it."""
+    return f"{RULES_PREFIX}wh:{warehouse}:skus"
 
 
 def ledger_key(order_key: str) -> str:
@@ -291,3 +316,10 @@ def dispatch_dead(p: Partition) -> str:
     with action, order key, last error and payload. Apart from ``p.dead`` (orders that could not
     be processed): these orders did execute."""
     return f"{p.base}:dl:dispatch"
+
+
+def dead_release(p: Partition) -> str:
+    """Hash: order key -> msgpack of what a discarded dead letter's order holds in the validation
+    ledger (another slot). Set by the discard script (deadletter.lua), deleted once the ledger has
+    released it: a discard cut short in between is completed by the next one."""
+    return f"{p.base}:dlr"

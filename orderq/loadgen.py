@@ -8,12 +8,19 @@ only the status line and ``Content-Length`` parsed from answers.
 
 Two drivers: :func:`closed_loop` (N connections send back-to-back: the most a server
 takes) and :func:`open_loop` (orders offered on a fixed schedule, latency measured from
-the scheduled time, so a stalled server cannot hide its stall: no coordinated omission).
+the scheduled time, so a stalled server cannot hide its stall: no coordinated omission;
+on a pool large enough that the excess waits in the server's sockets, and refused orders
+sent again after their ``Retry-After``, as a channel does).
+
+With an oracle (``loadtest/oracle.py``) on the :class:`Recorder` and ``take_keys`` given to a
+driver, every order key sent and its answer are recorded (a batch's per-order results are
+decoded then), for the check of every acknowledged order after the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import math
 import random
@@ -25,6 +32,8 @@ from typing import Any
 
 import msgspec
 
+from loadtest.oracle import BATCH_STATUS, UNKNOWN, Oracle
+from loadtest.series import TRACE
 from orderq.schema import json_encoder
 
 # Channel mix of a multi-channel shop on a peak day (weights, not shares of the contract).
@@ -103,9 +112,12 @@ class OrderFactory:
     ) -> None:
         self.run_id = run_id
         self.n = 0
+        self.track = False  # keep the keys of the request being built, for take_keys()
+        self._keys: list[str] = []
         self.rnd = random.Random(seed)
         self.sample: list[str] = []
         self.sample_every = 0
+        self.last_class = "regular"  # priority class (vip / new / regular) of the order built last
         usable = [c for c in CHANNEL_WEIGHTS if c in channels and (tokens is None or c in tokens)]
         if not usable:
             raise ValueError("no channel with a token to send orders with")
@@ -138,12 +150,17 @@ class OrderFactory:
         run = self.run_id
         if roll < VIP_SHARE:
             vip, cid = True, f"v{run}-{int(rnd() * VIP_POOL)}"
+            self.last_class = "vip"
         elif roll < VIP_SHARE + NEW_SHARE:
             vip, cid = False, f"n{run}-{n}"
+            self.last_class = "new"
         else:
             vip, cid = False, f"c{run}-{int(rnd() * REGULAR_POOL)}"
+            self.last_class = "regular"
         tmpl = self.templates[(channel, vip, n & 3, rnd() < REMARK_SHARE, rnd() < GIFT_SHARE)]
         oid = f"B{run}-{n:08d}"
+        if self.track:
+            self._keys.append(f"{channel}:{oid}")
         if self.sample_every and n % self.sample_every == 0:
             self.sample.append(f"{channel}:{oid}")
         return tmpl % {
@@ -170,6 +187,11 @@ class OrderFactory:
         body = b'{"orders":[' + b",".join(self._body(channel) for _ in range(size)) + b"]}"
         return b"%b%d\r\n\r\n%b" % (self.heads[(channel, "/v1/orders/batch")], len(body), body)
 
+    def take_keys(self) -> list[str]:
+        """The order keys of the request built last (with ``track`` on), in request order."""
+        keys, self._keys = self._keys, []
+        return keys
+
 
 class HttpConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection, one request in flight."""
@@ -184,6 +206,7 @@ class HttpConnection(asyncio.Protocol):
         self.status = 0
         self.closed = False
         self.reusable = True
+        self.retry_after: float | None = None  # of the last answer, when a 429 / 503 carried one
 
     @classmethod
     async def open(cls, host: str, port: int) -> HttpConnection:
@@ -215,6 +238,7 @@ class HttpConnection(asyncio.Protocol):
             self.body_at = end + 4
             self.need = self.body_at + int(head[i + 17 : j if j > 0 else end])
             self.reusable = b"\r\nconnection: close" not in head
+            self.retry_after = _retry_after(head) if self.status in (429, 503) else None
         if len(buf) >= self.need:
             body = bytes(buf[self.body_at : self.need])
             del buf[: self.need]
@@ -247,6 +271,18 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
 
+def _retry_after(head: bytes) -> float | None:
+    """Seconds of a (lower-cased) answer head's ``Retry-After``, if it has one."""
+    i = head.find(b"\r\nretry-after:")
+    if i < 0:
+        return None
+    j = head.find(b"\r\n", i + 14)
+    try:
+        return max(0.0, float(head[i + 14 : j if j > 0 else len(head)]))
+    except ValueError:
+        return None
+
+
 class BatchAck(msgspec.Struct):
     """The counts of a batch answer (the per-order ``results`` are skipped)."""
 
@@ -257,6 +293,19 @@ class BatchAck(msgspec.Struct):
 
 
 _batch_ack = msgspec.json.Decoder(BatchAck)
+
+
+class BatchResult(msgspec.Struct):
+    status: str = ""
+
+
+class BatchAnswer(BatchAck):
+    """A batch answer with its per-order results (decoded only when an oracle records them)."""
+
+    results: list[BatchResult] = []
+
+
+_batch_answer = msgspec.json.Decoder(BatchAnswer)
 
 
 @dataclass
@@ -276,9 +325,24 @@ class Recorder:
     acks: list[tuple[float, float]] = field(default_factory=list)  # (ack time, latency), when kept
     keep_acks: bool = False
 
-    def add(self, latency: float, status: int, body: bytes, now: float) -> None:
+    oracle: Oracle | None = None  # every key sent and its answer, when the run is checked afterwards
+    ack_latencies: list[float] = field(default_factory=list)  # 202 / 200 only (latencies: every answer)
+    # open loop (resends): every answer by class as (scheduled send, latency); orders offered,
+    # taken at their first try, sends again after a Retry-After, never taken (gave up)
+    by_class: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    offered: int = 0
+    taken_first_try: int = 0
+    resent: int = 0
+    not_taken: int = 0
+    last_taken: float = 0.0  # when the last order was taken (perf_counter)
+    refused_since: list[float] = field(default_factory=list)  # scheduled sends that were refused
+    connections: int = 0  # most connections the open loop held
+
+    def add(self, latency: float, status: int, body: bytes, now: float, keys: list[str] | None = None) -> None:
         self.requests += 1
         self.latencies.append(latency)
+        if status in (200, 202):
+            self.ack_latencies.append(latency)
         self.statuses[status] = self.statuses.get(status, 0) + 1
         self.last_ack = now
         if self.keep_acks:
@@ -290,13 +354,34 @@ class Recorder:
                 self.duplicates += 1
             else:
                 self.refused += 1
+            if keys and self.oracle is not None:
+                self.oracle.record_answer(keys[0], status, body)
         elif status == 202:
-            ack = _batch_ack.decode(body)
-            self.accepted += ack.accepted
-            self.duplicates += ack.duplicates
-            self.refused += ack.invalid + ack.shed
+            if keys and self.oracle is not None:
+                ans = _batch_answer.decode(body)
+                record = self.oracle.record
+                if len(ans.results) == len(keys):
+                    for k, res in zip(keys, ans.results, strict=True):
+                        record(k, BATCH_STATUS.get(res.status, UNKNOWN))
+                else:
+                    for k in keys:
+                        record(k, UNKNOWN)
+            else:
+                ans = _batch_ack.decode(body)
+            self.accepted += ans.accepted
+            self.duplicates += ans.duplicates
+            self.refused += ans.invalid + ans.shed
         else:
             self.refused += self.per_request
+            if keys and self.oracle is not None:
+                self.oracle.record_batch(keys, status, body)
+
+    def lost_answer(self, keys: list[str] | None) -> None:
+        """A request that got no answer (connection error): its orders are in doubt."""
+        self.errors += 1
+        if keys and self.oracle is not None:
+            for k in keys:
+                self.oracle.record(k, UNKNOWN)
 
 
 def percentiles_ms(values: list[float]) -> dict[str, float]:
@@ -342,8 +427,10 @@ async def closed_loop(
     duration_s: float,
     rec: Recorder,
     max_requests: int = 0,
+    take_keys: Callable[[], list[str]] | None = None,
 ) -> float:
-    """Every connection sends back-to-back for ``duration_s``; returns the elapsed seconds."""
+    """Every connection sends back-to-back for ``duration_s``; returns the elapsed seconds.
+    ``take_keys``: the order keys of the request ``make`` built last (for ``rec``'s oracle)."""
     pc = time.perf_counter
     sent = 0
     start = deadline = 0.0
@@ -360,10 +447,19 @@ async def closed_loop(
             if t0 >= deadline or (max_requests and sent >= max_requests):
                 return
             sent += 1
-            await _exchange(conns, i, host, port, make(), rec, t0)
+            body = make()
+            await _exchange(conns, i, host, port, body, rec, t0, take_keys() if take_keys else None)
 
     await _on_connections(host, port, connections, begin, worker)
     return pc() - start
+
+
+OPEN_LOOP_CONNECTIONS = 2048  # the open loop's pool: past it, orders wait in the client
+RESEND_JITTER = (1.0, 1.5)  # a refused order is sent again after Retry-After times a random factor in this
+RESEND_GIVE_UP_S = 300.0  # an order still refused this long after its first send is given up
+YIELD_EVERY = 64  # sends in a row before the open loop lets answers in
+OPEN_AT_ONCE = 256  # connections opened concurrently while the pool is filled
+WARM_UP = b"GET /healthz HTTP/1.1\r\nHost: %b\r\n\r\n"
 
 
 async def open_loop(
@@ -373,44 +469,185 @@ async def open_loop(
     make: Callable[[], bytes],
     offsets: Sequence[float],
     rec: Recorder,
+    take_keys: Callable[[], list[str]] | None = None,
+    *,
+    resend: bool = True,
+    classify: Callable[[], str] | None = None,
 ) -> float:
-    """Send request ``k`` at ``start + offsets[k]`` on whichever connection is free.
+    """Send request ``k`` at ``start + offsets[k]`` on a free one of ``connections`` keep-alive
+    connections, opened before the clock starts; the one freed last goes first, so a light load
+    keeps to a few warm connections (one the server closed while idle is opened again when
+    needed) and only a heavy one spreads over many. With a pool that large a late answer is the server's doing, and the
+    excess waits where a server can see (and shed) it, in its sockets, as when many channels
+    push at once; with a small pool it would queue here, in the client, invisible to any
+    server. Latency counts from the scheduled time: when every connection is busy, the wait
+    for one is part of the answer time a client would see. (Connections are not opened during
+    the run: a new connection costs the server about two requests' work.)
 
-    Latency counts from the scheduled time: when every connection is busy, the wait for
-    one is part of the answer time a client would see.
+    ``resend``: an order refused with ``Retry-After`` (503 overloaded / shedding / unavailable,
+    429) is sent again once that has passed, times a random factor in ``RESEND_JITTER`` (so
+    refused channels do not all come back in step), until taken (202, or 200: it was there) or
+    ``RESEND_GIVE_UP_S`` after its first send; a resend's latency counts from its own scheduled
+    time. ``classify`` gives the class (vip / new / regular) of the order ``make`` built last,
+    for the answer times per class. Returns the seconds until the last answer.
     """
+    loop = asyncio.get_running_loop()
     pc = time.perf_counter
+    conns: list[HttpConnection] = []
+    want = max(1, min(connections, _fd_budget()))
+    while len(conns) < want:
+        try:
+            more = await open_connections(host, port, min(OPEN_AT_ONCE, want - len(conns)))
+        except OSError:  # the server (or this process) takes no more connections: use these
+            if not conns:
+                raise
+            break
+        conns += more
+        # one cheap request on each: the server has taken the connection before the clock starts
+        await asyncio.gather(*(c.request(WARM_UP % host.encode()) for c in more))
+    free = list(range(len(conns)))  # a stack: the connection freed last is used first
+    # (due, seq, request, order keys, class, first send, attempt)
+    retries: list[tuple[float, int, bytes, list[str] | None, str, float, int]] = []
+    seq = itertools.count()
+    tasks: set[asyncio.Task[None]] = set()
+    wake: asyncio.Future[None] | None = None
     total = len(offsets)
-    nxt = 0
-    start = 0.0
+    start = rec.first_send = pc() + 0.02
 
-    def begin() -> None:
-        nonlocal start
-        start = rec.first_send = pc() + 0.02
+    def poke(_: object = None) -> None:
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
-    async def worker(conns: list[Any], i: int) -> None:
-        nonlocal nxt
-        while nxt < total:
-            k = nxt
-            nxt = k + 1
-            target = start + offsets[k]
-            delay = target - pc()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await _exchange(conns, i, host, port, make(), rec, target)
+    async def one(
+        i: int, body: bytes, keys: list[str] | None, cls: str, since: float, first: float, attempt: int
+    ) -> None:
+        try:
+            res = await _exchange(conns, i, host, port, body, rec, since, keys)
+            retry_after = conns[i].retry_after
+        finally:
+            free.append(i)
+        if res is None:
+            return  # no answer: counted as an error; it may have landed, so it is not sent again
+        now = pc()
+        rec.by_class.setdefault(cls, []).append((since, now - since))
+        if res[0] in (200, 202):
+            rec.last_taken = now
+            if attempt == 0:
+                rec.taken_first_try += 1
+            return
+        if res[0] in (429, 503):
+            rec.refused_since.append(since)
+        if resend and retry_after is not None and now - first < RESEND_GIVE_UP_S:
+            due = now + retry_after * random.uniform(*RESEND_JITTER)
+            heapq.heappush(retries, (due, next(seq), body, keys, cls, first, attempt + 1))
+        else:
+            rec.not_taken += 1
 
-    await _on_connections(host, port, connections, begin, worker)
+    sent = 0
+    k = 0
+    try:
+        while k < total or retries or tasks:
+            now = pc()
+            due_new = start + offsets[k] if k < total else math.inf
+            due_retry = retries[0][0] if retries else math.inf
+            due = min(due_new, due_retry)
+            if due > now + 0.0005 or not free:
+                # nothing due yet, or every connection busy: wait for the time or an answer
+                wake = loop.create_future()
+                timer = loop.call_later(due - now, poke) if now < due < math.inf else None
+                await wake
+                if timer is not None:
+                    timer.cancel()
+                continue
+            i = free.pop()
+            if due_retry <= due_new:
+                since, _, body, keys, cls, first, attempt = heapq.heappop(retries)
+                rec.resent += 1
+            else:
+                since = first = due_new
+                body = make()
+                keys = take_keys() if take_keys else None
+                cls = classify() if classify else ""
+                attempt = 0
+                k += 1
+                rec.offered += 1
+            task = loop.create_task(one(i, body, keys, cls, since, first, attempt))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            task.add_done_callback(poke)
+            sent += 1
+            if sent % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for c in conns:
+            c.close()
+        rec.connections = max(rec.connections, len(conns))
     return pc() - start
 
 
-async def _exchange(conns: list[Any], i: int, host: str, port: int, body: bytes, rec: Recorder, since: float) -> None:
+def _fd_budget() -> int:
+    """Connections the open loop may hold: half the soft limit on open files."""
+    try:
+        import resource
+
+        return max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return OPEN_LOOP_CONNECTIONS
+
+
+def resend_report(rec: Recorder) -> dict[str, Any]:
+    """What an open loop with resends saw (contract §8, issue 14): every answer's latency (202
+    and 503 alike), the share of orders taken at their first try, the resends, how long until
+    every offered order was taken (from the first scheduled send; None while any was not),
+    and the answer latency per class while the server refused (the window from the first to
+    the last refused send; the whole phase when nothing was refused)."""
+    out: dict[str, Any] = {
+        "answer_ms": percentiles_ms(rec.latencies),
+        "orders_offered": rec.offered,
+        "taken_first_try_share": round(rec.taken_first_try / rec.offered, 4) if rec.offered else None,
+        "resends": rec.resent,
+        "not_taken": rec.not_taken + rec.errors,
+        "all_taken_s": (
+            round(rec.last_taken - rec.first_send, 2)
+            if rec.offered and rec.last_taken and not rec.not_taken and not rec.errors
+            else None
+        ),
+    }
+    window = (min(rec.refused_since), max(rec.refused_since)) if rec.refused_since else None
+    out["refusing_s"] = None if window is None else [round(t - rec.first_send, 2) for t in window]
+    by: dict[str, Any] = {}
+    for cls, pairs in sorted(rec.by_class.items()):
+        values = [lat for since, lat in pairs if window is None or window[0] <= since <= window[1]]
+        if values:
+            q = percentiles_ms(values)
+            by[cls or "-"] = {"n": len(values), "p50": q["p50"], "p99": q["p99"], "max": q["max"]}
+    out["answer_ms_by_class"] = by
+    return out
+
+
+async def _exchange(
+    conns: list[Any],
+    i: int,
+    host: str,
+    port: int,
+    body: bytes,
+    rec: Recorder,
+    since: float,
+    keys: list[str] | None = None,
+) -> tuple[int, bytes] | None:
     """Send one request on connection ``i`` and record its answer, timed from ``since``."""
     res = await _send(conns, i, host, port, body)
     now = time.perf_counter()
+    trace = TRACE.get()  # the series `orderq bench --html` plots (loadtest/series.py)
+    if trace is not None:
+        trace.answer(rec, now, res[0] if res is not None else 0, now - since, body)
     if res is None:
-        rec.errors += 1
-        return
-    rec.add(now - since, res[0], res[1], now)
+        rec.lost_answer(keys)
+        return None
+    rec.add(now - since, res[0], res[1], now, keys)
+    return res
 
 
 async def _on_connections(

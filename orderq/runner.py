@@ -14,7 +14,7 @@ import structlog
 
 from orderq import client as oq_client
 from orderq import metrics
-from orderq.control import Control
+from orderq.control import Control, cancel_and_wait
 from orderq.settings import Settings
 
 log = structlog.get_logger("orderq.runner")
@@ -118,6 +118,18 @@ def run(coro: Any) -> None:
     try:
         import uvloop
 
-        uvloop.run(coro)
+        uvloop.run(_then_end_leftovers(coro))
     except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(coro)
+        asyncio.run(_then_end_leftovers(coro))
+
+
+async def _then_end_leftovers(coro: Any) -> Any:
+    """Run a stage's coroutine, then end every task it left running (a library's background
+    task: a connection release, a cluster topology refresh). asyncio.run would cancel each
+    once and wait for it; on Python 3.11 a task in the middle of a Redis command can swallow
+    that one cancel (gh-86296, see control.cancel_and_wait) and run on, holding a process
+    whose stage has stopped. Here they are cancelled until they end."""
+    try:
+        return await coro
+    finally:
+        await cancel_and_wait([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])

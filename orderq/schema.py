@@ -8,6 +8,7 @@ in UTC), decoded once per stage with the module-level decoders below.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -63,7 +64,7 @@ class Gift(Struct, omit_defaults=True):
 
 
 class Order(Struct, omit_defaults=True):
-    """One order as a channel sends it (contract §3)."""
+    """One order as a channel sends it (contract §3), within the money bounds below."""
 
     channel: ChannelName
     order_id: OrderId
@@ -78,9 +79,90 @@ class Order(Struct, omit_defaults=True):
     gifts: Annotated[list[Gift], Meta(max_length=50)] = []
     extra: dict[str, Any] = {}
 
+    def __post_init__(self) -> None:
+        # Runs on every decode (HTTP body and between stages): msgspec turns the ValueError
+        # into a ValidationError, which validation_details() turns into paths. A screen in
+        # floats first (well under a microsecond); the exact check only near the bounds.
+        top = goods = paid_total = 0.0
+        for ln in self.lines:
+            if ln.paid_price is not None:
+                v = float(ln.paid_price)
+                paid_total += v * ln.qty
+                if v > top:
+                    top = v
+                if ln.unit_price is None:
+                    goods += v * ln.qty
+            if ln.unit_price is not None:
+                v = float(ln.unit_price)
+                goods += v * ln.qty
+                if v > top:
+                    top = v
+        paid = float(self.paid_amount)
+        if (
+            top <= _SCREEN_PRICE
+            and goods <= _SCREEN_ORDER
+            and paid_total <= _SCREEN_ORDER
+            and (paid if not self.coupons else paid + sum([float(c.amount) for c in self.coupons])) <= _SCREEN_ORDER
+        ):
+            return
+        problems = bound_problems(
+            ((ln.qty, ln.unit_price, ln.paid_price) for ln in self.lines),
+            self.paid_amount,
+            [c.amount for c in self.coupons],
+        )
+        if problems:
+            path, message = problems[0]
+            raise ValueError(f"{message} (at {path})")
+
     @property
     def key(self) -> str:
         return f"{self.channel}:{self.order_id}"
+
+
+# Money bounds: what a real shop never reaches, and what keeps every sum the stages compute
+# exact: the ledger script (orderq/lua/rules.lua) adds a customer's day totals in Lua
+# numbers (doubles, exact to 2**53) and multiplies them by the subsidy cap in basis points,
+# and msgpack carries integers up to 2**64 only. 200 lines x 9999 x the price bound would
+# not fit; the order bound keeps a day of 90 maximal orders per customer exact.
+PRICE_MAX_CENTS = 1_000_000_000  # 10,000,000.00: a line's unit_price or paid_price
+# 100,000,000.00: the goods total (goods_cents), the sum of qty x paid_price, paid_amount
+# and paid_amount plus the coupons
+ORDER_MAX_CENTS = 10_000_000_000
+_SCREEN_PRICE = PRICE_MAX_CENTS / 100 * 0.999  # (in yuan, floats: below these, surely within)
+_SCREEN_ORDER = ORDER_MAX_CENTS / 100 * 0.999
+
+
+def _yuan(c: int) -> str:
+    return f"{c // 100}.{c % 100:02d}"
+
+
+def bound_problems(
+    lines: Iterable[tuple[int, str | None, str | None]], paid_amount: str, coupon_amounts: list[str]
+) -> list[tuple[str, str]]:
+    """(path, message) of every money bound an order breaks; ``lines`` as (qty, unit_price,
+    paid_price). The fields themselves already match the schema."""
+    out: list[tuple[str, str]] = []
+    over = f"more than {_yuan(ORDER_MAX_CENTS)}"
+    goods = paid_total = 0
+    for i, (qty, unit, paid) in enumerate(lines):
+        for name, value in (("unit_price", unit), ("paid_price", paid)):
+            if value is not None and cents(value) > PRICE_MAX_CENTS:
+                out.append((f"lines[{i}].{name}", f"at most {_yuan(PRICE_MAX_CENTS)}"))
+        if paid is not None:
+            paid_total += cents(paid) * qty
+        price = unit if unit is not None else paid  # as goods_cents() counts the goods
+        if price is not None:
+            goods += cents(price) * qty
+    if goods > ORDER_MAX_CENTS:
+        out.append(("lines", f"the goods total (qty x unit price) is {over}"))
+    elif paid_total > ORDER_MAX_CENTS:
+        out.append(("lines", f"the lines' qty x paid_price sum to {over}"))
+    paid_cents = cents(paid_amount)
+    if paid_cents > ORDER_MAX_CENTS:
+        out.append(("paid_amount", f"at most {_yuan(ORDER_MAX_CENTS)}"))
+    elif coupon_amounts and paid_cents + sum(cents(a) for a in coupon_amounts) > ORDER_MAX_CENTS:
+        out.append(("coupons", f"paid_amount plus the coupon amounts is {over}"))
+    return out
 
 
 KNOWN_FIELDS = frozenset(Order.__struct_fields__)
@@ -182,6 +264,14 @@ def validation_details(body: bytes | msgspec.Raw, first: msgspec.ValidationError
         return [_detail_of(first)]
     details: list[ErrorDetail] = []
     _check(doc, msgspec.inspect.type_info(Order), "", details)
+    if not details and isinstance(doc, dict):  # every field is valid: the money bounds, then
+        try:
+            lines = [(ln["qty"], ln.get("unit_price"), ln.get("paid_price")) for ln in doc["lines"]]
+            coupons = [c["amount"] for c in doc.get("coupons", [])]
+            problems = bound_problems(lines, doc["paid_amount"], coupons)
+        except (KeyError, TypeError, ValueError):
+            problems = []
+        details = [ErrorDetail(path=path, message=message) for path, message in problems]
     return details or [_detail_of(first)]
 
 

@@ -9,6 +9,13 @@ from orderq.schema import any_json_decoder, utc_iso
 
 PICK_PREFIX = b"x:wms.pick@"  # ledger field of a routed order's pick: x:wms.pick@<warehouse>
 
+# Life cycle of the record (contract §5). While its order waits the record has no TTL, so it
+# can never vanish under an order that is still owed work; the script that moves an order into a
+# final state starts ORDERQ_STATUS_TTL_S (an executed order owed a deferred sync: once replayed).
+# Scripts that set or clear the TTL: handoff, execute, review, unhold, replay (orderq/lua).
+WAITING = frozenset({"accepted", "validated", "review", "held"})
+FINAL = frozenset({"rejected", "executed"})
+
 # hash field -> name in "times"
 TIME_FIELDS = {
     b"ta": "accepted",
@@ -77,6 +84,8 @@ def render(order_key: str, h: dict[bytes, bytes]) -> dict[str, Any]:
     }
     if h.get(b"f"):
         record["fulfilment_id"] = h[b"f"].decode()
+    if h.get(b"err"):  # rejected as unprocessable: what broke on it (issue 13)
+        record["error"] = h[b"err"].decode(errors="replace")
     if h.get(b"rt"):  # the route: one entry, or a list when the order was split
         route = parse_route(h[b"rt"].decode())
         record["route"] = route[0] if len(route) == 1 else route

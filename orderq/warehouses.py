@@ -5,6 +5,11 @@ stage routes without reading them per batch.
 
 With none configured, orderq ships everything from one implicit warehouse (``default``)
 and no routing rule fires: behaviour is what it was before warehouses existed.
+
+A warehouse leaves the set only once nothing of it is left to count (issue 13): a PUT that
+drops one that still counts stock or has open allocations is refused (:class:`InUse`), since
+its stock records could never be corrected again (no count may name a warehouse that is not
+in the set). Count it to 0 first, and let its open picks execute and be settled by a count.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from msgspec import Meta
 
 from orderq import geo, keys
 from orderq.client import Redis
+from orderq.errors import OrderqError
 from orderq.schema import Text
 
 WarehouseId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
@@ -45,6 +51,29 @@ class WarehousesBody(msgspec.Struct, forbid_unknown_fields=True):
     warehouses: Annotated[list[Warehouse], Meta(max_length=1000)]
 
 
+class StockLeft(msgspec.Struct, frozen=True):
+    """What keeps a warehouse in the set: a SKU it still counts or has allocated."""
+
+    warehouse: str
+    sku: str
+    physical: int  # its count
+    allocated: int  # units routed there that no count has settled yet
+    orders: int  # orders holding them
+
+
+class InUse(OrderqError):
+    """A warehouse to remove still has stock or open allocations; nothing was changed."""
+
+    def __init__(self, total: int, left: list[StockLeft]) -> None:
+        self.total = total  # SKUs x warehouses in the way
+        self.left = left  # up to 100 of them
+        names = ", ".join(repr(w) for w in sorted({s.warehouse for s in left}))
+        super().__init__(
+            f"cannot remove warehouse {names}: {total} SKU(s) still counted or allocated there; count it "
+            "to 0 with PUT /v1/admin/stock, let its open picks execute and a count settle them, then remove it"
+        )
+
+
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Warehouse).decode
 
@@ -67,7 +96,17 @@ def problems(ws: list[Warehouse]) -> list[tuple[str, str]]:
 
 
 async def put(r: Redis, ws: list[Warehouse]) -> None:
-    """Replace the whole set, atomically, and tell every process."""
+    """Replace the whole set, atomically, and tell every process. Raises InUse, changing
+    nothing, when a warehouse it drops still has stock or open allocations; otherwise the
+    ledger forgets the dropped ones first (retire.lua), so no executor allocates there again."""
+    ids = [w.id for w in ws]
+    gone = sorted(set(await r.client.hkeys(keys.WAREHOUSES_KEY)) - {i.encode() for i in ids})
+    args = [keys.RULES_PREFIX, len(gone), *gone, *ids]
+    (res,) = await r.run(lambda pipe: r.script(pipe, "retire", [keys.RULES_PREFIX], args))
+    if res:
+        total, rows = res
+        left = [StockLeft(wh.decode(), sku.decode(), int(p), int(a), int(o)) for wh, sku, p, a, o in rows]
+        raise InUse(int(total), left)
     pipe = r.client.pipeline(transaction=not r.settings.redis_cluster)
     pipe.delete(keys.WAREHOUSES_KEY)
     if ws:

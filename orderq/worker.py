@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orderq import keys
@@ -52,7 +60,10 @@ class Entry:
 @dataclass
 class BatchResult:
     counts: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, tuple[Entry, str]] = field(default_factory=dict)  # entry id -> (entry, error)
+    # entries that cannot be processed (an undecodable payload), with their error, by (stream,
+    # entry id) (ids are unique per stream only): the rest of the batch went on; these are
+    # given up at once (StreamWorker.give_up)
+    failed: dict[Any, tuple[Entry, str]] = field(default_factory=dict)
 
 
 class Consumer:
@@ -90,6 +101,10 @@ class StreamWorker(Consumer):
         self._next_reclaim = 0.0
         self.behind = False  # the last fetch came back at least half full
         self.server_failing = False  # the last batch failed on the server, not on its entries
+        # An entry is blamed for a failure only while the stage demonstrably works for others:
+        # a batch-mate went through, or (a batch of one) some entry went through since the last
+        # entry was blamed. A stage broken for every entry backs off instead (see _isolate).
+        self._ok_since_blame = True
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
         self.processed = 0
         self.log = log.bind(stage=self.stage, worker=self.consumer)
@@ -105,6 +120,12 @@ class StreamWorker(Consumer):
 
     async def process(self, entries: list[Entry]) -> BatchResult:
         raise NotImplementedError
+
+    async def give_up(self, failed: list[tuple[Entry, str]]) -> None:
+        """Entries that cannot be processed, each failed alone: end them now, each on its own,
+        so that nothing waits behind them. By default, a dead letter each (poison.lua); a stage
+        may give them a final state instead."""
+        await self.dead_letter(failed)
 
     # --- the loop ---------------------------------------------------------------------
     @property
@@ -126,22 +147,28 @@ class StreamWorker(Consumer):
 
     async def _loop(self, drain: bool, index: int) -> None:
         errors = 0
+        retry: list[Entry] = []  # a batch the server refused: tried again as it is, after the backoff
         while not self.stopping.is_set():
             if self.paused or (index and not self.behind):
                 # Extra loops help only while the stage is behind; at low load they would
                 # split the trickle into more, smaller round trips.
                 await self.sleep(0.05 if self.paused else IDLE_LOOP_S)
                 continue
+            entries, retry = retry, []
             try:
                 now = time.monotonic()
                 if now >= self._next_prune:
                     await self.prune_consumers()
                 # No sweep while batches fail on the server (out of memory, unreachable): the
                 # refusals are not the entries' fault, and each sweep would count a delivery.
-                sweep = now >= self._next_reclaim and not self.server_failing
-                entries = await self.reclaim() if sweep else []
+                # A refused batch is not left to the sweep either: it stays this worker's, and
+                # is tried again until the server takes it (nothing new is read meanwhile).
+                sweep = not entries and now >= self._next_reclaim and not self.server_failing
+                if sweep:
+                    entries = await self.reclaim()
                 if not entries:
                     entries = await self.fetch(0 if drain else BLOCK_MS)
+                    self.server_failing = False  # the server answers again
                     self.behind = len(entries) >= self.batch // 2
                     if entries and not drain and len(entries) < self.batch // 4:
                         # A trickle: wait a moment for more, so one round trip carries many orders.
@@ -153,33 +180,106 @@ class StreamWorker(Consumer):
                     continue
                 try:
                     await self._process(entries)
-                except (RedisError, OSError) as exc:
-                    if _server_side(exc) or len(entries) == 1 or not entries[0].delivered_again:
+                except Exception as exc:
+                    if _server_side(exc):
                         raise
-                    await self._one_by_one(entries)  # a failed retry: isolate the entry at fault
+                    await self._isolate(entries, exc)  # find the entries at fault; the others go on
                 errors = 0
                 self.server_failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.server_failing = _server_side(exc)
+                if self.server_failing and entries:
+                    retry = entries
+                    for e in entries:  # part of the batch may have been applied
+                        e.delivered_again = True
                 if "NOGROUP" in str(exc):  # a stream or group was deleted under us: recreate, at id 0
                     await self._ensure_groups()
                 delay = ERROR_BACKOFF_S[min(errors, len(ERROR_BACKOFF_S) - 1)]
                 errors += 1
-                self.log.warning(f"{self.stage}.batch_failed", error=repr(exc), retry_in_s=delay)
+                self.log.warning(f"{self.stage}.batch_failed", error=_describe(exc)[:300], retry_in_s=delay)
                 await self.sleep(delay)
 
-    async def _one_by_one(self, entries: list[Entry]) -> None:
-        """Process a reclaimed batch entry by entry; an entry that fails alone has its own error
-        recorded, so the recovery sweep can dead-letter it without its batch-mates."""
+    async def _isolate(self, entries: list[Entry], exc: Exception) -> None:
+        """A batch failed, and not on the server (a payload that breaks a rule, a bug): process
+        it again at once in halves, and the halves that fail in halves again, so its batch-mates
+        go on now (a few calls for one poison entry among hundreds, not one per entry), and
+        give up each entry that fails alone (a final state or a dead letter of its own, with
+        its error) within this delivery.
+
+        Raises (the loop backs off) when the fault looks like the stage's rather than an
+        entry's: every entry of the batch failed alone, or a lone entry failed with no success
+        since the last entry blamed. Those entries keep their error for the recovery sweep,
+        which dead-letters them after ORDERQ_MAX_DELIVERIES."""
         for e in entries:
+            e.delivered_again = True  # part of the batch may have been applied: redeliveries now
+        failed: list[tuple[Entry, str]] = []
+        went_on = 0
+        if len(entries) == 1:
+            failed.append((entries[0], _describe(exc)))
+            blame = self._ok_since_blame
+        else:
+            went_on = await self._halves(entries, failed)
+            blame = went_on > 0
+        self.log.warning(
+            f"{self.stage}.batch_isolated",
+            count=len(entries),
+            went_on=went_on,
+            failed=len(failed),
+            blamed=blame,
+            error=_describe(exc)[:200],
+        )
+        if not blame:
+            await self._record_failures(failed)
+            raise exc
+        await self._give_up(failed)
+
+    async def _halves(self, entries: list[Entry], failed: list[tuple[Entry, str]]) -> int:
+        """Process each half of ``entries`` (that failed together); split a half that fails
+        again, down to single entries, which go to ``failed``. Returns the entries that went on."""
+        mid = len(entries) // 2
+        went_on = 0
+        for half in (entries[:mid], entries[mid:]):
             try:
-                await self._process([e])
-            except (RedisError, OSError) as exc:
+                await self._process(half, quiet=True)
+                went_on += len(half)
+            except Exception as exc:
                 if _server_side(exc):
                     raise
-                await self._record_failures({e.id: (e, f"{type(exc).__name__}: {exc}")})
+                if len(half) == 1:
+                    failed.append((half[0], _describe(exc)))
+                else:
+                    went_on += await self._halves(half, failed)
+        return went_on
+
+    async def _give_up(self, failed: list[tuple[Entry, str]]) -> None:
+        self._ok_since_blame = False
+        try:
+            await self.give_up(failed)
+        except Exception as exc:
+            if _server_side(exc) or type(self).give_up is StreamWorker.give_up:
+                raise
+            # the stage's own way failed on the entry as well (e.g. its status record is not
+            # a hash): a dead letter, which touches nothing of the order
+            self.log.warning(f"{self.stage}.give_up_failed", error=_describe(exc)[:200])
+            await self.dead_letter(failed)
+        for entry, error in failed:
+            self.log.warning(
+                f"{self.stage}.unprocessable", entry_id=entry.id, order_key=_key_of(entry), error=error[:200]
+            )
+
+    async def dead_letter(self, failed: list[tuple[Entry, str]]) -> int:
+        """Dead-letter ``failed`` now, each with its own error: one poison.lua call per stream."""
+        by_stream: dict[tuple[keys.Partition, str], list[object]] = {}
+        for e, error in failed:
+            by_stream.setdefault((e.partition, e.stream), []).extend((e.id, error[:500]))
+
+        def build(pipe: Any) -> None:
+            for (p, stream), args in by_stream.items():
+                self.r.script(pipe, "poison", [stream, p.dead, p.counters, p.errors], [self.group, *args])
+
+        return sum(int(n) for n in await self.r.run(build)) if by_stream else 0
 
     async def _ensure_groups(self) -> None:
         try:
@@ -187,23 +287,28 @@ class StreamWorker(Consumer):
         except Exception as exc:
             self.log.warning("groups.ensure_failed", error=repr(exc))
 
-    async def _process(self, entries: list[Entry]) -> None:
+    async def _process(self, entries: list[Entry], quiet: bool = False) -> None:
         t0 = time.perf_counter()
         result = await self.process(entries)
         self.processed += len(entries) - len(result.failed)
-        if result.failed:
-            await self._record_failures(result.failed)
+        if len(result.failed) < len(entries):
+            self._ok_since_blame = True
+        if result.failed:  # the entry's own fault for sure (its payload): given up at once
+            await self._give_up(list(result.failed.values()))
         if self.debug:  # per-order lines only at DEBUG: at INFO, one canonical line per batch
+            failed = {id(e): err for e, err in result.failed.values()}
             for e in entries:
-                failed = result.failed.get(e.id)
+                err = failed.get(id(e))
                 self.log.debug(
                     f"{self.stage}.order",
-                    order_key=e.get(b"k").decode(),
+                    order_key=_key_of(e),
                     entry_id=e.id,
-                    outcome="failed" if failed else "done",
+                    outcome="unprocessable" if err else "done",
                     redelivered=e.delivered_again,
-                    error=failed[1][:200] if failed else None,
+                    error=err[:200] if err else None,
                 )
+        if quiet:  # one entry of an isolated batch: _isolate logs one line for the batch
+            return
         self.log.info(
             f"{self.stage}.batch",
             count=len(entries),
@@ -212,18 +317,16 @@ class StreamWorker(Consumer):
             **result.counts,
         )
 
-    async def _record_failures(self, failed: dict[str, tuple[Entry, str]]) -> None:
-        """Keep the last error of entries left pending: a dead letter carries it."""
+    async def _record_failures(self, failed: list[tuple[Entry, str]]) -> None:
+        """Keep the last error of entries left pending: a dead letter carries it. The hand-off
+        script deletes it when the entry later goes through (``clear_errors``)."""
         # Field "<stream>|<id>": entries of different streams of a partition can share an id.
         await self.r.run(
-            lambda pipe: [
-                pipe.hset(e.partition.errors, f"{e.stream}|{entry_id}", err[:500])
-                for entry_id, (e, err) in failed.items()
-            ]
+            lambda pipe: [pipe.hset(e.partition.errors, f"{e.stream}|{e.id}", err[:500]) for e, err in failed]
         )
-        for entry_id, (entry, error) in failed.items():
+        for entry, error in failed:
             self.log.warning(
-                f"{self.stage}.entry_failed", entry_id=entry_id, order_key=entry.get(b"k").decode(), error=error[:200]
+                f"{self.stage}.entry_failed", entry_id=entry.id, order_key=_key_of(entry), error=error[:200]
             )
 
     async def reclaim(self) -> list[Entry]:
@@ -281,13 +384,47 @@ class StreamWorker(Consumer):
 
 
 def _server_side(exc: BaseException) -> bool:
-    """Redis refused or could not be reached: no entry of the batch is at fault."""
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)):
+    """Redis refused or could not be reached (or this process is out of memory): no entry of
+    the batch is at fault."""
+    if isinstance(exc, SERVER_SIDE):
         return True
-    text = str(exc)
-    return text.startswith(("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN")) or (
-        "OOM command not allowed" in text
+    text = str(exc).rpartition("of pipeline caused error: ")[2]  # (redis-py's prefix in a pipeline)
+    # NOGROUP: a stream or its group deleted under the worker (recreated, see _loop)
+    return text.startswith(("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN")) or any(
+        part in text for part in ("OOM command not allowed", "NOGROUP")
     )
+
+
+SERVER_SIDE: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    MemoryError,
+    RedisConnectionError,  # BusyLoadingError, MaxClientsReachedError, AuthenticationError too
+    RedisTimeoutError,
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    NoPermissionError,
+    TryAgainError,
+    ClusterError,  # ClusterDownError, MasterDownError
+    RedisClusterException,  # the cluster client's own: slots not covered, unreachable
+)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _key_of(e: Entry) -> str:
+    return e.get(b"k").decode(errors="replace")
+
+
+def clear_errors(entries: list[Entry]) -> str:
+    """The ids of ``entries`` that may have an error record (every one delivered before), for
+    the hand-off script to delete when they go through: ``""`` on a first delivery, which has
+    none (no work for the script on the normal path)."""
+    return " ".join(e.id for e in entries if e.delivered_again)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -89,6 +89,12 @@ def test_bench_reports_every_figure_of_the_contract(tmp_path: Path) -> None:
     assert s["peak_backlog"]["burst"] == burst["orders_queued"]
     # Redis memory per queued order: a status record plus a stream entry is hundreds of bytes
     assert 50 < s["redis_memory_per_queued_order_bytes"] < 100_000
+    # ... and per order once the burst is drained: what an executed order keeps (its status
+    # record, its outbox entries: no dispatcher runs, so they stay)
+    after = burst["memory_after_drain"]
+    assert after["settled"] is True
+    assert s["redis_memory_per_order_after_drain_bytes"] == after["per_order_bytes"]
+    assert 0 < after["outbox_per_order_bytes"] <= after["per_order_bytes"] < 100_000, after
 
     # nothing lost, no action applied twice
     assert s["lost"] == 0 and s["duplicate_effects"] == 0
@@ -97,6 +103,14 @@ def test_bench_reports_every_figure_of_the_contract(tmp_path: Path) -> None:
     sent = sum(rep["phases"][k]["orders_accepted"] for k in ("single", "batch", "e2e", "spike"))
     assert audit["accepted"] == sent
     assert audit["executed"] == sent  # bench orders have stock and no risk signal
+    assert audit["failed"] == []
+
+    # the client-side oracle: every order sent to orderq (not the reference's) looked up
+    o = rep["oracle"]
+    assert o["sent"] == o["acked"] == sent, o
+    assert o["lost"] == o["duplicated"] == o["unexpected"] == o["unchecked"] == 0, o
+    assert o["acked_statuses"] == {"executed": sent}
+    assert s["oracle"]["lost"] == 0 and "examples" not in s["oracle"]
 
     # the machine it ran on
     m = s["machine"]
@@ -112,10 +126,13 @@ def test_bench_reports_every_figure_of_the_contract(tmp_path: Path) -> None:
     # every target is listed; the ones about correctness hold even in a tiny run
     names = {t["name"]: t for t in rep["targets"]}
     assert names["spike lost"]["ok"] is True
-    assert len(rep["targets"]) == 7
+    assert names["oracle: lost + duplicated + unexpected"]["ok"] is True
+    assert len(rep["targets"]) == 12
 
     # the printed report carries the same figures, and the private instance is gone
     assert "orders/s accepted" in proc.stdout and "end-to-end vip" in proc.stdout
+    assert f"{sent:,} orders sent · {sent:,} acknowledged · lost 0 · duplicated 0 · unexpected 0" in proc.stdout
+    assert "after the drain:" in proc.stdout
     started = re.search(r"starting a private one in (\S+)", proc.stderr)
     assert started, proc.stderr
     assert not Path(started.group(1)).exists()

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import uvicorn
 
@@ -23,6 +24,7 @@ from dispatch.worker import Dispatcher
 from orderq import client as oq_client
 from orderq import keys, stats, warehouses
 from orderq.client import Redis
+from orderq.schema import normalise, order_decoder, pack
 from orderq.server import free_port
 from orderq.settings import Settings
 from orderq.supervisor import Supervisor
@@ -400,3 +402,98 @@ async def test_each_pick_of_a_split_order_is_delivered_once_with_its_warehouse(r
     assert bodies["GZ-1"]["parcel"]["lines"] == [{"sku": "DESK", "qty": 2}]
     assert bodies["GZ-1"]["parcel"]["carrier"] == "zto"
     assert {b["fulfilment_id"] for b in bodies.values()} == {f"{fid}-SH", f"{fid}-GZ-1"}
+
+
+# --- restarts, crash loops and corrupt entries (issue 13) --------------------------------------------
+async def test_restarts_alone_never_dead_letter_a_pending_delivery(r, sinks, settings_for):
+    """Each restart claims what the last dispatcher held (Redis counts a delivery), but a claim is
+    no failed attempt: after more restarts than ORDERQ_MAX_DELIVERIES, nothing is dead-lettered
+    and each action arrives once when the target is back."""
+    ks = await accept(r, *[make_order(f"RS{i}") for i in range(6)])
+    await drain(r)
+    wms = await sinks()
+    await wms.stop()  # down: connections refused, which is no failed delivery
+    settings = dispatcher_settings(
+        settings_for, ORDERQ_WEBHOOK_WMS_PICK=wms.url + "/pick", ORDERQ_MAX_DELIVERIES=2, ORDERQ_CLAIM_IDLE_MS=200
+    )
+    conn = await oq_client.connect(settings)
+    try:
+        for i in range(5):  # five processes in turn, each stopped while it holds every pick
+            d = Dispatcher(conn, consumer=f"restart-{i}")
+            async with running(d):
+                await until(lambda d=d: len(d.targets["wms.pick"].held) == len(ks), f"dispatcher {i} holding the picks")
+            await asyncio.sleep(0.3)  # past the lease: the next one claims them
+        counts = [
+            row["times_delivered"]
+            for p in r.partitions
+            for row in await r.client.xpending_range(p.outbox("wms.pick"), keys.GROUP_DISPATCH, "-", "+", 100)
+        ]
+        assert len(counts) == len(ks) and min(counts) > 2  # Redis counted every claim ...
+        assert await dead_letters(r) == []  # ... and none was taken for a failed delivery
+        await wms.start()
+        d = Dispatcher(conn, consumer="restart-last")
+        async with running(d):
+            await until(lambda: len(wms.delivered()) == len(ks), "every pick delivered")
+            await until(lambda: _empty(r, "wms.pick"), "the pick outbox emptied")
+        assert wms.delivered() == Counter({f"{k}:wms.pick": 1 for k in ks})
+        assert await dead_letters(r) == []
+        for k in ks:
+            assert await r.client.hget(r.partition_of(k).status(k), "x:wms.pick") == b"done"
+    finally:
+        await conn.close()
+
+
+async def test_an_entry_claimed_over_and_over_ends_as_a_failed_action(r, sinks, settings_for):
+    """A crash loop must end: an entry claimed more than ORDERQ_MAX_DELIVERIES x 10 times (its
+    dispatcher dies on it every time) is dead-lettered, and its action shows ``failed``."""
+    (k,) = await accept(r, make_order("LOOP"))
+    await drain(r)
+    p = r.partition_of(k)
+    stream = p.outbox("wms.pick")
+    await r.client.xgroup_create(stream, keys.GROUP_DISPATCH, id="0")
+    ((_, [(entry_id, _)]),) = await r.client.xreadgroup(keys.GROUP_DISPATCH, "crashed", {stream: ">"})
+    await r.client.xclaim(stream, keys.GROUP_DISPATCH, "crashed", 0, [entry_id], retrycount=20, justid=True)
+    wms = await sinks()
+    settings = dispatcher_settings(
+        settings_for, ORDERQ_WEBHOOK_WMS_PICK=wms.url + "/pick", ORDERQ_MAX_DELIVERIES=2, ORDERQ_CLAIM_IDLE_MS=100
+    )
+    conn = await oq_client.connect(settings)
+    try:
+        await asyncio.sleep(0.2)
+        d = Dispatcher(conn, consumer="after-the-loop")
+        await asyncio.wait_for(d.run(drain=True), 30)
+        await d.close()
+    finally:
+        await conn.close()
+    assert wms.requests == []
+    (dead,) = await dead_letters(r)
+    assert dead[b"k"] == k.encode() and dead[b"action"] == b"wms.pick"
+    assert dead[b"error"].startswith(b"delivered 21 times")
+    assert await r.client.hget(p.status(k), "x:wms.pick") == b"failed"
+    assert await outbox_len(r, "wms.pick") == 0
+
+
+async def test_corrupt_outbox_entries_end_alone_and_the_rest_arrive_once(r, sinks, settings_for):
+    ks = await accept(r, *[make_order(f"CO{i}") for i in range(4)])
+    await drain(r)
+    stream = r.partitions[0].outbox("wms.pick")
+    # a key that is not even UTF-8 and a payload that is not msgpack ...
+    await r.client.xadd(stream, {"k": b"\xff\xfe", "f": b"x", "d": b"\xc1 not msgpack"})
+    # ... and a valid order whose key cannot be sent in a header (not ASCII)
+    raw = msgspec.json.encode(make_order("BAD"))
+    await r.client.xadd(stream, {"k": "tmall:坏单", "f": "x", "d": pack(normalise(order_decoder.decode(raw), raw))})
+    wms = await sinks()
+    conn = await oq_client.connect(dispatcher_settings(settings_for, ORDERQ_WEBHOOK_WMS_PICK=wms.url + "/pick"))
+    d = Dispatcher(conn, consumer="test-dispatch")
+    try:
+        await asyncio.wait_for(d.run(drain=True), 30)  # ends: nothing left, nothing stuck
+        await d.close()
+    finally:
+        await conn.close()
+    assert wms.delivered() == Counter({f"{k}:wms.pick": 1 for k in ks})
+    dead = {f[b"k"].decode(): f for f in await dead_letters(r)}
+    assert set(dead) == {"\ufffd\ufffd", "tmall:坏单"}  # (a key that is no text: as text, replaced)
+    assert b"undecodable" in dead["\ufffd\ufffd"][b"error"]
+    assert b"UnicodeEncodeError" in dead["tmall:坏单"][b"error"]
+    assert all(int(f[b"deliveries"]) == 1 for f in dead.values())
+    assert await outbox_len(r, "wms.pick") == 0

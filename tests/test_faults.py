@@ -2,12 +2,15 @@
 
 Each test runs real processes (ingress, validate, execute) against a private Valkey of
 its own (a fixed port, so the URL survives a restart), drives them with a small load loop
-that records every order sent and every 202 (the oracle), injects one fault, waits for
-the pipeline to drain, and then reconciles:
+that records every order key sent and every answer in the client-side oracle
+(``loadtest/oracle.py``), injects one fault, waits for the pipeline to drain, and then
+reconciles:
 
 - attempted / acknowledged: what the load loop sent and what got a 202;
-- lost: acknowledged but with no status record, plus what ``orderq audit`` calls lost;
-- duplicate effects: ``orderq audit`` (an action in an outbox twice for one order);
+- the oracle, every key looked up in Redis: lost (acknowledged, no record), duplicated (an
+  action applied twice, by the effect ledger), unexpected (a record of an order that was
+  refused: none allowed), recovered (an answer in doubt, yet the order is there);
+- lost and duplicate effects by ``orderq audit``;
 - duplicate deliveries: entries reclaimed from a dead or stalled consumer (the workers'
   ``*.reclaimed`` log events): allowed, as long as the effects stay single.
 
@@ -32,6 +35,7 @@ import httpx
 import pytest
 import redis
 
+from loadtest.oracle import ACCEPTED, Oracle
 from orderq import audit, stats
 from orderq import client as oq_client
 from orderq.client import Redis
@@ -50,10 +54,11 @@ CLIENTS = 8
 
 class Load:
     """Concurrent clients posting single orders (and a batch now and then) until stopped;
-    every key sent once, every answer recorded."""
+    every key sent once, every answer recorded in the oracle."""
 
     def __init__(self, base: str, prefix: str, timeout: float = 10.0) -> None:
         self.base, self.prefix, self.timeout = base, prefix, timeout
+        self.oracle = Oracle()
         self.attempted: list[str] = []
         self.acked: set[str] = set()
         self.answers: dict[int, int] = {}
@@ -61,6 +66,13 @@ class Load:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
+
+    def accepted(self, keys: list[str]) -> None:
+        """Orders acknowledged outside the load loop (a test's own sends)."""
+        for key in keys:
+            self.oracle.record(key, ACCEPTED)
+            self.acked.add(key)
+            self.attempted.append(key)
 
     async def start(self) -> Load:
         self._client = httpx.AsyncClient(base_url=self.base, timeout=self.timeout)
@@ -74,14 +86,17 @@ class Load:
             i += 1
             if i % 10 == 0:  # a small batch now and then: the batch path under the same fault
                 orders = [make_order(f"{self.prefix}{n}-{i}-{j}") for j in range(5)]
-                self.attempted += [f"tmall:{o['order_id']}" for o in orders]
+                keys = [f"tmall:{o['order_id']}" for o in orders]
+                self.attempted += keys
                 try:
                     resp = await self._client.post("/v1/orders/batch", json={"orders": orders}, headers=auth())
                 except httpx.HTTPError as exc:
+                    self.oracle.record_batch(keys, 0, None)
                     self.errors.append(repr(exc))
                     await asyncio.sleep(0.05)
                     continue
                 self.answers[resp.status_code] = self.answers.get(resp.status_code, 0) + 1
+                self.oracle.record_batch(keys, resp.status_code, resp.content)
                 if resp.status_code == 202:
                     for res in resp.json()["results"]:
                         if res["status"] == "accepted":
@@ -93,10 +108,12 @@ class Load:
             try:
                 resp = await self._client.post("/v1/orders", json=order, headers=auth())
             except httpx.HTTPError as exc:
+                self.oracle.record_answer(key, 0)
                 self.errors.append(repr(exc))
                 await asyncio.sleep(0.05)  # a refused connection: do not spin
                 continue
             self.answers[resp.status_code] = self.answers.get(resp.status_code, 0) + 1
+            self.oracle.record_answer(key, resp.status_code, resp.content)
             if resp.status_code == 202:
                 self.acked.add(key)
             elif resp.status_code >= 500:
@@ -133,28 +150,30 @@ async def drained(r: Redis) -> bool:
 async def reconcile(r: Redis, load: Load, procs: list[StageProcess]) -> dict[str, Any]:
     """The figures of one run, once the pipeline has drained."""
     await wait_for(lambda: drained(r), 30, "the backlog to drain")
-    acked = sorted(load.acked)
-    pipe = r.client.pipeline(transaction=False)
-    for key in acked:
-        pipe.hget(r.partition_of(key).status(key), "s")
-    states = await pipe.execute()
+    verdict = await load.oracle.check_redis(r)
     report = await audit.run(r)
-    unrecorded = [k for k, s in zip(acked, states, strict=True) if s is None]
-    not_final = [k for k, s in zip(acked, states, strict=True) if s is not None and s != b"executed"]
     redelivered = sum(reclaimed(p) for p in procs)
+    found = sum(verdict.acked_statuses.values())
     return {
         "attempted": len(load.attempted),
-        "acknowledged": len(acked),
+        "acknowledged": len(load.acked),
         "answers": {str(k): v for k, v in sorted(load.answers.items())},
         "client_errors": len(load.errors),
-        "lost_acknowledged": len(unrecorded),
+        "lost_acknowledged": verdict.lost,
+        "duplicated": verdict.duplicated,
+        "unexpected": verdict.unexpected,
+        "recovered": verdict.recovered,
+        "in_doubt": verdict.in_doubt,
         "lost_audit": report["lost"],
         "duplicate_effects": report["duplicate_effects"],
+        "counter_mismatch": report["counter_mismatch"],
         "duplicate_deliveries": redelivered,
         "executed": report["executed"],
-        "not_executed": len(not_final),
-        "_lost_keys": unrecorded[:10] + report["lost_keys"][:10],
-        "_dup_keys": report["duplicate_effect_keys"][:10],
+        "not_executed": found - verdict.acked_statuses["executed"],
+        "_lost_keys": verdict.examples.get("lost", []) + report["lost_keys"][:10],
+        "_dup_keys": verdict.examples.get("duplicated", []) + report["duplicate_effect_keys"][:10],
+        "_unexpected_keys": verdict.examples.get("unexpected", []),
+        "_audit": {k: v for k, v in report.items() if k.endswith("_by")},
     }
 
 
@@ -227,7 +246,8 @@ def check(name: str, figures: dict[str, Any]) -> None:
     record(name, figures)
     assert figures["acknowledged"] > 0, figures
     assert figures["lost_audit"] == 0, figures["_lost_keys"]
-    assert figures["duplicate_effects"] == 0, figures["_dup_keys"]
+    assert figures["duplicate_effects"] == 0 and figures["duplicated"] == 0, figures["_dup_keys"]
+    assert figures["unexpected"] == 0, figures["_unexpected_keys"]
     assert figures["not_executed"] == 0, figures
 
 
@@ -257,7 +277,8 @@ async def test_server_sigkilled_and_restarted_on_its_aof(
     assert figures["acknowledged"] > 0
     assert "500" not in figures["answers"], figures
     assert figures["lost_audit"] == 0, figures["_lost_keys"]
-    assert figures["duplicate_effects"] == 0, figures["_dup_keys"]
+    assert figures["duplicate_effects"] == 0 and figures["duplicated"] == 0, figures["_dup_keys"]
+    assert figures["unexpected"] == 0, figures["_unexpected_keys"]  # a refused order is not written
     if durability == "fsync":
         # acknowledged means on disk: a crash loses none of them
         assert figures["lost_acknowledged"] == 0, figures["_lost_keys"]
@@ -412,8 +433,7 @@ async def test_maxmemory_reached_answers_503_and_loses_nothing(server: EmbeddedS
         assert resp.status_code in (200, 202), resp.text
         channel_key = resp.json()["order_key"]
     load = Load(base, "-")
-    load.acked = {f"tmall:{o['order_id']}" for o in pre + refused} | {channel_key}
-    load.attempted = sorted(load.acked)
+    load.accepted([f"tmall:{o['order_id']}" for o in pre + refused] + [channel_key])
     figures = await reconcile(rs, load, procs)
     check("maxmemory", figures)
     assert figures["lost_acknowledged"] == 0
@@ -439,7 +459,7 @@ async def test_maxmemory_longer_than_the_delivery_limit_dead_letters_nothing(
         finally:
             await rs.client.config_set("maxmemory", 0)
     load = Load(base, "-")
-    load.acked = {f"tmall:{o['order_id']}" for o in pre}
+    load.accepted([f"tmall:{o['order_id']}" for o in pre])
     figures = await reconcile(rs, load, procs)
     record("maxmemory_long", figures)
     assert (await stats.totals(rs))["dead_letters"] == 0

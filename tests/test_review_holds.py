@@ -16,6 +16,7 @@ from orderq.control import HOLDS_KEY, Control
 from orderq.settings import Settings
 from tests.conftest import ADMIN, auth, drain, make_order
 from tests.test_validate_rules import RULES_ON, accept, line, order, status
+from validate import holds
 
 JIANGSU, ZHEJIANG = "江苏省", "浙江省"
 
@@ -209,5 +210,61 @@ async def test_order_held_on_a_stale_view_is_sent_on_by_the_sweep(flushed, setti
             await control.stop()
         await drain(r)  # the validate worker sweeps, the executor executes
         assert (await status(r, key))["status"] == "executed"
+    finally:
+        await r.close()
+
+
+async def test_lifting_a_hold_releases_every_order_held_for_it_behind_other_provinces(
+    flushed, settings_for, monkeypatch
+):
+    """The sweep pages through every held order (a page per partition per call): orders held
+    for a lifted province are sent on however many orders held for another province are in
+    front of them. One partition, and more held orders than a (lowered) page; more than 128
+    too, so that the held set is a real hash table and ZSCAN pages it."""
+    monkeypatch.setattr(holds, "SWEEP_PAGE", 20)
+    pages: list[int] = []
+    real_pages = holds._pages
+
+    def counted(targets: Any, replies: Any) -> Any:
+        out = real_pages(targets, replies)
+        pages.extend(len(ks) for _p, _c, ks in out)
+        return out
+
+    monkeypatch.setattr(holds, "_pages", counted)
+    r = await oq_client.connect(settings_for(ORDERQ_PARTITIONS=1))
+    try:
+        for province in (JIANGSU, ZHEJIANG):
+            await holds.set_hold(r, province, "typhoon")
+        first = await accept(r, *(to(JIANGSU) for _ in range(150)))
+        await drain(r)
+        later = await accept(r, *(to(ZHEJIANG) for _ in range(5)))
+        await drain(r)
+        assert {(await status(r, k))["status"] for k in first + later} == {"held"}
+
+        existed, released = await holds.delete_hold(r, ZHEJIANG)
+        assert (existed, released) == (True, 5)
+        assert len(pages) > 2 and max(pages) < 155  # it paged, and no call read them all
+        await drain(r)
+        assert [(await status(r, k))["status"] for k in later] == ["executed"] * 5
+        assert {(await status(r, k))["status"] for k in first} == {"held"}
+
+        # A validate process's background sweep finds a lift it did not make (no DELETE
+        # sweep ran): the holds changed, so it makes a whole pass.
+        sweeper = holds.Sweeper()
+        assert await sweeper.sweep(r) == 0  # its first pass: nothing to send on
+        await r.client.hdel(HOLDS_KEY, JIANGSU)
+        assert await sweeper.sweep(r) == 150
+        await drain(r)
+        assert {(await status(r, k))["status"] for k in first} == {"executed"}
+
+        # A hold set and lifted later, between whole passes, is seen too.
+        monkeypatch.setattr(holds, "STALE_S", 0.0)
+        monkeypatch.setattr(holds, "FULL_PASS_S", 3600.0)
+        await holds.set_hold(r, "安徽省", "flood")
+        (anhui,) = await accept(r, to("安徽省"))
+        await drain(r)
+        assert await sweeper.sweep(r) == 0 and (await status(r, anhui))["status"] == "held"
+        await r.client.hdel(HOLDS_KEY, "安徽省")
+        assert await sweeper.sweep(r) == 1
     finally:
         await r.close()

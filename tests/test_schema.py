@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orderq.schema import (
+    ORDER_MAX_CENTS,
+    PRICE_MAX_CENTS,
     ErrorDetail,
     Order,
     json_encoder,
@@ -30,11 +32,15 @@ text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size
 short_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
 sku = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,20}\Z")
 order_id = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,30}\Z")
-money = st.builds(
-    lambda whole, frac: f"{whole}{frac}",
-    st.integers(0, 10**12 - 1),
-    st.sampled_from(["", ".5", ".50", ".05", ".99", ".0"]),
-)
+FRACS = st.sampled_from(["", ".5", ".50", ".05", ".99", ".0"])
+
+
+def money_below(yuan: int) -> st.SearchStrategy[str]:
+    return st.builds(lambda whole, frac: f"{whole}{frac}", st.integers(0, yuan - 1), FRACS)
+
+
+money = money_below(ORDER_MAX_CENTS // 200)  # paid_amount, and 3 coupons at most of a sixth each:
+coupon_money = money_below(ORDER_MAX_CENTS // 600)  # their sum stays within the order bound
 qty = st.integers(1, 9999)
 offset = st.integers(-14 * 60, 14 * 60).map(lambda m: dt.timezone(dt.timedelta(minutes=m)))
 created_at = st.builds(
@@ -54,7 +60,25 @@ def optional(d: dict[str, Any], **fields: st.SearchStrategy[Any]) -> st.SearchSt
     return st.fixed_dictionaries(d, optional=fields)
 
 
-line = optional({"sku": sku, "qty": qty}, unit_price=money, paid_price=money)
+@st.composite
+def lines_within_bounds(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """1 to 5 lines whose prices stay within the money bounds (each price, each sum of qty x
+    price), large ones included."""
+    budget = ORDER_MAX_CENTS // 100  # yuan left, for every price drawn (so both sums stay within)
+    out = []
+    for _ in range(draw(st.integers(1, 5))):
+        n = draw(qty)
+        line: dict[str, Any] = {"sku": draw(sku), "qty": n}
+        for name in ("unit_price", "paid_price"):
+            if draw(st.booleans()):
+                top = min(PRICE_MAX_CENTS // 100, budget // n)  # yuan per unit still allowed
+                whole = draw(st.integers(0, max(0, top - 1)))
+                line[name] = f"{whole}{draw(FRACS)}" if top > 0 else "0"
+                budget -= (whole + 1) * n if top > 0 else 0
+        out.append(line)
+    return out
+
+
 order_doc = optional(
     {
         "channel": st.sampled_from(DEFAULT_CHANNELS),
@@ -71,10 +95,13 @@ order_doc = optional(
             city=text,
             district=text,
         ),
-        "lines": st.lists(line, min_size=1, max_size=5),
+        "lines": lines_within_bounds(),
         "paid_amount": money,
     },
-    coupons=st.lists(st.fixed_dictionaries({"code": text, "platform": text, "amount": money}), max_size=3),
+    coupons=st.lists(
+        st.fixed_dictionaries({"code": text, "platform": text, "amount": coupon_money}),
+        max_size=3,
+    ),
     currency=st.from_regex(r"\A[A-Z]{3}\Z"),
     remark=short_text,
     gifts=st.lists(optional({"sku": sku}, qty=qty), max_size=3),
@@ -130,7 +157,68 @@ def test_unknown_fields_are_kept_in_extra(doc: dict[str, Any], unknown: dict[str
 def test_limits_themselves_are_valid() -> None:
     order = decode(make_order(1, lines=[{"sku": f"S{i}", "qty": 9999} for i in range(200)], paid_amount="0"))
     assert len(order.lines) == 200
-    assert decode(make_order(2, lines=[{"sku": "S", "qty": 1}], paid_amount="999999999999.99")).paid_amount
+    top = [{"sku": "S", "qty": 10, "unit_price": "10000000.00", "paid_price": "10000000"}]
+    order = decode(make_order(2, lines=top, paid_amount="90000000.00", coupons=[coupon("10000000")]))
+    assert order.paid_amount == "90000000.00"
+    assert decode(make_order(3, paid_amount="100000000.00")).paid_amount == "100000000.00"
+    # between stages too (every stage decodes the payload with the same bounds)
+    assert unpack_order(pack(order)) == order
+
+
+def coupon(amount: str) -> dict[str, str]:
+    return {"code": "C", "platform": "tmall", "amount": amount}
+
+
+# --- money bounds: what would break the stages' arithmetic is refused at the door --------
+
+
+def test_the_absurd_order_of_issue_13_is_refused_with_its_paths() -> None:
+    """200 lines x 9999 x "999999999999.99": its goods total overflowed the validation stage."""
+    lines = [{"sku": f"S{i}", "qty": 9999, "unit_price": "999999999999.99"} for i in range(200)]
+    paths = refusal_paths(make_order(1, lines=lines))
+    assert paths == [f"lines[{i}].unit_price" for i in range(200)] + ["lines"]
+
+
+@pytest.mark.parametrize(
+    ("over", "paths"),
+    [
+        ({"lines": [{"sku": "A", "qty": 1, "unit_price": "10000000.01"}]}, ["lines[0].unit_price"]),
+        ({"lines": [{"sku": "A", "qty": 1, "paid_price": "10000001"}]}, ["lines[0].paid_price"]),
+        # every price within its bound, their sum over the order's
+        ({"lines": [{"sku": "A", "qty": 11, "unit_price": "9999999.99"}]}, ["lines"]),
+        ({"lines": [{"sku": f"S{i}", "qty": 9999, "paid_price": "100"} for i in range(101)]}, ["lines"]),
+        ({"paid_amount": "100000000.01"}, ["paid_amount"]),
+        ({"paid_amount": "999999999999.99"}, ["paid_amount"]),
+        ({"coupons": [coupon("60000000"), coupon("39997101.01")]}, ["coupons"]),  # paid_amount 2899.00
+        (
+            {
+                "lines": [
+                    {"sku": "A", "qty": 6, "unit_price": "9000000"},
+                    {"sku": "B", "qty": 6, "paid_price": "9000000"},
+                ]
+            },
+            ["lines"],
+        ),
+    ],
+)
+def test_money_over_its_bound_is_refused_with_the_path(over: dict[str, Any], paths: list[str]) -> None:
+    doc = make_order(1, **over)
+    assert refusal_paths(doc) == paths
+    # a stage meets the same bounds: such a payload does not decode there either
+    with pytest.raises(msgspec.ValidationError):
+        unpack_order(msgspec.msgpack.encode(msgspec.json.decode(msgspec.json.encode(doc))))
+
+
+@FAST
+@given(lines_within_bounds(), money)
+def test_sums_within_the_bounds_are_kept_exactly(lines: list[dict[str, Any]], paid: str) -> None:
+    from orderq.schema import goods_cents
+
+    order = decode(make_order(1, lines=lines, paid_amount=paid))
+    assert goods_cents(order) <= ORDER_MAX_CENTS
+    # ... and a day of 90 such orders per customer, times the subsidy cap in basis points,
+    # stays within what Lua numbers (doubles) hold exactly
+    assert 90 * ORDER_MAX_CENTS * 10_000 < 2**53
 
 
 # --- refusals -------------------------------------------------------------------------

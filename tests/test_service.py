@@ -314,3 +314,59 @@ async def test_sighup_to_orderq_up_reloads_the_routing_rules_and_stops_nothing(u
     await asyncio.sleep(0.5)
     assert up.stages() == before and up.proc.poll() is None  # every stage still the same process
     assert up.terminate() == 0
+
+
+# --- a stage that stopped exits (issue 13) --------------------------------------------------
+# Python 3.11's asyncio.wait_for, which redis-py puts around every write (its socket timeout),
+# swallows a cancel that lands as the write completes (CPython gh-86296): the task carries on.
+# Whatever cancels a task once and then waits for it can wait for ever.
+STUBBORN = """
+async def stubborn():  # a task whose first cancel is swallowed, as gh-86296 does
+    swallowed = False
+    while True:
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed = True
+"""
+
+
+async def test_stopping_the_metrics_flusher_ends_although_a_cancel_is_swallowed(r: Redis) -> None:
+    """A stage stops its metrics flusher on its way out; a flusher that carried on through its
+    one cancel kept the stage running after SIGTERM."""
+    from orderq import metrics
+
+    scope: dict[str, Any] = {"asyncio": asyncio}
+    exec(STUBBORN, scope)
+    flusher = asyncio.create_task(scope["stubborn"]())
+    await asyncio.sleep(0.02)
+    stop = asyncio.create_task(metrics.stop_flusher(flusher, r))
+    done, _ = await asyncio.wait({stop}, timeout=3)
+    while not flusher.done():  # (without the fix: end it, so this test leaves nothing running)
+        flusher.cancel()
+        await asyncio.sleep(0.01)
+    await stop
+    assert done, "stop_flusher waited for ever on a flusher that swallowed its cancel"
+    assert flusher.cancelled()
+
+
+def test_a_stage_process_exits_although_a_leftover_task_swallows_its_cancel(tmp_path: Path) -> None:
+    """What a stage leaves running (a library's background task) is cancelled once by
+    asyncio.run on the way out; one that swallows it held the process, with no stop_slow report
+    (the event loop's own work was done), until the exit watchdog shot it."""
+    script = (
+        "import asyncio, time\n"
+        "from orderq import runner\n" + STUBBORN + "async def stage():\n"
+        "    asyncio.create_task(stubborn())\n"
+        "    await asyncio.sleep(0.05)\n"
+        "    runner.exit_watchdog('validate', 0)  # as run_worker does once its stage stopped\n"
+        "t0 = time.monotonic()\n"
+        "runner.run(stage())\n"
+        "print(f'exited after {time.monotonic() - t0:.2f}s', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "exited after" in proc.stdout, proc.stdout + proc.stderr  # not shot by the watchdog
+    assert "did not exit" not in proc.stderr

@@ -180,6 +180,42 @@ async def test_redelivered_batch_reserves_once(rr):
     assert (await stock_of(rr, "DESK"))["reserved"] == 3
 
 
+async def test_order_decided_then_waiting_past_the_record_ttl_gets_its_first_decision(rr, monkeypatch):
+    """Decided (its unit held), its validator dies before the hand-off, and the entry waits longer
+    than a decision lives in its hour's bucket (a day; here 1 s). A look-alike order comes in
+    meanwhile and goes to review as its duplicate. Redelivered, the first order gets its first
+    decision back (validated, executed), not a new one: review as a duplicate of the later one."""
+    import contextlib
+
+    from redis.exceptions import ResponseError
+
+    from orderq.schema import unpack_order
+
+    monkeypatch.setattr(keys, "LEDGER_REPLAY_TTL_S", 1)
+    await stock.set_stock(rr, [("TWIN", 10)])
+    a = order(lines=[line("TWIN")], paid_amount="100.00")
+    b = {**a, "order_id": a["order_id"] + "B", "customer": {**a["customer"], "ip": "10.9.9.9"}}
+    (ka,) = await accept(rr, a)
+    p = rr.partition_of(ka)
+    with contextlib.suppress(ResponseError):  # (BUSYGROUP: a worker made it already)
+        await rr.client.xgroup_create(p.intake, keys.GROUP_VALIDATE, id="0")
+    ((_stream, [(_id, f)]),) = await rr.client.xreadgroup(keys.GROUP_VALIDATE, "dead-validator", {p.intake: ">"})
+    (first,) = await rules.decide(rr, [unpack_order(f[b"d"])], [int(f[b"ta"])])
+    assert first.outcome == "v" and (await stock_of(rr, "TWIN"))["reserved"] == 1
+    (kb,) = await accept(rr, b)
+    await drain(rr)  # the look-alike (the first entry is not idle long enough to be reclaimed)
+    assert (await status(rr, kb))["reasons"] == [f"duplicate_suspect:{ka}"]
+    await asyncio.sleep(1.5)  # past the lease and the bucket's TTL
+    await drain(rr)
+    st = await status(rr, ka)
+    assert st["status"] == "executed" and st["reasons"] == [], st
+    assert (await stock_of(rr, "TWIN"))["reserved"] == 2  # one unit each, none twice
+    # both handed off: nothing kept open (each drained validator stopped before the next call that
+    # would have closed its last batch's: a sweep does, as a validator's first call does)
+    await rules.open_decisions().sweep(rr, force=True)
+    assert await rr.client.hlen(keys.DECIDED_OPEN_KEY) == 0
+
+
 async def test_recount_settles_in_chunks(rr, monkeypatch):
     """A recount settles executed holders chunk by chunk, and sets physical stock last."""
     monkeypatch.setattr(stock, "CHUNK", 2)

@@ -1,10 +1,11 @@
 """The manual review queue: list it oldest first, approve or reject one order.
 
 An order in review is parked in its partition (``review`` zset + ``parked`` payload)
-and keeps its stock. Approve moves it into its ready lane, atomically (review.lua).
-Reject settles it as rejected, then returns what it held in the ledger (release.lua);
-the two live in different slots, so the release follows the status change and is
-idempotent: a reject repeated after a crash in between completes the release.
+and keeps its stock; neither its status record nor its ledger record expires while it
+waits (the status TTL starts at the decision). Approve moves it into its ready lane,
+atomically (review.lua). Reject settles it as rejected, then returns what it held in the
+ledger (release.lua); the two live in different slots, so the release follows the status
+change and is idempotent: a reject repeated after a crash in between completes the release.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
+from orderq import keys
 from orderq.client import Redis
 from orderq.schema import any_json_decoder, utc_iso
 from validate import stock
@@ -53,9 +55,14 @@ async def decide(r: Redis, order_key: str, decision: str) -> tuple[bool, str]:
     again (a no-op unless the first release was cut short)."""
     p = r.partition_of(order_key)
     ks = [p.review, p.parked, *p.lanes, p.counters, p.status(order_key)]
-    res = await r.run(lambda pipe: r.script(pipe, "review", ks, [decision, order_key]))
+    ttl = r.settings.status_ttl_s
+    res = await r.run(lambda pipe: r.script(pipe, "review", ks, [decision, order_key, ttl]))
     done, status = int(res[0][0]), res[0][1]
     status = status.decode() if isinstance(status, bytes) else str(status)
     if decision == "reject" and status == "rejected":
         await stock.release(r, [order_key])
+    if status == ("validated" if decision == "approve" else "rejected"):
+        # what the order held is settled (released, or going on to execution): its ledger
+        # record, kept without a TTL while the order was in review, now ages like the status
+        await r.client.expire(keys.ledger_key(order_key), ttl)
     return bool(done), status

@@ -24,6 +24,7 @@ import msgspec
 
 from orderq import keys
 from orderq.client import Redis
+from orderq.openrecords import OpenRecords
 from orderq.schema import Order, coupon_cents, goods_cents, money, sku_totals
 from orderq.settings import Settings
 from validate import risk
@@ -59,6 +60,12 @@ class Decision:
     priority: str = "regular"
     reasons: list[str] = field(default_factory=list)
     risk_score: int = 0
+
+
+def open_decisions() -> OpenRecords:
+    """A validate worker's decisions kept open until handed off (the ledger's bucket forgets them
+    after a day; an order in the intake or a validate dead letter may wait longer)."""
+    return OpenRecords(keys.DECIDED_OPEN_KEY, frozenset({"accepted"}))
 
 
 def ledger_args(settings: Settings) -> list[object]:
@@ -138,15 +145,21 @@ def needs_approval(settings: Settings, o: Order) -> bool:
     return bool(limit) and money(o.paid_amount) >= limit
 
 
-async def decide(r: Redis, orders: list[Order], accepted_us: list[int]) -> list[Decision]:
+async def decide(
+    r: Redis, orders: list[Order], accepted_us: list[int], open_records: OpenRecords | None = None
+) -> list[Decision]:
     """Decide a batch with one ledger script call (one round trip).
 
     ``accepted_us`` is each order's accept time (the intake entry's ``ta``): the risk
     windows and the subsidy day count in the server's clock, never the channel's.
+    ``open_records``: the worker's (open_decisions()); the call closes the decisions of the
+    orders it handed off since, and sweeps a page when due.
     """
     if not orders:
         return []
     if not r.settings.rules:
+        if open_records is not None:
+            open_records.take()  # pass-through decides nothing: nothing is open
         return await passthrough(r, orders, accepted_us)
     # The ledger sees the batch in acceptance order: first come, first served for stock
     # and single-use coupons; the IP and duplicate windows count in arrival order.
@@ -171,8 +184,17 @@ async def decide(r: Redis, orders: list[Order], accepted_us: list[int]) -> list[
         )
         for i in seq
     ]
-    args = [*ledger_args(r.settings), msgpack_encode(batch)]
-    (raw,) = await r.run(lambda pipe: r.script(pipe, "rules", [keys.RULES_PREFIX], args))
+    closing: list[str] = []
+    if open_records is not None:
+        await open_records.sweep(r)
+        closing = open_records.take()
+    args = [*ledger_args(r.settings), msgpack_encode(batch), msgpack_encode(closing) if closing else ""]
+    try:
+        (raw,) = await r.run(lambda pipe: r.script(pipe, "rules", [keys.RULES_PREFIX], args))
+    except BaseException:
+        if open_records is not None:
+            open_records.give_back(closing)
+        raise
     rows: list[Any] = [None] * len(orders)
     for i, row in zip(seq, _decode_rows(raw), strict=True):
         rows[i] = row

@@ -9,19 +9,20 @@ were lifted (validate/holds.py) every few seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from typing import Any
 
 import msgspec
 
 from orderq import keys, metrics
+from orderq.control import cancel_and_wait
 from orderq.schema import Order, json_encoder, unpack_order
-from orderq.worker import BatchResult, Entry, StreamWorker, parse_read
+from orderq.worker import BatchResult, Entry, StreamWorker, clear_errors, parse_read
 from validate import holds
-from validate.rules import Decision, decide
+from validate.rules import Decision, decide, open_decisions
 
 SPLIT_AT = 64  # batches this large are decided in two overlapping halves
+PAST_LEDGER_MAX = 100_000  # entries remembered as "decided, not handed off" (see give_up)
 CLUSTER_BLOCK_MS = 50  # cluster: longest wait on one partition before all are read again
 
 
@@ -31,28 +32,29 @@ class ValidateWorker(StreamWorker):
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self._held_provinces: dict[str, str] = {}  # held order key -> province, for the sweep
+        self._holds = holds.Sweeper()  # the background hold sweep (and what it remembers)
         self._rotation = 0  # cluster: the partition the next idle wait blocks on
+        # entries whose batch got past the ledger script and then failed: they may hold stock
+        self._past_ledger: set[tuple[str, str]] = set()
+        self._open = open_decisions()  # decisions kept open until handed off (orderq/openrecords.py)
 
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
         return [(p.intake, 0)]
 
     async def run(self, drain: bool = False) -> int:
         if drain:  # tests and tools: one sweep, then work until nothing is left
-            await holds.sweep(self.r, self._held_provinces)
+            await holds.sweep(self.r, self._holds.cache)
             return await super().run(drain=True)
         task = asyncio.create_task(self._sweep_holds())
         try:
             return await super().run()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])  # not one cancel: a sweep in flight can swallow it (3.11)
 
     async def _sweep_holds(self) -> None:
         while not self.stopping.is_set():
             try:
-                moved = await holds.sweep(self.r, self._held_provinces)
+                moved = await self._holds.sweep(self.r)
                 if moved:
                     self.log.info("holds.released", orders=moved)
             except Exception as exc:  # Redis away: the next sweep tries again
@@ -95,13 +97,14 @@ class ValidateWorker(StreamWorker):
         """Decide a batch; a large one in two halves, earlier orders first, so that Python
         prepares the second half while Redis runs the ledger script on the first."""
         if len(orders) < SPLIT_AT:
-            return await decide(self.r, orders, accepted_us) if orders else []
+            return await decide(self.r, orders, accepted_us, self._open) if orders else []
         seq = sorted(range(len(orders)), key=lambda i: accepted_us[i])
         halves = (seq[: len(seq) // 2], seq[len(seq) // 2 :])
         out: list[Decision | None] = [None] * len(orders)
 
         async def half(idx: list[int]) -> None:
-            ds = await decide(self.r, [orders[i] for i in idx], [accepted_us[i] for i in idx])
+            mine = self._open if idx is halves[0] else None  # (one call closes what was handed off)
+            ds = await decide(self.r, [orders[i] for i in idx], [accepted_us[i] for i in idx], mine)
             for i, d in zip(idx, ds, strict=True):
                 out[i] = d
 
@@ -117,9 +120,13 @@ class ValidateWorker(StreamWorker):
                 orders.append(unpack_order(e.get(b"d")))
                 good.append(e)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                result.failed[e.id] = (e, f"undecodable order payload: {exc}")
+                result.failed[e.stream, e.id] = (e, f"undecodable order payload: {exc}")
         accepted_us = [int(e.get(b"ta") or 0) for e in good]
         decisions = await self._decide(orders, accepted_us)
+        past = [(e.stream, e.id) for e in good]
+        if len(self._past_ledger) > PAST_LEDGER_MAX:  # entries taken over by other workers
+            self._past_ledger.clear()
+        self._past_ledger.update(past)  # until their hand-off is done
         by_part: dict[keys.Partition, list[tuple[Entry, Decision]]] = {}
         reasons: Counter[str] = Counter()
         for e, d in zip(good, decisions, strict=True):
@@ -131,8 +138,8 @@ class ValidateWorker(StreamWorker):
 
         def build(pipe: Any) -> None:
             for p, items in by_part.items():
-                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked]
-                args: list[object] = [self.group, ttl]
+                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors]
+                args: list[object] = [self.group, ttl, clear_errors([e for e, _ in items])]
                 for e, d in items:
                     ks.append(p.status(d.order.key))
                     ta = e.get(b"ta").decode()
@@ -156,7 +163,49 @@ class ValidateWorker(StreamWorker):
             totals["rejected"] += int(res[1])
             totals["review"] += int(res[2])
         result.counts = totals
+        self._past_ledger.difference_update(past)
+        self._open.done(d.order.key for d in decisions)  # handed off: closed with the next decision call
         return result
+
+    async def give_up(self, failed: list[tuple[Entry, str]]) -> None:
+        """An order that cannot be validated (its payload breaks a rule, a bug) ends
+        ``rejected`` with reason ``unprocessable`` and its error, in the hand-off script,
+        holding nothing: it failed before the ledger script decided it. One that failed after
+        (its decision may hold stock and coupons) and an entry with no order key of this
+        partition (no status record to write) become dead letters of their own: an operator's
+        discard releases what the order holds."""
+        by_part: dict[keys.Partition, list[tuple[Entry, str, str]]] = {}
+        strays: list[tuple[Entry, str]] = []
+        for e, error in failed:
+            try:
+                key = e.get(b"k").decode()
+            except UnicodeDecodeError:
+                key = ""
+            decided = (e.stream, e.id) in self._past_ledger
+            self._past_ledger.discard((e.stream, e.id))
+            if not decided and ":" in key and "\t" not in key and self.r.partition_of(key) == e.partition:
+                by_part.setdefault(e.partition, []).append((e, key, error))
+            else:
+                strays.append((e, error))
+        ttl = self.settings.status_ttl_s
+        why = json_encoder.encode(["unprocessable"]).decode()
+
+        def build(pipe: Any) -> None:
+            for p, items in by_part.items():
+                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors]
+                args: list[object] = [self.group, ttl, clear_errors([e for e, _, _ in items])]
+                for e, key, error in items:
+                    ks.append(p.status(key))
+                    ta = (e.get(b"ta") or b"0").decode(errors="replace")
+                    ta = ta if ta.isdigit() else "0"
+                    args += [f"{e.id}\tx\t\t{key}\t{ta}\t0\t{why}", error[:500]]
+                self.r.script(pipe, "handoff", ks, args)
+            pipe.hincrby(metrics.REASONS_KEY, "unprocessable", sum(len(v) for v in by_part.values()))
+
+        if by_part:
+            await self.r.run(build)
+        if strays:
+            await self.dead_letter(strays)
 
 
 def oos_streaks(decisions: list[Decision], accepted_us: list[int]) -> dict[str, tuple[str, int]]:

@@ -7,11 +7,15 @@
 -- parcel of the route ('r'); a split order's picks get fulfilment id <id>-<warehouse>.
 -- KEYS[1] counters, KEYS[2..4] lanes vip/new/regular, KEYS[5] deferred stream,
 -- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8] review zset, KEYS[9..13] outbox
--- streams (ACTIONS order), KEYS[14..] status record per order
+-- streams (ACTIONS order), KEYS[14] errors hash (field "<stream>|<id>"), KEYS[15..] status
+-- record per order
 -- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
---   trimmed, the dispatcher deletes what it delivered), then per order 2 values: its head
---   "<lane 1..3>\t<entry id>\t<order key>\t<outcome: e executed | h held | w review (freight
---   over the limit)>\t<fulfilment id>\t<actions: name=state,...>\t<route: compact text, see
+--   trimmed, the dispatcher deletes what it delivered), ARGV[3] status TTL (s; counted
+--   from 'executed'; none while held, in review or owed a deferred sync), ARGV[4] entries
+--   delivered before, whose error record goes now ("<lane>:<id> ..."; '' on a first
+--   delivery: nothing to do), then per order 2
+--   values: its head "<lane 1..3>\t<entry id>\t<order key>\t<outcome: e executed | h held |
+--   w review (freight over the limit)>\t<fulfilment id>\t<actions: name=state,...>\t<route: compact text, see
 --   route.lua; '' none>\t<reasons to add: JSON array; '' none>" (none of them holds a tab),
 --   and its payload
 local t = redis.call('TIME')
@@ -50,24 +54,38 @@ end
 -- (one argument per order for what is small: redis-py packs each argument at a cost)
 local HEAD = '^(%d)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
 local acks = {{}, {}, {}}
+local missing = {}  -- positions (1..) in the batch of entries whose record is missing
 local n = {executed = 0, held = 0, deferred = 0, dropped = 0, executed_vip = 0,
            executed_new = 0, executed_regular = 0, review = 0}
-for i = 14, #KEYS do
-  local a = 3 + (i - 14) * 2
+for lane, id in string.gmatch(ARGV[4], '(%d):(%S+)') do
+  redis.call('HDEL', KEYS[14], KEYS[tonumber(lane) + 1] .. '|' .. id)
+end
+for i = 15, #KEYS do
+  local a = 5 + (i - 15) * 2
   local lane, id, key, outcome, fid, actions, route, more = string.match(ARGV[a], HEAD)
   local payload = ARGV[a + 1]
   lane = tonumber(lane)
   local status = KEYS[i]
   local ids = acks[lane]
-  ids[#ids + 1] = id
-  if redis.call('HGET', status, 's') == 'validated' then
+  local st = redis.call('HGET', status, 's')
+  if st then
+    ids[#ids + 1] = id
+  else
+    -- No record: the order's effect ledger is gone (a final state's TTL ran out, or it was
+    -- deleted by hand). Executing could repeat effects; acknowledging would lose it without
+    -- a trace: the entry stays pending, reported to the worker, which fails it (a dead letter).
+    missing[#missing + 1] = i - 14
+  end
+  if st == 'validated' then
     if outcome == 'h' then
       redis.call('HSET', status, 's', 'held', 'th', now_us)
+      redis.call('PERSIST', status)
       redis.call('ZADD', KEYS[6], now_us, key)
       redis.call('HSET', KEYS[7], key, payload)
       n.held = n.held + 1
     elseif outcome == 'w' then
       redis.call('HSET', status, 's', 'review', 'tw', now_us, 'r', with_reasons(status, more))
+      redis.call('PERSIST', status)
       redis.call('ZADD', KEYS[8], now_us, key)
       redis.call('HSET', KEYS[7], key, payload)
       n.review = n.review + 1
@@ -77,6 +95,7 @@ for i = 14, #KEYS do
         if redis.call('HSETNX', status, 'x:' .. name, state) == 1 then
           if state == 'done' then
             to_outbox(name, key, fid, payload, route, picks > 1)
+            redis.call('HINCRBY', status, 'xn:' .. name, 1)  -- apply count: the audit's duplicate check
           elseif state == 'deferred' then
             redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'd', payload)
             n.deferred = n.deferred + 1
@@ -86,6 +105,11 @@ for i = 14, #KEYS do
         end
       end
       redis.call('HSET', status, 's', 'executed', 'te', now_us, 'f', fid)
+      if string.find(actions, '=deferred', 1, true) then
+        redis.call('PERSIST', status)  -- a deferred sync is owed: replay.lua starts the TTL
+      else
+        redis.call('EXPIRE', status, ARGV[3])
+      end
       if route ~= '' then redis.call('HSET', status, 'rt', route) end
       if more ~= '' then redis.call('HSET', status, 'r', with_reasons(status, more)) end
       n.executed = n.executed + 1
@@ -104,4 +128,4 @@ end
 for name, count in pairs(n) do
   if count > 0 then redis.call('HINCRBY', KEYS[1], name, count) end
 end
-return {n.executed, n.held, n.deferred, n.dropped, now_us, n.review}
+return {n.executed, n.held, n.deferred, n.dropped, now_us, n.review, missing}

@@ -1,11 +1,14 @@
 -- Validate -> ready lanes, atomically for a batch of one partition. Idempotent: an
 -- order whose record is past 'accepted' is only acknowledged (a redelivered entry).
 -- KEYS[1] intake, KEYS[2] counters, KEYS[3..5] ready lanes vip/new/regular,
--- KEYS[6] review zset, KEYS[7] parked payloads, KEYS[8..] status record per order
--- ARGV[1] group, ARGV[2] status TTL (s), then per order 2 values: its head "<entry id>\t
---   <outcome: v validated | r rejected | w review>\t<priority: vip|new|regular>\t<order
---   key>\t<accept time (us)>\t<risk score>\t<reasons: JSON array>" (no field holds a tab)
---   and its payload
+-- KEYS[6] review zset, KEYS[7] parked payloads, KEYS[8] errors hash (field "<stream>|<id>"),
+-- KEYS[9..] status record per order
+-- ARGV[1] group, ARGV[2] status TTL (s), ARGV[3] ids of entries delivered before, whose error
+--   record goes now ("id id ..."; '' on a first delivery: nothing to do), then per order 2
+--   values: its head "<entry id>\t<outcome: v validated | r rejected | w review | x
+--   unprocessable (rejected; its payload broke the stage, e.g. a rule's arithmetic)>\t
+--   <priority: vip|new|regular, '' for x>\t<order key>\t<accept time (us)>\t<risk score>\t
+--   <reasons: JSON array>" (no field holds a tab) and its payload (x: the error instead)
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local lanes = {vip = KEYS[3], new = KEYS[4], regular = KEYS[5]}
@@ -13,12 +16,15 @@ local n = {validated = 0, rejected = 0, review = 0}
 local ids = {}
 -- (one argument per order for what is small: redis-py packs each argument at a cost)
 local HEAD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
-for i = 8, #KEYS do
-  local a = 3 + (i - 8) * 2
+for id in string.gmatch(ARGV[3], '%S+') do redis.call('HDEL', KEYS[8], KEYS[1] .. '|' .. id) end
+for i = 9, #KEYS do
+  local a = 4 + (i - 9) * 2
   local id, outcome, prio, key, ta, risk, reasons = string.match(ARGV[a], HEAD)
   local payload = ARGV[a + 1]
   local status = KEYS[i]
   ids[#ids + 1] = id
+  local err = nil
+  if outcome == 'x' then outcome, err = 'r', payload end  -- rejected, with its error
   local st = redis.call('HGET', status, 's')
   if st == 'accepted' or not st then
     if outcome == 'v' then
@@ -27,6 +33,7 @@ for i = 8, #KEYS do
       n.validated = n.validated + 1
     elseif outcome == 'r' then
       redis.call('HSET', status, 's', 'rejected', 'p', prio, 'tr', now_us, 'r', reasons, 'rs', risk)
+      if err then redis.call('HSET', status, 'err', err) end
       n.rejected = n.rejected + 1
     else
       redis.call('HSET', status, 's', 'review', 'p', prio, 'tw', now_us, 'r', reasons, 'rs', risk)
@@ -34,10 +41,10 @@ for i = 8, #KEYS do
       redis.call('HSET', KEYS[7], key, payload)
       n.review = n.review + 1
     end
-    if not st then
-      redis.call('HSET', status, 'ta', ta)
-      redis.call('EXPIRE', status, ARGV[2])
-    end
+    if not st then redis.call('HSET', status, 'ta', ta) end
+    -- the status TTL counts from a final state only (contract §5); a waiting order's record
+    -- has none (PERSIST: a record written before may carry one)
+    if outcome == 'r' then redis.call('EXPIRE', status, ARGV[2]) else redis.call('PERSIST', status) end
   end
 end
 if #ids > 0 then

@@ -29,6 +29,7 @@ while a <= #ARGV do
       redis.call('HSET', skey, 'p', physical)
     else
       redis.call('HSET', skey, 'w:' .. wh, physical)
+      redis.call('SADD', P .. 'wh:' .. wh .. ':skus', sku)  -- (what its removal checks, retire.lua)
       local all = redis.call('HGETALL', skey)
       local total = 0
       for i = 1, #all, 2 do

@@ -9,9 +9,21 @@
 -- total (sku:<sku>:h, from validation) move to the warehouse it ships from
 -- (sku:<sku>:h:<wh>), where that warehouse's next count settles them (restock.lua).
 -- Idempotent per order: the route is recorded (field <order key> of rt:<accept hour>, a
--- hash per hour expiring as a whole, like the validation decisions) with what it allocated; a
--- redelivered order gets it back and allocates nothing twice. An order sent to review for
--- its freight allocates nothing and is not recorded (routed afresh once approved).
+-- hash per hour expiring as a whole, like the validation decisions) with what it allocated,
+-- and every order's record is looked up, whatever its delivery count: an order routed a
+-- second time (its executor died before the execute script, and the entry came back as a
+-- redelivery, or as a new entry: a region hold lifted, a dead letter replayed, a failover
+-- that lost the delivery but not the route) gets its route back and allocates nothing
+-- twice. An order sent to review for its freight allocates nothing and is not recorded
+-- (routed afresh once approved).
+-- An order may wait much longer than its hour's bucket lives between this script and its
+-- execution (held, a dead letter replayed next week, the stage down after a crash): each route
+-- is also kept in rt:open, without a TTL, where an order accepted longer ago than half the
+-- buckets' TTL is looked up, until the worker reports it executed (ARGV[8], closed here;
+-- orderq/openrecords.py sweeps the rest).
+-- Removed warehouses (wh:retired, orderq/warehouses.py) are never picked, even by an executor
+-- whose warehouse list is a moment old; a SKU allocated where it has no count of its own (a
+-- backorder) is listed under wh:<wh>:skus, so the warehouse's removal sees it.
 -- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] msgpack:
 --   {warehouse ids...} (every warehouse a candidate may name), [5] msgpack: candidate lists
 --   (orders to one place share theirs), each {{warehouse index, distance (km), base (cents),
@@ -19,8 +31,9 @@
 --   split}, ...} best first, [6] msgpack array of orders, each {key, {sku, qty, ...}
 --   lines (first: the main line), {sku, qty, ...} gifts, candidate list index, goods
 --   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000),
---   delivered before (0|1: may have a record), lines and gifts as route text}
+--   lines and gifts as route text}
 --   [7] '1': warehouses are configured (render the route), else gifts only
+--   [8] msgpack array of order keys executed since the last call, whose open route goes ('' none)
 -- Returns msgpack: per order its record "<s|w>\t<freight cents>\t<picks: SH,GZ>\t<gifts out
 --   of stock: SKU,...>\t<route>" (picks and route empty when not routed or in review)
 local P = ARGV[1]
@@ -29,6 +42,8 @@ local whs = cmsgpack.unpack(ARGV[4])
 local cand_lists = cmsgpack.unpack(ARGV[5])
 local orders = cmsgpack.unpack(ARGV[6])
 local routing = ARGV[7] == '1'  -- warehouses configured: the route is rendered for the status record
+local closing = (ARGV[8] and ARGV[8] ~= '') and cmsgpack.unpack(ARGV[8]) or {}
+local OPEN = P .. 'rt:open'
 
 local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 local function chunked(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
@@ -46,18 +61,36 @@ local function write(cmd, key, flat, step)  -- HSET key flat... / HDEL key flat.
   end
 end
 
--- 1. orders routed already (only an entry delivered before can have been: its executor
--- may have died between this script and the execute script), and the stock the others need
-local buckets = {}  -- rt:<hour> -> {order key, ...} of the orders delivered before
+-- 0. warehouses removed since the executor read its list: left out of every candidate list
+if routing then
+  local gone = redis.call('SMISMEMBER', P .. 'wh:retired', unpack(whs))
+  local dead = {}
+  for i, g in ipairs(gone) do
+    if g == 1 then dead[i] = true end
+  end
+  if next(dead) then
+    for li, list in ipairs(cand_lists) do
+      local live = {}
+      for _, c in ipairs(list) do
+        if not dead[c[1]] then live[#live + 1] = c end
+      end
+      if #live == 0 then  -- (TRYAGAIN: the batch is retried, with the new list, not blamed)
+        return redis.error_reply('TRYAGAIN every warehouse of a candidate list was removed')
+      end
+      cand_lists[li] = live
+    end
+  end
+end
+
+-- 1. orders routed already (any order may have been, see above), and the stock the others need
+local buckets = {}  -- rt:<hour> -> {order key, ...}
 local bucket_of = {}
 for n, o in ipairs(orders) do
   local b = P .. 'rt:' .. o[7]
   bucket_of[n] = b
-  if o[8] == 1 then
-    buckets[b] = buckets[b] or {}
-    local list = buckets[b]
-    list[#list + 1] = o[1]
-  end
+  buckets[b] = buckets[b] or {}
+  local list = buckets[b]
+  list[#list + 1] = o[1]
 end
 local recorded = {}  -- bucket -> {order key -> record}
 for b, list in pairs(buckets) do
@@ -67,8 +100,22 @@ for b, list in pairs(buckets) do
   recorded[b] = m
 end
 local recs, new_recs = {}, {}
-for n, o in ipairs(orders) do recs[n] = o[8] == 1 and recorded[bucket_of[n]][o[1]] or false end
-local stock = {}  -- sku -> {p, r, dr, tracked, avail = {wh -> units}, da = {wh -> units}, h = {key -> units}, hw = {wh -> {key -> units}}}
+for n, o in ipairs(orders) do recs[n] = recorded[bucket_of[n]][o[1]] or false end
+-- an order that may be older than half the buckets' TTL (its accept hour's start bounds its
+-- age from above) may have been routed before its bucket expired: its route may be open
+local now_s = tonumber(redis.call('TIME')[1])
+local old, old_at = {}, {}
+for n, o in ipairs(orders) do
+  if not recs[n] and now_s - tonumber(o[7]) * 3600 >= tonumber(ttl) / 2 then
+    old[#old + 1] = o[1]
+    old_at[#old_at + 1] = n
+  end
+end
+if #old > 0 then
+  local v = chunked('HMGET', OPEN, old)
+  for i, n in ipairs(old_at) do recs[n] = v[i] or false end
+end
+local stock = {}  -- sku -> {p, r, dr, tracked, avail = {wh -> units}, counted = {wh -> true}, da = {wh -> units}, h = {key -> units}, hw = {wh -> {key -> units}}}
 local fields = {'p', 'r'}
 for _, wh in ipairs(whs) do
   fields[#fields + 1] = 'w:' .. wh
@@ -79,10 +126,13 @@ local function need(sku, key)
   if not stock[sku] then
     local v = redis.call('HMGET', P .. 'sku:' .. sku, unpack(fields))
     local s = {p = v[1] and tonumber(v[1]), r = tonumber(v[2] or 0), dr = 0, tracked = false,
-               avail = {}, da = {}, h = {}, hw = {}}
+               avail = {}, counted = {}, da = {}, h = {}, hw = {}}
     for i, wh in ipairs(whs) do
       local w = v[1 + 2 * i]
-      if w then s.tracked = true end
+      if w then
+        s.tracked = true
+        s.counted[wh] = true
+      end
       s.avail[wh] = tonumber(w or 0) - tonumber(v[2 + 2 * i] or 0)
     end
     stock[sku] = s
@@ -260,9 +310,9 @@ for n, o in ipairs(orders) do
       if routing then
         local docs, names = {}, {}
         for i, p in ipairs(parcels) do
-          local what = p[2] == lines and o[9] or items(p[2])  -- (Python rendered the whole order's)
+          local what = p[2] == lines and o[8] or items(p[2])  -- (Python rendered the whole order's)
           local extra = ''
-          if p == main then extra = #given == #gifts and o[10] or items(given) end
+          if p == main then extra = #given == #gifts and o[9] or items(given) end
           docs[i] = (p[3] and p[1][7] or p[1][6]) .. p[4] .. '|' .. what .. '|' .. extra
           names[i] = whs[p[1][1]]
         end
@@ -283,7 +333,10 @@ end
 for sku, s in pairs(stock) do
   local skey = P .. 'sku:' .. sku
   if s.dr ~= 0 then redis.call('HINCRBY', skey, 'r', s.dr) end
-  for wh, q in pairs(s.da) do redis.call('HINCRBY', skey, 'a:' .. wh, q) end
+  for wh, q in pairs(s.da) do
+    redis.call('HINCRBY', skey, 'a:' .. wh, q)
+    if not s.counted[wh] then redis.call('SADD', P .. 'wh:' .. wh .. ':skus', sku) end  -- (a count lists it)
+  end
   local set, del = {}, {}
   for _, key in ipairs(holders[sku]) do
     local q = s.h[key]
@@ -308,8 +361,19 @@ for sku, s in pairs(stock) do
     write('HSET', skey .. ':h:' .. wh, flat, 2)
   end
 end
+local open_new = {}  -- every new route, kept open until its order is executed
 for b, flat in pairs(new_recs) do
   write('HSET', b, flat, 2)
   redis.call('EXPIRE', b, ttl)
+  for i = 1, #flat do open_new[#open_new + 1] = flat[i] end
+end
+write('HSET', OPEN, open_new, 2)
+if #closing > 0 then  -- (an order of this very batch is not closed: it is being routed again)
+  local here, gone = {}, {}
+  for _, o in ipairs(orders) do here[o[1]] = true end
+  for _, key in ipairs(closing) do
+    if not here[key] then gone[#gone + 1] = key end
+  end
+  write('HDEL', OPEN, gone, 1)
 end
 return cmsgpack.pack(out)

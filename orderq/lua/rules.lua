@@ -13,22 +13,31 @@
 -- gets its first decision back, counted and held nothing twice; a holder already listed
 -- for a SKU is never held again. An order in review also gets o:<order key>: what it
 -- holds, for release.lua.
+-- An order may wait much longer than its hour's bucket lives between this script and its
+-- hand-off (a crash, a dead letter replayed next week): each decision is also kept in od:open,
+-- without a TTL, where an order older than half the buckets' TTL is looked up, until the
+-- worker reports it handed off (ARGV[15], closed here; orderq/openrecords.py sweeps the rest).
 -- ARGV[1] prefix, [2] stock buffer (ppm), [3] unknown-SKU policy (review|reject|allow),
 --   [4] IP orders per hour, [5] IP window (ms), [6] IP burst weight, [7] review score,
---   [8] duplicate window (ms, 0 off), [9] subsidy cap (basis points), [10] review record
---   TTL (s), [11] replay record TTL (s), [12] subsidy TTL (s), [13] customer TTL (s),
+--   [8] duplicate window (ms, 0 off), [9] subsidy cap (basis points), [10] status TTL (s;
+--   not used: an order in review keeps its record as long as it waits), [11] replay
+--   record TTL (s), [12] subsidy TTL (s), [13] customer TTL (s),
 --   [14] msgpack array of orders, each: {key, channel, "channel:customer id", accept
 --   time (ms), base score, pre-rejected (0|1), ip, fingerprint, day, goods (cents),
 --   coupons (cents), {sku, qty, ...}, {code, ...}, accept time (ms) as a string, approval
 --   required (0|1: review unless something rejects)}
+--   [15] msgpack array of order keys handed off since the last call, whose open decision goes
+--   ('' none)
 -- Returns msgpack: per order {outcome v|w|r, extra score, first order (0|1), reason...}
 local P = ARGV[1]
 local ppm, policy = tonumber(ARGV[2]), ARGV[3]
 local ip_limit, ip_window, ip_weight = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local ip_weight_s = ARGV[6]
 local review_score, dup_window, cap_bp = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local review_ttl, replay_ttl, sub_ttl, cust_ttl = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local replay_ttl, sub_ttl, cust_ttl = ARGV[11], ARGV[12], ARGV[13]
 local orders = cmsgpack.unpack(ARGV[14])
+local closing = (ARGV[15] and ARGV[15] ~= '') and cmsgpack.unpack(ARGV[15]) or {}
+local OPEN = P .. 'od:open'
 local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 
 local function mget(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
@@ -51,6 +60,11 @@ local function hset_all(key, map, ttl, ms)  -- HSET key map..., then (P)EXPIRE k
     redis.call('HSET', key, unpack(flat, i, math.min(i + 2 * CHUNK - 1, #flat)))
   end
   redis.call(ms and 'PEXPIRE' or 'EXPIRE', key, ttl)
+end
+local function hcall(cmd, key, flat, step)  -- HSET key flat... / HDEL key flat..., chunked
+  for i = 1, #flat, step * CHUNK do
+    redis.call(cmd, key, unpack(flat, i, math.min(i + step * CHUNK - 1, #flat)))
+  end
 end
 local function group(bucket, field, into)  -- into[bucket] = {field, ...} (unique)
   local g = into[bucket]
@@ -109,12 +123,27 @@ for n, o in ipairs(orders) do
   cust_keys[n] = P .. 'cust:' .. o[3]
 end
 local recs = read_groups(rec_groups)
+-- an order older than half the buckets' TTL may have been decided before its bucket expired
+-- (a younger one's decision is in its bucket still): its decision may be open
+local clock = redis.call('TIME')
+local now_ms = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local old = {}
+for _, o in ipairs(orders) do
+  if not recs[bucket('od', hour(o[4]))][o[1]] and now_ms - o[4] > tonumber(replay_ttl) * 500 then
+    old[#old + 1] = o[1]
+  end
+end
+local open = {}
+if #old > 0 then
+  local v = mget('HMGET', OPEN, old)
+  for i, key in ipairs(old) do open[key] = v[i] or nil end
+end
 local custs = mget('MGET', nil, cust_keys)
 local decided = {}
 local ip_groups, dup_groups, sub_groups = {}, {}, {}
 local stock_orders = {}  -- sku -> {order key, ...}
 for n, o in ipairs(orders) do
-  local d = recs[bucket('od', hour(o[4]))][o[1]]
+  local d = recs[bucket('od', hour(o[4]))][o[1]] or open[o[1]]
   if d then
     -- "<outcome><extra score>|reason|reason..."
     local rs = {}
@@ -204,6 +233,7 @@ local out = {}
 local new_custs = {}
 local cust_now = {}
 local rec_new = {}   -- bucket -> {order key -> record}
+local open_new = {}  -- order key, record, ...: kept open until handed off
 local ip_dirty, dup_dirty, sub_new = {}, {}, {}
 for n, o in ipairs(orders) do
   local key, channel, who, ta = o[1], o[2], o[3], o[4]
@@ -320,15 +350,18 @@ for n, o in ipairs(orders) do
       end
     end
     if outcome == 'w' then
-      -- kept as long as the order's status: a reviewer's reject releases by it (release.lua)
+      -- kept as long as the order waits, without a TTL like its status record: a reviewer's
+      -- reject releases by it (release.lua); the decision gives it the status TTL (review.py)
       local rec = {outcome, extra, reasons, hold, use, skey, who, goods, coupon_total, 0}
-      redis.call('SET', P .. 'o:' .. key, cmsgpack.pack(rec), 'EX', review_ttl)
+      redis.call('SET', P .. 'o:' .. key, cmsgpack.pack(rec))
     end
     local b = bucket('od', hour(ta))
     rec_new[b] = rec_new[b] or {}
     local text = outcome .. (extra == 0 and '0' or ip_weight_s)
     if #reasons > 0 then text = text .. '|' .. table.concat(reasons, '|') end
     rec_new[b][key] = text
+    open_new[#open_new + 1] = key
+    open_new[#open_new + 1] = text
     local row = {outcome, extra, first}
     for _, r in ipairs(reasons) do row[#row + 1] = r end
     out[n] = row
@@ -346,6 +379,15 @@ for sku, s in pairs(stock) do
 end
 for ck, key in pairs(new_custs) do redis.call('SET', ck, key, 'EX', cust_ttl) end
 for b, m in pairs(rec_new) do hset_all(b, m, replay_ttl) end
+hcall('HSET', OPEN, open_new, 2)
+if #closing > 0 then  -- (an order of this very batch is not closed: it is being decided again)
+  local here, gone = {}, {}
+  for _, o in ipairs(orders) do here[o[1]] = true end
+  for _, key in ipairs(closing) do
+    if not here[key] then gone[#gone + 1] = key end
+  end
+  hcall('HDEL', OPEN, gone, 1)
+end
 local by_bucket = {}
 for ip, ta in pairs(ip_dirty) do
   local b = bucket('ip', hour(ta))

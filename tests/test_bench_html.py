@@ -30,6 +30,9 @@ BENCH_ARGS = [
     "--rate", "100",
 ]  # fmt: skip
 
+# A real bench run (~10 s) plus Chromium: make reliability, within make test's 10-minute budget.
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:

@@ -159,6 +159,7 @@ async def test_thirty_orders_race_for_twenty_units_on_the_cluster(cenv, cr, ingr
         await r.close()
 
 
+@pytest.mark.long  # the plain-server recovery tests cover make test; the cluster variant runs in make reliability
 async def test_killed_workers_work_is_reclaimed_by_the_others(cenv, cr, ingress, stages):
     """Two validate and two execute processes ("hosts") share the partitions; one of each is
     SIGKILLed mid-work. The survivors claim its pending entries: every order executed once."""

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 # An async test that pytest-timeout interrupts between two Redis calls, then an innocent test
@@ -28,6 +30,7 @@ def test_next_one():
 """
 
 
+@pytest.mark.long  # a test of the test harness itself: make reliability
 def test_a_timed_out_async_test_leaks_no_connection_into_the_next(tmp_path: Path) -> None:
     """Seen in make test: a timed-out test left a Redis connection open, and a later, unrelated
     test failed on its ResourceWarnings (unclosed socket, transport, Connection)."""

@@ -78,6 +78,7 @@ async def test_steady_scenario_sends_valid_orders(ingress, make_env, tmp_path, r
     assert set(verdict["acked_statuses"]) == {"accepted"}  # no worker runs: all still queued
 
 
+@pytest.mark.long  # make reliability: make test's 10-minute budget
 async def test_oracle_that_cannot_check_fails_the_run(ingress, make_env, tmp_path):
     """A lookup the contract refuses (a wrong admin token) is no clean bill: locust exits 1."""
     base = await ingress()

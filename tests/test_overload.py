@@ -294,6 +294,7 @@ async def test_a_cpu_hog_in_the_event_loop_makes_the_controller_refuse_regular_o
         metrics.OVERLOAD_REFUSED.counts = {}  # counted in this test process: not for another test
 
 
+@pytest.mark.long  # a 17 s bench run: make reliability (make test's 10-minute budget)
 async def test_bench_open_loop_resends_refused_orders_after_retry_after_until_all_are_taken(
     ingress: Any, r: oq_client.Redis, pausable: redis.Redis
 ) -> None:

@@ -200,6 +200,15 @@ async def test_a_real_prometheus_evaluates_every_recording_rule(ingress, stages,
     values: dict[str, list[float]] = {}
     health: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=10) as c, httpx.AsyncClient(timeout=5) as p:
+        # Until its storage and rules are loaded, Prometheus answers its API with a plain-text 503
+        # ("Service Unavailable"), not JSON: wait for /-/ready first.
+        ready_by = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await p.get(f"{prom}/-/ready")).status_code == 200:
+                    break
+            assert time.monotonic() < ready_by, (tmp_path / "prometheus.log").read_text(errors="replace")[-3000:]
+            await asyncio.sleep(0.1)
         deadline = time.monotonic() + 25
         while True:
             # orders keep coming (vip and new), so rates and latency quantiles have something to show

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import inspect
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,3 +275,34 @@ def ingress(stages: Callable[..., StageProcess], flushed: EmbeddedServer) -> Cal
 
 def unique(prefix: str = "T") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+# --- a headless browser (Debian's chromium, driven by playwright; never `playwright install`) ---
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> Any:
+    pw_api = pytest.importorskip("playwright.async_api", reason="the playwright package is not installed")
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
+    async with pw_api.async_playwright() as pw:
+        try:
+            b = await pw.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM, args=ARGS)
+        except Exception as exc:  # no display libraries, sandbox refusal, ...
+            pytest.skip(f"Chromium cannot start here: {exc}")
+        try:
+            yield b
+        finally:
+            await b.close()

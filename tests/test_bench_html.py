@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_dashboard_browser import ARGS, ARTIFACTS, CHROMIUM
+from tests.test_dashboard_browser import ARTIFACTS
 
 BENCH_ARGS = [
     "--phases", "single,batch,burst,e2e",
@@ -75,22 +74,6 @@ def test_the_report_records_the_series_it_plots(bench_run: tuple[dict[str, Any],
     # one file, nothing fetched: no script, stylesheet link, image or URL
     text = page.read_text(encoding="utf-8")
     assert not re.search(r"https?://|<script|<link|<img|@import|url\(", text)
-
-
-@pytest.fixture
-async def browser() -> Any:
-    pw_api = pytest.importorskip("playwright.async_api", reason="the playwright package is not installed")
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
-    async with pw_api.async_playwright() as pw:
-        try:
-            b = await pw.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM, args=ARGS)
-        except Exception as exc:  # no display libraries, sandbox refusal, ...
-            pytest.skip(f"Chromium cannot start here: {exc}")
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 async def test_every_plot_is_drawn_with_data_in_chromium(bench_run, browser) -> None:

@@ -9,28 +9,14 @@ Skips (with the reason) only where Chromium is not installed or cannot start.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import ADMIN, ADMIN_TOKEN, ROOT, auth, make_order, unique
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ENV: dict[str, Any] = {
     "ORDERQ_BREAKER_OPEN_DEPTH": 20,
     "ORDERQ_BREAKER_CLOSE_DEPTH": 5,
@@ -45,22 +31,6 @@ ENV: dict[str, Any] = {
 }
 COLOURS = {"normal": "rgb(30, 142, 62)", "degraded": "rgb(232, 160, 0)", "shedding": "rgb(217, 48, 37)"}
 ARTIFACTS = ROOT / "test-artifacts"
-
-
-@pytest.fixture
-async def browser() -> Any:
-    pw_api = pytest.importorskip("playwright.async_api", reason="the playwright package is not installed")
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
-    async with pw_api.async_playwright() as pw:
-        try:
-            b = await pw.chromium.launch(executable_path=shutil.which("chromium") or CHROMIUM, args=ARGS)
-        except Exception as exc:  # no display libraries, sandbox refusal, ...
-            pytest.skip(f"Chromium cannot start here: {exc}")
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 def order(i: int, tag: str) -> dict[str, Any]:

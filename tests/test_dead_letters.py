@@ -32,7 +32,6 @@ from orderq.schema import unpack_order
 from orderq.warehouses import Warehouse
 from orderq.worker import StreamWorker
 from tests.conftest import ADMIN, ADMIN_TOKEN, ROOT, drain, make_order, unique
-from tests.test_dashboard_browser import browser  # noqa: F401 - the headless Chromium fixture
 from tests.test_dispatch import Sink
 from tests.test_validate_rules import accept, status
 from validate import rules, stock
@@ -359,7 +358,7 @@ async def test_a_refused_pick_of_a_split_order_is_replayed_for_its_warehouse_onc
     assert (await audit.run(r))["duplicate_effects"] == 0
 
 
-async def test_the_dashboard_shows_the_unresolved_dead_letters(r: Redis, ingress: Any, browser: Any) -> None:  # noqa: F811
+async def test_the_dashboard_shows_the_unresolved_dead_letters(r: Redis, ingress: Any, browser: Any) -> None:
     base = await ingress()
     (key,) = await accept(r, order())
     await fail_until_dead(r, ValidateWorker, "ValueError: total out of range")

@@ -327,7 +327,13 @@ async def test_shedding_refuses_regular_orders_keeps_vip_then_recovers(ingress, 
             # 60 regular orders and no workers: the backlog reaches the shed depth.
             await push(c, [order("S", i) for i in range(60)])
             await published(lambda d: d.get("stage") == "shedding")
-            # The ingress learnt it from pub/sub: the very next request is refused.
+            # The ingress learns it from its own pub/sub subscription, which may read the event a
+            # moment after this test's: wait for the ingress's own view (its /readyz names it);
+            # from then on every regular order is refused.
+            deadline = time.monotonic() + 5
+            while (await c.get("/readyz")).json().get("stage") != "shedding":
+                assert time.monotonic() < deadline, "the ingress never saw the shedding stage"
+                await asyncio.sleep(0.01)
             resp = await c.post("/v1/orders", json=order("R", 1), headers=auth())
             assert resp.status_code == 503, resp.text
             assert resp.json()["error"]["code"] == "shedding"

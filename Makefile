@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint fmt bench clean browser prometheus reliability
+.PHONY: run test typecheck lint fmt bench clean browser prometheus reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ prometheus:
 test: $(VENV)/.installed-test browser prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not long"
 
 # The long version of the fault and hostile-input tests (longer loads, more kills); the
@@ -40,6 +41,10 @@ reliability: $(VENV)/.installed-test
 	mkdir -p test-artifacts && rm -f test-artifacts/reliability-report.jsonl
 	ORDERQ_RELIABILITY_LONG=1 ORDERQ_RELIABILITY_OUT=test-artifacts/reliability-report.jsonl $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_hostile_input.py
 	$(BIN)/python -m pytest -q -m long tests/test_cluster.py tests/test_loadtest.py tests/test_overload.py tests/test_harness.py tests/test_bench_html.py
+
+# mypy over the service packages, strict ([tool.mypy] in pyproject.toml).
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -1,1 +1,1 @@
-"""The breaker controller: backlog sampling, stage decisions, deferred-sync replay."""
+"""The breaker controller: backlog sampling, breaker level decisions, deferred-sync replay, alerts."""

@@ -7,7 +7,11 @@ the breaker process:
   (stream ids are millisecond timestamps, so this costs one ``XRANGE … COUNT 1`` per lane);
 - ``dead_letters``: the dead-letter total went up;
 - ``sku_out_of_stock``: one SKU refused for lack of stock 5 times in a row (a hash the
-  validate stage keeps, :data:`orderq.keys.OOS_STREAK_KEY`).
+  validate stage keeps, :data:`orderq.keys.OOS_STREAK_KEY`);
+- ``ship_lag``: an executed order with no shipment ``ORDERQ_ALERT_SHIP_LAG_S`` after its
+  execution (:func:`orderq.lifecycle.unshipped_late`);
+- ``connector_lag``: a pull connector's cursor is more than ``ORDERQ_ALERT_CONNECTOR_LAG_S``
+  behind now (:mod:`orderq.connectors`), one alert per connector.
 
 Each condition fires once at its onset (log event ``alert.fired``, a counter for
 ``orderq_alerts_total{kind}``, the ``ORDERQ_ALERT_WEBHOOK`` POST) and once when it
@@ -29,7 +33,7 @@ import httpx
 import msgspec
 import structlog
 
-from orderq import keys, stats
+from orderq import connectors, keys, lifecycle, stats
 from orderq.client import Redis
 from orderq.schema import utc_iso
 
@@ -94,6 +98,8 @@ class Alerts:
         s = r.settings
         self.window = s.alert_window_s
         self.lag_s = s.alert_lag_s
+        self.ship_lag_s = s.alert_ship_lag_s
+        self.connector_lag_s = s.alert_connector_lag_s
         self.webhook = s.alert_webhook
         self.http = httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT_S) if self.webhook else None
         self.sending: set[asyncio.Task[None]] = set()
@@ -172,6 +178,29 @@ class Alerts:
                         "sku_out_of_stock",
                         f"SKU {sku} was out of stock {n} times in a row",
                         {"sku": sku, "streak": n},
+                    )
+                )
+
+        late, oldest_s = await lifecycle.unshipped_late(self.r, now, self.ship_lag_s)
+        if late:
+            conditions.append(
+                Condition(
+                    "ship_lag",
+                    "ship_lag",
+                    f"{late} executed orders not shipped after {self.ship_lag_s:g} s (oldest {oldest_s:.0f} s)",
+                    {"orders": late, "oldest_s": round(oldest_s, 1), "threshold_s": self.ship_lag_s},
+                )
+            )
+
+        for view in await connectors.read_all(self.r.client):
+            if view.lag_s is not None and view.lag_s > self.connector_lag_s:
+                conditions.append(
+                    Condition(
+                        f"connector_lag:{view.name}",
+                        "connector_lag",
+                        f"connector {view.name} is {view.lag_s:.0f} s behind (threshold {self.connector_lag_s:g} s)"
+                        + (f"; last error: {view.last_error}" if view.failing and view.last_error else ""),
+                        {"connector": view.name, "lag_s": view.lag_s, "threshold_s": self.connector_lag_s},
                     )
                 )
 

@@ -12,8 +12,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from enum import StrEnum
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+class CircuitState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 MAX_OPEN_FACTOR = 12  # ORDERQ_DISPATCH_OPEN_S=5: probes at 5, 10, 20, 40, then every 60 s
 HISTORY = 64  # transitions kept for logs and tests
 
@@ -24,14 +32,15 @@ class Circuit:
         self.threshold = failures
         self.base_open_s = open_s
         self.clock = clock
-        self.state = CLOSED
+        self.state: CircuitState = CLOSED
         self.failures = 0  # consecutive, while closed
         self.open_s = open_s  # the current open period (doubles on a failed probe)
         self.open_until = 0.0
         self.probing = False
-        self.history: deque[tuple[str, float]] = deque([(CLOSED, clock())], maxlen=HISTORY)
+        self.opens = 0  # times it opened (a failed probe too), for /metrics
+        self.history: deque[tuple[CircuitState, float]] = deque([(CLOSED, clock())], maxlen=HISTORY)
 
-    def _move(self, state: str) -> None:
+    def _move(self, state: CircuitState) -> None:
         if state != self.state:
             self.state = state
             self.history.append((state, self.clock()))
@@ -76,9 +85,10 @@ class Circuit:
 
     def _open(self) -> None:
         self.failures = 0
+        self.opens += 1
         self.open_until = self.clock() + self.open_s
         self._move(OPEN)
 
-    def states(self) -> list[str]:
+    def states(self) -> list[CircuitState]:
         """The states visited, oldest first (consecutive repeats collapsed)."""
         return [s for s, _ in self.history]

@@ -2,13 +2,15 @@
 
 For every action with an ``ORDERQ_WEBHOOK_<ACTION>`` URL, the dispatcher reads the
 action's outbox streams (one per partition) through the consumer group ``dispatch``
-and POSTs each entry as JSON ``{"order_key", "action", "fulfilment_id", "order"}`` with
-``Idempotency-Key: <order key>:<action>``: delivery is at least once, and the key lets
-the target apply it once. A delivered entry is acknowledged and deleted in one script
-call per batch, so the outbox holds exactly the undelivered actions.
+and POSTs each entry (the request and what its answer means: dispatch/delivery.py).
+A delivered entry is acknowledged and deleted in one script call per batch, so the
+outbox holds exactly the undelivered actions. An entry that references its order's copy
+(orderq/ordercopies.py) gets the payload with one pipelined HMGET per partition after each
+read and claim; the script that deletes the last entry referencing a copy deletes the copy.
 
 Each target (action) runs on its own: its own loop, HTTP connection pool, concurrency,
-backoff and circuit breaker, so a target that is down delays only its own actions.
+backoff and circuit (dispatch/circuit.py), so a target that is down delays only its own
+actions.
 
 * Unreachable (connection refused, connect timeout): not a delivery; the entry waits
   with backoff and the circuit counts a failure. A target down for hours loses nothing.
@@ -18,9 +20,10 @@ backoff and circuit breaker, so a target that is down delays only its own action
 * An entry that cannot be sent (its payload does not decode, or building its request raises):
   dead-lettered at once, while the rest of its batch goes on.
 
-Dead letters go to the partition's dispatch dead-letter stream, with the action marked
-``failed`` in the order's status record (a routed pick: its own ``x:wms.pick@<warehouse>``, and
-the letter keeps its warehouse and parcel for a replay) and counted in ``/v1/stats`` dead letters;
+Dead letters go to the partition's dispatch dead-letter stream, each with every field of its
+entry (for a replay), the entry's own ledger field marked ``failed`` in the order's status record
+(a routed pick: ``x:wms.pick@<warehouse>``; a second effect: ``x:<action>:<kind>``, e.g.
+``x:notify.sms:shipped``) and counted in ``/v1/stats`` dead letters;
 the record keeps no TTL until its last one is resolved (orderq/lua/dispatched.lua).
 Entries held by a live dispatcher are kept fresh (``XCLAIM … JUSTID``); those of a dead
 one are claimed after ``ORDERQ_CLAIM_IDLE_MS`` by the others. A claim is not a failed
@@ -32,23 +35,23 @@ time) is, with its action marked ``failed``.
 from __future__ import annotations
 
 import asyncio
-import random
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import msgspec
 import structlog
 
 from dispatch.circuit import CLOSED, HALF_OPEN, OPEN, Circuit
-from orderq import keys
+from dispatch.delivery import Endpoint, Outcome, Result
+from orderq import keys, ordercopies
+from orderq.circuits import CircuitBoard
 from orderq.client import Redis
 from orderq.control import Control, cancel_and_wait
-from orderq.runner import exit_watchdog
-from orderq.schema import unpack_order
-from orderq.status import parse_parcel
-from orderq.worker import CRASH_LOOP_FACTOR, Consumer, parse_read
+from orderq.errors import ConfigError
+from orderq.runner import Stage
+from orderq.settings import Settings
+from orderq.worker import CRASH_LOOP_FACTOR, parse_read
 
 log = structlog.get_logger("orderq.dispatch")
 
@@ -56,13 +59,9 @@ BLOCK_MS = 500  # longest blocking read when a target has nothing to do: bounds 
 READ_COUNT = 100  # entries read per stream per read
 HOLD_FACTOR = 8  # a target holds at most concurrency x this entries; the rest wait in Redis
 POLL_S = 0.1  # longest sleep while held entries wait for their backoff (new entries are read then)
-BACKOFF_MAX_S = 60.0  # cap of one retry delay
 RECLAIM_LIMIT = 500  # entries claimed from dead dispatchers per stream per sweep
 ERROR_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # Redis unreachable: retry, never spin
-RETRYABLE = frozenset({408, 409, 425, 429})  # 4xx that mean "later", not "never"
 NEVER = 2**31  # reclaim.lua's delivery limits for outbox entries: claims are not failed attempts
-USER_AGENT = "orderq-dispatch/0.1"
-_json = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -79,65 +78,34 @@ class Held:
     tries: int = 0  # every failure, unreachable included (the backoff exponent)
     due: float = 0.0
     error: str = ""
-    warehouse: str = ""  # a routed pick (issue 9): the warehouse that ships it
+    warehouse: str = ""  # a routed pick: the warehouse that ships it
     route: bytes = b""  # ... and its parcel of the order's route (orderq/status.py parses it)
-
-
-@dataclass(slots=True)
-class Outcome:
-    kind: str  # ok | refused | retry | unreachable | broken (an exception of ours, not the target's)
-    detail: str = ""
-    retry_after: float = 0.0
-
-
-def request_body(action: str, h: Held) -> bytes:
-    """The JSON an action is delivered as (the order with UTC times to the microsecond)."""
-    order = unpack_order(h.payload)
-    doc = msgspec.to_builtins(order)
-    doc["created_at"] = order.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    body: dict[str, Any] = {"order_key": h.key, "action": action, "fulfilment_id": h.fid, "order": doc}
-    if h.warehouse:  # a routed pick: which warehouse ships which lines, with which carrier
-        body["warehouse"] = h.warehouse
-        body["parcel"] = parse_parcel(h.route.decode()) if h.route else None
-    return _json.encode(body)
-
-
-def idempotency_key(action: str, h: Held) -> str:
-    """One per effect: ``<order key>:<action>``, and ``@<warehouse>`` for each pick of a split."""
-    return f"{h.key}:{action}@{h.warehouse}" if h.warehouse else f"{h.key}:{action}"
+    kind: str = ""  # a second effect of one action: "shipped", the shipping notice (notify.sms)
+    shipment: bytes = b""  # JSON of the shipment a channel.ship_sync or shipping notice carries
+    cancel_reason: str = ""  # a wms.intercept: why the order was cancelled
+    ref: bool = False  # the entry references its order's copy ('o'): payload read by ordercopies.fetch
 
 
 def held_from(p: keys.Partition, stream: str, entry_id: str, fields: dict[bytes, bytes], due: float) -> Held:
     """Never raises, whatever the entry holds: a corrupt one fails on its own when sent."""
-    k, f, d, w, rt = (fields.get(name, b"") for name in (b"k", b"f", b"d", b"w", b"r"))
-    k_, f_, w_ = (b.decode(errors="replace") for b in (k, f, w))
-    return Held(p, stream, entry_id, k_, f_, d, due=due, warehouse=w_, route=rt)
-
-
-def _retry_after(resp: httpx.Response) -> float:
-    try:
-        return max(0.0, float(resp.headers.get("retry-after", "0")))
-    except ValueError:
-        return 0.0
+    k, f, d, w, rt, n, sh, c = (fields.get(name, b"") for name in (b"k", b"f", b"d", b"w", b"r", b"n", b"s", b"c"))
+    k_, f_, w_, n_, c_ = (b.decode(errors="replace") for b in (k, f, w, n, c))
+    h = Held(p, stream, entry_id, k_, f_, d, due=due, warehouse=w_, route=rt, kind=n_, shipment=sh, cancel_reason=c_)
+    h.ref = ordercopies.REF in fields
+    return h
 
 
 class Target:
-    """One downstream endpoint (one action): its queue, pool, breaker and loop."""
+    """One action's delivery: its held entries, endpoint, circuit and loop."""
 
     def __init__(self, d: Dispatcher, action: str, url: str) -> None:
         s = d.settings
         self.d = d
         self.action = action
-        self.url = url
+        self.endpoint = Endpoint(action, url, s)
         self.concurrency = s.dispatch_concurrency
         self.hold_max = s.dispatch_concurrency * HOLD_FACTOR
         self.circuit = Circuit(action, s.dispatch_failures, s.dispatch_open_s)
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.dispatch_timeout_s),
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
-            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
-            follow_redirects=False,
-        )
         self.held: dict[tuple[str, str], Held] = {}
         self.streams = {p.outbox(action): p for p in d.r.partitions}
         self.delivered = 0
@@ -165,7 +133,7 @@ class Target:
                 await self.d.sleep(delay)
 
     async def step(self, drain: bool) -> bool:
-        """One round: take new work, send what is due (as the breaker allows), settle it.
+        """One round: take new work, send what is due (as the circuit allows), settle it.
         False when draining and nothing is left."""
         now = time.monotonic()
         if now >= self._next_reclaim:
@@ -180,7 +148,7 @@ class Target:
         if self.circuit.state == CLOSED:
             due = sorted((h for h in self.held.values() if h.due <= now), key=lambda h: h.due)
             n = min(len(due), self.concurrency)
-        else:  # the breaker spaces the requests now: its probe takes the entry waiting longest
+        else:  # the circuit spaces the requests now: its probe takes the entry waiting longest
             n = self.circuit.allowed(1)
             due = sorted(self.held.values(), key=lambda h: h.due)[:1] if n else []
         self._note_state()
@@ -193,47 +161,16 @@ class Target:
         batch = due[:n]
         probe = self.circuit.half_open
         t0 = time.perf_counter()
-        outcomes = await asyncio.gather(*(self.post(h, probe) for h in batch))
+        outcomes = await asyncio.gather(*(self.endpoint.post(h, probe) for h in batch))
         await self.settle(batch, outcomes, t0)
         return True
 
     def _note_state(self) -> None:
         if self.circuit.state != self._state:
             self._state = self.circuit.state
-            level = self.log.info if self._state == "closed" else self.log.warning
-            level("dispatch.circuit", state=self._state, held=len(self.held), open_s=round(self.circuit.open_s, 3))
-
-    # --- HTTP -----------------------------------------------------------------------------
-    async def post(self, h: Held, probe: bool) -> Outcome:
-        s = self.d.settings
-        try:
-            headers = {"Idempotency-Key": idempotency_key(self.action, h), "X-Orderq-Attempt": str(h.tries + 1)}
-            body = request_body(self.action, h)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return Outcome("refused", f"undecodable order payload: {exc}")
-        except Exception as exc:  # this entry cannot become a request: it ends alone
-            return Outcome("refused", f"unprocessable: {type(exc).__name__}: {exc}"[:300])
-        timeout = min(s.dispatch_probe_timeout_s, s.dispatch_timeout_s) if probe else s.dispatch_timeout_s
-        try:
-            resp = await self.http.post(self.url, content=body, headers=headers, timeout=timeout)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return Outcome("unreachable", f"{type(exc).__name__}: {exc}"[:300])
-        except httpx.HTTPError as exc:  # sent, maybe received: retry, the target dedups by key
-            return Outcome("retry", f"{type(exc).__name__}: {exc}"[:300])
-        except Exception as exc:  # e.g. a header this entry's key cannot be encoded in
-            return Outcome("broken", f"{type(exc).__name__}: {exc}"[:300])
-        code = resp.status_code
-        if 200 <= code < 300:
-            return Outcome("ok")
-        detail = f"HTTP {code}: {resp.text[:200]}"
-        if code >= 500 or code in RETRYABLE:
-            return Outcome("retry", detail, _retry_after(resp))
-        return Outcome("refused", detail)
-
-    def backoff(self, h: Held, retry_after: float) -> float:
-        base = min(BACKOFF_MAX_S, self.d.settings.dispatch_backoff_s * 2 ** min(h.tries - 1, 30))
-        delay = random.uniform(base / 2, base)  # jitter: the entries of one outage do not return in step
-        return max(delay, min(retry_after, BACKOFF_MAX_S))
+            self.d.board.changed.set()
+            emit = self.log.info if self._state == CLOSED else self.log.warning
+            emit("dispatch.circuit", state=self._state, held=len(self.held), open_s=round(self.circuit.open_s, 3))
 
     # --- Redis ----------------------------------------------------------------------------
     async def read(self, count: int, block_ms: int) -> int:
@@ -255,11 +192,41 @@ class Target:
             )
             entries = parse_read(reply, by_stream)
         now = time.monotonic()
+        fresh: list[Held] = []
         for e in entries:
             slot = (e.stream, e.id)
             if slot not in self.held:
-                self.held[slot] = held_from(e.partition, e.stream, e.id, e.fields, now)
+                self.held[slot] = h = held_from(e.partition, e.stream, e.id, e.fields, now)
+                fresh.append(h)
+        await self.with_copies(fresh)
         return len(entries)
+
+    async def with_copies(self, fresh: list[Held]) -> None:
+        """The payloads of the entries that reference their order's copy: one pipelined HMGET
+        per partition. An entry whose copy is gone cannot become its request: dead-lettered."""
+        wanted: dict[keys.Partition, list[str]] = {}
+        for h in fresh:
+            if h.ref:
+                wanted.setdefault(h.partition, []).append(h.key)
+        if not wanted:
+            return
+        copies = await ordercopies.fetch(self.d.r, wanted)
+        gone: dict[str, list[Held]] = {}
+        for h in fresh:
+            if h.ref:
+                payload = copies.get((h.partition.index, h.key))
+                if payload is None:
+                    h.attempts, h.error = 1, "its order's copy is gone: nothing to send"
+                    gone.setdefault(h.stream, []).append(h)
+                else:
+                    h.payload = payload
+        if gone:
+            await self.write({}, gone)
+            for items in gone.values():
+                for h in items:
+                    self.held.pop((h.stream, h.id), None)
+                    self.log.warning("dispatch.dead_letter", order_key=h.key, entry_id=h.id, error=h.error)
+            self.dead_lettered += sum(len(v) for v in gone.values())
 
     async def reclaim(self) -> None:
         """Claim entries a dead dispatcher held past the lease; dead-letter ones claimed too often."""
@@ -268,17 +235,17 @@ class Target:
         targets = list(self.streams.items())
         # A claim counts a delivery in Redis, but it is no failed attempt (a restart, a stall):
         # reclaim.lua dead-letters nothing here; the attempts that failed are counted in settle().
-        results = await r.run(
-            lambda pipe: [
+
+        def build(pipe: Any) -> None:
+            for stream, p in targets:
                 r.script(
                     pipe,
                     "reclaim",
                     [stream, keys.dispatch_dead(p), p.counters, p.errors],
                     [keys.GROUP_DISPATCH, self.d.consumer, s.claim_idle_ms, NEVER, RECLAIM_LIMIT, NEVER],
                 )
-                for stream, p in targets
-            ]
-        )
+
+        results = await r.run(build)
         now = time.monotonic()
         fresh: list[Held] = []
         for (stream, p), (entries, n_dead, _cursor) in zip(targets, results, strict=True):
@@ -294,6 +261,7 @@ class Target:
         if fresh:
             self.log.warning("dispatch.reclaimed", claimed=len(fresh))
             await self.end_crash_loops(fresh)
+            await self.with_copies([h for h in fresh if (h.stream, h.id) in self.held])
 
     async def end_crash_loops(self, claimed: list[Held]) -> None:
         """An entry claimed over and over (its dispatcher dies on it every time, recording
@@ -341,20 +309,19 @@ class Target:
             for stream in streams:
                 p = self.streams[stream]
                 ok, gone = done.get(stream, []), dead.get(stream, [])
-                args: list[Any] = [keys.GROUP_DISPATCH, self.action, len(ok), *(h.id for h in ok)]
-                for h in gone:
+                args: list[Any] = [keys.GROUP_DISPATCH, self.action, len(ok)]
+                for h in ok:  # (a delivered entry that referenced its order's copy gives it up)
+                    args += [h.id, h.key if h.ref else ""]
+                for h in gone:  # (the letter is the entry as it is in the stream; these, if it is gone)
                     args += [h.id, h.key, h.fid, h.payload, h.attempts, h.error[:500], h.warehouse, h.route]
-                r.script(
-                    pipe,
-                    "dispatched",
-                    [stream, keys.dispatch_dead(p), p.counters, *(p.status(h.key) for h in gone)],
-                    args,
-                )
+                    args += [h.kind, h.shipment, h.cancel_reason]
+                ks = [stream, keys.dispatch_dead(p), p.counters, p.order_copies, p.copy_refs]
+                r.script(pipe, "dispatched", [*ks, *(p.status(h.key) for h in gone)], args)
 
         await r.run(build)
 
     async def settle(self, batch: list[Held], outcomes: list[Outcome], t0: float) -> None:
-        """Breaker, retries and the batch's Redis writes: one script call per stream."""
+        """Circuit, retries and the batch's Redis writes: one script call per stream."""
         s = self.d.settings
         now = time.monotonic()
         probed = self.circuit.state == HALF_OPEN
@@ -363,36 +330,36 @@ class Target:
         retried = 0
         # An exception of ours on one entry is that entry's: dead-lettered at once. On every
         # entry of a batch, it is nobody's: the batch waits and tries again (and counts it).
-        ours = len(batch) > 1 and all(out.kind == "broken" for out in outcomes)
+        ours = len(batch) > 1 and all(out.result == Result.BROKEN for out in outcomes)
         for h, out in zip(batch, outcomes, strict=True):
-            if out.kind == "broken":
+            if out.result == Result.BROKEN:
                 h.error = out.detail
                 h.attempts += 1
                 h.tries += 1
                 if ours and h.attempts < s.max_deliveries:
-                    h.due = now + self.backoff(h, 0.0)
+                    h.due = now + self.endpoint.backoff(h, 0.0)
                     retried += 1
                 else:
                     dead.setdefault(h.stream, []).append(h)
                 continue
-            if out.kind == "ok":
+            if out.result == Result.OK:
                 self.circuit.success()
                 done.setdefault(h.stream, []).append(h)
                 continue
             h.error = out.detail
-            if out.kind == "refused":  # the target is up and said no: not its health's fault
+            if out.result == Result.REFUSED:  # the target is up and said no: not its health's fault
                 h.attempts += 1
                 self.circuit.success()
                 dead.setdefault(h.stream, []).append(h)
                 continue
             self.circuit.failure()
             h.tries += 1
-            if out.kind == "retry":
+            if out.result == Result.RETRY:
                 h.attempts += 1
             if h.attempts >= s.max_deliveries:
                 dead.setdefault(h.stream, []).append(h)
             else:
-                h.due = now + self.backoff(h, out.retry_after)
+                h.due = now + self.endpoint.backoff(h, out.retry_after)
                 retried += 1
         if probed and self.circuit.state == CLOSED:  # the target is back: what waited on it goes now
             for h in self.held.values():
@@ -424,18 +391,32 @@ class Target:
         )
 
 
-class Dispatcher(Consumer):
-    """Every configured target, each in its own task; a keep-alive for the entries they hold."""
+class Dispatcher(Stage):
+    """The dispatch stage: every configured target, each in its own task; a keep-alive for the
+    entries they hold. On SIGTERM, requests in flight finish and held entries stay pending in
+    Redis for the next dispatcher."""
 
     stage = "dispatch"
 
     def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
         super().__init__(r, control, consumer)
         self.targets = {a: Target(self, a, url) for a, url in self.settings.webhooks.items()}
+        self.board = CircuitBoard(r.client, {a: t.circuit for a, t in self.targets.items()}, self.consumer)
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        if not settings.webhooks:
+            raise ConfigError("ORDERQ_WEBHOOK_<ACTION>", "no downstream webhook is set: nothing to dispatch")
 
     @property
     def delivered(self) -> int:
         return sum(t.delivered for t in self.targets.values())
+
+    def started_fields(self) -> dict[str, Any]:
+        return {"targets": dict(self.settings.webhooks)}
+
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"delivered": self.delivered}
 
     async def ensure_groups(self) -> None:
         """The ``dispatch`` group on each configured outbox stream, at id 0 (never ``$``)."""
@@ -452,10 +433,12 @@ class Dispatcher(Consumer):
         Returns the entries delivered."""
         await self.ensure_groups()
         keeper = asyncio.create_task(self._keep_alive())
+        board = asyncio.create_task(self.board.run())
         try:
             await asyncio.gather(*(t.run(drain) for t in self.targets.values()))
         finally:
-            await cancel_and_wait([keeper])  # not one cancel: a claim in flight can swallow it (3.11)
+            await cancel_and_wait([keeper, board])  # not one cancel: a claim in flight can swallow it (3.11)
+            await self.board.retire()
         return self.delivered
 
     async def _keep_alive(self) -> None:
@@ -468,16 +451,17 @@ class Dispatcher(Consumer):
             if not held:
                 continue
             try:
-                await self.r.run(lambda pipe, held=held: [self._claim(pipe, stream, ids) for stream, ids in held])
+                await self.r.run(functools.partial(self._claim, held=held))
             except Exception as exc:
                 log.warning("dispatch.keepalive_failed", error=repr(exc))
 
-    def _claim(self, pipe: Any, stream: str, ids: list[str]) -> None:
-        pipe.xclaim(stream, keys.GROUP_DISPATCH, self.consumer, 0, ids, justid=True)
+    def _claim(self, pipe: Any, held: list[tuple[str, list[str]]]) -> None:
+        for stream, ids in held:
+            pipe.xclaim(stream, keys.GROUP_DISPATCH, self.consumer, 0, ids, justid=True)
 
     async def close(self) -> None:
         for t in self.targets.values():
-            await t.http.aclose()
+            await t.endpoint.close()
 
 
 def _by_stream(t: Target) -> list[tuple[str, list[Held]]]:
@@ -485,32 +469,3 @@ def _by_stream(t: Target) -> list[tuple[str, list[Held]]]:
     for h in list(t.held.values()):
         out.setdefault(h.stream, []).append(h)
     return list(out.items())
-
-
-async def serve(settings: Any) -> None:
-    """``orderq dispatch``: run until SIGTERM/SIGINT; in-flight requests finish, held entries stay
-    pending in Redis for the next dispatcher."""
-    import signal
-
-    from orderq import client as oq_client
-    from orderq.errors import ConfigError
-
-    if not settings.webhooks:
-        raise ConfigError("ORDERQ_WEBHOOK_<ACTION>", "no downstream webhook is set: nothing to dispatch")
-    r = await oq_client.connect(settings)
-    control = await Control(r, "dispatch").start()
-    d = Dispatcher(r, control)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, d.stop)
-    log.info("dispatch.started", worker=d.consumer, targets=dict(settings.webhooks))
-    clean = False
-    try:
-        await d.run()
-        clean = True
-    finally:
-        log.info("dispatch.stopped", worker=d.consumer, delivered=d.delivered)
-        exit_watchdog("dispatch", 0 if clean else 1)
-        await d.close()
-        await control.stop()
-        await r.close()

@@ -1,8 +1,8 @@
-"""Fulfilment routing (issue 9): which warehouse ships each line, with which carrier, and
+"""Fulfilment routing: which warehouse ships each line, with which carrier, and
 when a person decides instead.
 
-The rules are one declarative table, ``routing.toml`` in ``ORDERQ_RULES_DIR`` (shipped:
-``rules/routing.toml``), read at start and again on SIGHUP (a file that does not parse
+The rules are one declarative table, ``routing.toml`` in ``ORDERQ_ROUTING_DIR`` (shipped:
+``routing/routing.toml``), decoded into the Structs below, read at start and again on SIGHUP (a file that does not parse
 keeps the rules in force and logs why). Python ranks each order's candidate warehouses by
 the warehouse rules, in file order (``hot_sku`` puts a hot line's front warehouse first;
 ``nearest`` ranks the rest: those serving the order's province, within ``prefer_km``,
@@ -23,30 +23,96 @@ import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
+from msgspec import Meta
 
 from orderq import geo, keys
 from orderq.client import Redis
+from orderq.commands import Value
+from orderq.ledger import stock
 from orderq.openrecords import OpenRecords
-from orderq.schema import Order, coupon_cents, flat_totals, goods_cents
+from orderq.schema import Order, flat_totals, goods_cents
 from orderq.warehouses import Warehouse
+from orderq.wire import WAITING_STATUSES, RouteOutcome, RouteParcel
 
-RULES_FILE = "routing.toml"
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # rule and carrier names: none of the route's separators
+ROUTING_FILE = "routing.toml"
 RANK_CACHE = 10_000  # places x hot-line combinations remembered
 NO_ROUTING = [[1, 0.0, 0, 0, 0, "", ""]]  # no warehouse: everything ships from "default"
-WAREHOUSE_KINDS = ("hot_sku", "nearest")
-KINDS = (*WAREHOUSE_KINDS, "carrier", "freight_review")
-# the statuses in which an order may be routed again: its route record stays open (see route.lua)
-ROUTE_WAITING = frozenset({"accepted", "validated", "held", "review"})
+
+# Rule and carrier names: none of the route's separators.
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# hot_sku and nearest rank the warehouses, carrier picks the carrier of a region,
+# freight_review sends an order whose freight passes a share of its goods value to a person.
+Kind = Literal["hot_sku", "nearest", "carrier", "freight_review"]
 
 
 class RulesError(ValueError):
     """The routing file is not usable; the message names the file and the entry."""
+
+
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``[[rule]]`` of the routing file, in force as written."""
+
+    name: Name
+    kind: Kind
+    front: dict[str, str] = {}  # hot_sku: SKU -> warehouse
+    prefer_km: Annotated[float, Meta(ge=0)] = 200.0  # nearest
+    provinces: tuple[str, ...] = ()  # carrier
+    carrier: str = ""  # carrier: one of [carriers]
+    max_share: Annotated[float, Meta(gt=0, le=10)] = 0.15  # freight_review: freight / goods value
+
+    def __post_init__(self) -> None:
+        if self.kind == "carrier" and (not self.carrier or not self.provinces):
+            raise ValueError("a carrier rule needs provinces and a carrier")
+
+
+class Rates(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A ``[carriers.<name>]`` table: freight per parcel = base + per_km x km + per_unit x units,
+    amounts in CNY written ``"8.00"`` (or as TOML numbers)."""
+
+    base: Decimal = Decimal(0)
+    per_km: Decimal = Decimal(0)
+    per_unit: Decimal = Decimal(0)
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if not value.is_finite() or value < 0:
+                raise ValueError(f"{name}: expected a non-negative amount, got {str(value)!r}")
+
+
+Carrier = Rates | Name  # a carrier's rates; "default" names the carrier of a warehouse without one
+
+
+class RoutingFile(msgspec.Struct, forbid_unknown_fields=True):
+    """``routing.toml``: the rules in file order, and the carriers."""
+
+    rule: list[Rule] = []
+    carriers: dict[Name, Carrier] = {}
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, r in enumerate(self.rule):
+            if r.name in seen:
+                raise ValueError(f"rule[{i}].name: {r.name!r} is already the name of another rule")
+            seen.add(r.name)
+        for name, value in self.carriers.items():
+            if name == "default" and not isinstance(value, str):
+                raise ValueError("carriers.default: expected the name of the default carrier")
+            if name != "default" and isinstance(value, str):
+                raise ValueError(f"carriers.{name}: expected a table")
+        priced = {name for name, value in self.carriers.items() if isinstance(value, Rates)} | {self.default_carrier}
+        for i, r in enumerate(self.rule):
+            if r.kind == "carrier" and r.carrier not in priced:
+                raise ValueError(f"rule[{i}]: carrier {r.carrier!r} has no [carriers.{r.carrier}] tariff")
+
+    @property
+    def default_carrier(self) -> str:
+        return str(self.carriers.get("default", "express"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,17 +120,6 @@ class Tariff:
     base: int  # cents per parcel
     per_km: int  # cents per 1000 km (thousandths of a cent per km)
     per_unit: int  # cents per unit in the parcel
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    name: str
-    kind: str
-    front: dict[str, str] = field(default_factory=dict)  # hot_sku: SKU -> warehouse
-    prefer_km: float = 200.0  # nearest
-    provinces: tuple[str, ...] = ()  # carrier
-    carrier: str = ""  # carrier
-    max_share: float = 0.15  # freight_review: freight / goods value
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,90 +142,53 @@ class Rules:
         return self.tariffs.get(carrier) or self.tariffs[self.default_carrier]
 
 
-def _amount(where: str, raw: object) -> Decimal:
-    """A non-negative amount in CNY (``"12.00"``, or a TOML number)."""
+_AT = re.compile(r"^(?P<why>.*?) - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`$", re.S)
+
+
+def _convert(value: object, into: Any, where: str, source: str) -> Any:
+    """``msgspec.convert``, its error as RulesError naming the file and the TOML path."""
     try:
-        value = Decimal(str(raw))
-    except InvalidOperation:
-        raise RulesError(f"{where}: expected an amount, got {raw!r}") from None
-    if not value.is_finite() or value < 0:
-        raise RulesError(f"{where}: expected a non-negative amount, got {raw!r}")
-    return value
+        return msgspec.convert(value, into)
+    except msgspec.ValidationError as exc:
+        found = _AT.match(str(exc))
+        why, path = (found["why"], where + found["path"]) if found else (str(exc), where)
+        if found and found["key"]:
+            why = f"a key: {why}"
+        raise RulesError(f"{source}: {path.lstrip('.')}: {why}" if path else f"{source}: {why}") from None
 
 
 def parse(doc: dict[str, Any], source: str = "") -> Rules:
-    """The TOML document -> Rules, or RulesError naming what is wrong."""
-    carriers = doc.get("carriers", {})
-    if not isinstance(carriers, dict):
-        raise RulesError(f"{source}: [carriers] must be a table")
-    default = carriers.get("default", "express")
-    tariffs: dict[str, Tariff] = {}
-    for name, t in carriers.items():
-        if name == "default":
-            continue
-        if not NAME.match(name):
-            raise RulesError(f"{source}: carriers.{name}: a carrier is named with letters, digits, _ and -")
-        if not isinstance(t, dict):
-            raise RulesError(f"{source}: carriers.{name} must be a table")
-        unknown = set(t) - {"base", "per_km", "per_unit"}
-        if unknown:
-            raise RulesError(f"{source}: carriers.{name}: unknown field(s) {', '.join(sorted(unknown))}")
-        where = f"{source}: carriers.{name}"
-        tariffs[name] = Tariff(
-            base=round(_amount(f"{where}.base", t.get("base", "0")) * 100),
-            per_km=round(_amount(f"{where}.per_km", t.get("per_km", "0")) * 100_000),
-            per_unit=round(_amount(f"{where}.per_unit", t.get("per_unit", "0")) * 100),
-        )
-    if default not in tariffs:
-        tariffs[default] = Tariff(0, 0, 0)
-    rules: list[Rule] = []
-    names: set[str] = set()
-    for i, raw in enumerate(doc.get("rule", [])):
-        where = f"{source}: rule[{i}]"
-        if not isinstance(raw, dict):
-            raise RulesError(f"{where} must be a table")
-        kind, name = raw.get("kind"), raw.get("name")
-        if kind not in KINDS:
-            raise RulesError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        if not isinstance(name, str) or not NAME.match(name) or name in names:
-            raise RulesError(f"{where}: needs a unique name of letters, digits, _ and -, got {name!r}")
-        names.add(name)
-        unknown = set(raw) - {"name", "kind", "front", "prefer_km", "provinces", "carrier", "max_share"}
-        if unknown:
-            raise RulesError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        try:
-            rule = Rule(
-                name=name,
-                kind=kind,
-                front={str(k): str(v) for k, v in dict(raw.get("front", {})).items()},
-                prefer_km=float(raw.get("prefer_km", 200.0)),
-                provinces=tuple(str(p) for p in raw.get("provinces", ())),
-                carrier=str(raw.get("carrier", "")),
-                max_share=float(raw.get("max_share", 0.15)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise RulesError(f"{where}: {exc}") from None
-        if kind == "carrier" and (not rule.carrier or not rule.provinces):
-            raise RulesError(f"{where}: a carrier rule needs provinces and a carrier")
-        if kind == "carrier" and rule.carrier not in tariffs:
-            raise RulesError(f"{where}: carrier {rule.carrier!r} has no [carriers.{rule.carrier}] tariff")
-        if kind == "freight_review" and not 0 < rule.max_share <= 10:
-            raise RulesError(f"{where}: max_share must be > 0, got {rule.max_share}")
-        rules.append(rule)
+    """The TOML document -> Rules, or RulesError naming what is wrong and where."""
+    carriers = doc.get("carriers")
+    if isinstance(carriers, dict):  # one by one first: an error then names its carrier
+        for name, value in carriers.items():
+            _convert(name, Name, f"carriers.{name}", source)
+            _convert(value, Carrier, f"carriers.{name}", source)
+    file: RoutingFile = _convert(doc, RoutingFile, "", source)
+    default = file.default_carrier
+    tariffs = {
+        name: Tariff(base=round(t.base * 100), per_km=round(t.per_km * 100_000), per_unit=round(t.per_unit * 100))
+        for name, t in file.carriers.items()
+        if isinstance(t, Rates)
+    }
+    tariffs.setdefault(default, Tariff(0, 0, 0))
     fronts: dict[str, str] = {}
-    for rule in rules:
+    for rule in file.rule:
         for sku, wh in rule.front.items():
             fronts.setdefault(sku, wh)
-    return Rules(rules=tuple(rules), tariffs=tariffs, default_carrier=default, source=source, fronts=fronts)
+    return Rules(rules=tuple(file.rule), tariffs=tariffs, default_carrier=default, source=source, fronts=fronts)
 
 
-def load(rules_dir: Path) -> Rules:
-    path = rules_dir / RULES_FILE
+def load(directory: Path) -> Rules:
+    """Read ``routing.toml`` from ``directory`` (ORDERQ_ROUTING_DIR)."""
+    path = directory / ROUTING_FILE
     try:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except FileNotFoundError:
         raise RulesError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise RulesError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RulesError(f"{path}: {exc}") from None
     return parse(doc, str(path))
@@ -237,7 +255,7 @@ def candidates(rules: Rules, whs: dict[str, Warehouse], o: Order) -> list[Candid
 class Routed:
     """What routing decided for one order."""
 
-    outcome: str  # s ship | w review (freight over the limit)
+    outcome: RouteOutcome
     route: str  # the status record's "route" entries, JSON ("" when not routed)
     picks: list[str]  # the warehouses that ship it, one wms.pick each ([] when not routed)
     gift_out_of_stock: list[str]
@@ -249,41 +267,39 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[str]).decode
 
 
+def _sku_keys(
+    names: list[str], ids: list[str], cand_lists: list[list[list[object]]], lists_of: dict[str, set[int]]
+) -> list[object]:
+    """Append each SKU's keys to ``names`` (route.lua's KEYS): its stock, its holders, and its
+    holders in each warehouse its orders' candidate lists name (where it may be allocated);
+    return route.lua's map of them, ``[sku, index of the stock key, [warehouse index, ...]]...``."""
+    places = [sorted({cast(int, c[0]) for c in cands}) for cands in cand_lists]
+    layout: list[object] = []
+    for sku, lists in lists_of.items():
+        whs = places[next(iter(lists)) - 1] if len(lists) == 1 else sorted({w for i in lists for w in places[i - 1]})
+        layout += (sku, len(names) + 1, whs)
+        names += (keys.stock_key(sku), keys.holders_key(sku))
+        names += [keys.wh_holders_key(sku, ids[w - 1]) for w in whs]
+    return layout
+
+
 def _text(flat: list[object]) -> str:
     """``[sku, qty, ...]`` as route text: ``sku:qty,...``."""
     return ",".join(f"{flat[i]}:{flat[i + 1]}" for i in range(0, len(flat), 2))
 
 
-def review_record(o: Order, accepted_us: int) -> bytes:
-    """What an order sent to review for its freight holds, in the form release.lua reads
-    (rules.lua writes the same for the orders validation sends to review)."""
-    return _pack(
-        [
-            "w",
-            0,
-            ["freight_over_limit"],
-            flat_totals(o.lines),
-            [c.code for c in o.coupons],
-            keys.subsidy_key(keys.beijing_day(accepted_us // 1000)),
-            f"{o.channel}:{o.customer.id}",
-            goods_cents(o),
-            coupon_cents(o),
-            0,
-        ]
-    )
-
-
 class Router:
     """The routing rules in force, and the batch call."""
 
-    def __init__(self, rules_dir: Path) -> None:
-        self.rules_dir = rules_dir
-        self.rules = load(rules_dir)
+    def __init__(self, routing_dir: Path) -> None:
+        self.routing_dir = routing_dir
+        self.rules = load(routing_dir)
         # Candidates depend only on the place and the hot lines: ranked once per (province,
         # city, fronts) while the rules and the warehouses stay the same objects.
         self._cache_for: tuple[Rules, dict[str, Warehouse]] | None = None
         self._ranked: dict[tuple[str, str | None, tuple[str, ...]], list[list[object]]] = {}
-        self.open = OpenRecords(keys.ROUTED_OPEN_KEY, ROUTE_WAITING)
+        # an order in a waiting status may be routed again: its route record stays open (route.lua)
+        self.open = OpenRecords(keys.ROUTED_OPEN_KEY, WAITING_STATUSES)
 
     def executed(self, order_keys: Iterable[str]) -> None:
         """The worker executed these orders (each with a recorded route): the next call closes
@@ -292,7 +308,7 @@ class Router:
 
     def _candidates(self, rules: Rules, whs: dict[str, Warehouse], ids: list[str], o: Order) -> list[list[object]]:
         """``o``'s candidate list as route.lua reads it: warehouse index, km, tariff, and the
-        route entry's JSON up to its freight, plain and split."""
+        parcel's text up to its freight (wire.RouteParcel.head), plain and split."""
         hot = rules.fronts
         fronts = tuple(hot[line.sku] for line in o.lines if line.sku in hot) if hot else ()
         key = (o.ship_to.province, o.ship_to.city, fronts)
@@ -305,16 +321,16 @@ class Router:
             for c in candidates(rules, whs, o):
                 t = rules.tariff(c.carrier)
                 km = round(c.km, 1) if c.km is not None else None
-                # the route entry up to its freight (compact, see route.lua; orderq/status.py renders it)
-                head = f"{c.warehouse}|{c.carrier}|{{}}|{c.carrier_rule}|{'' if km is None else km}|"
-                plain, split = head.format(c.rule), head.format("split")
+                # the parcel's text up to its freight: route.lua appends what it decides
+                plain = RouteParcel.head(c.warehouse, c.carrier, c.rule, c.carrier_rule, km)
+                split = RouteParcel.head(c.warehouse, c.carrier, "split", c.carrier_rule, km)
                 rows.append([index[c.warehouse], km or 0.0, t.base, t.per_km, t.per_unit, plain, split])
             found = self._ranked[key] = rows
         return found
 
     def reload(self) -> Rules:
         """Read the file again; RulesError leaves the rules in force unchanged."""
-        self.rules = load(self.rules_dir)
+        self.rules = load(self.routing_dir)
         return self.rules
 
     async def route(
@@ -340,6 +356,11 @@ class Router:
         sent: list[int] = []
         cand_lists: list[list[list[object]]] = [] if routed else [NO_ROUTING]
         used: dict[int, int] = {}  # id of a candidate list -> its index in cand_lists (1-based)
+        # KEYS: route.lua's fixed ones, then each accept hour's records, then each SKU's (below)
+        names = [keys.ROUTED_OPEN_KEY, keys.RETIRED_WAREHOUSES_KEY, keys.GIFT_OOS_KEY]
+        names += [keys.wh_skus_key(w) for w in ids]
+        hours: dict[str, int] = {}  # accept hour -> index of its route records in KEYS
+        lists_of: dict[str, set[int]] = {}  # SKU -> the candidate lists of its orders
         for n, o in enumerate(orders):
             if not routed and not o.gifts:
                 continue
@@ -352,33 +373,47 @@ class Router:
             else:
                 cands = 1
             hour = str(accepted_us[n] // 3_600_000_000)  # (Lua formats numbers slowly)
+            bucket = hours.get(hour)
+            if bucket is None:
+                names.append(keys.route_key(int(hour)))
+                bucket = hours[hour] = len(names)
             over = 0 if approved[n] else limit
             lines, gifts = flat_totals(o.lines), flat_totals(o.gifts)
             goods = goods_cents(o) if over else 0
-            rows.append([o.key, lines, gifts, cands, goods, over, hour, _text(lines), _text(gifts)])
+            rows.append([o.key, lines, gifts, cands, goods, over, hour, _text(lines), _text(gifts), bucket])
             sent.append(n)
-        out = [Routed("s", "", [], [], routed) for _ in orders]
+            for flat in (lines, gifts):
+                for i in range(0, len(flat), 2):
+                    sku = str(flat[i])
+                    found = lists_of.get(sku)
+                    if found is None:
+                        lists_of[sku] = {cands}
+                    else:
+                        found.add(cands)
+        out = [Routed(RouteOutcome.SHIP, "", [], [], routed) for _ in orders]
         if not rows:
             return out
         # a route is needed again only by an order routed a second time: in its hour's bucket for
         # a day, like decisions, and kept open until the order is executed (orderq/openrecords.py)
         await self.open.sweep(r)
         closing = self.open.take()
-        args = [keys.RULES_PREFIX, round(r.settings.stock_buffer * 1_000_000), keys.LEDGER_REPLAY_TTL_S]
+        layout = _sku_keys(names, ids, cand_lists, lists_of)
+        args: list[Value] = [stock.buffer_ppm(r.settings.stock_buffer), keys.LEDGER_REPLAY_TTL_S]
         args += [_pack(ids), _pack(cand_lists), _pack(rows), "1" if routed else "0", _pack(closing) if closing else ""]
+        args.append(_pack(layout))
         try:
-            (raw,) = await r.run(lambda pipe: r.script(pipe, "route", [keys.RULES_PREFIX], args))
+            (raw,) = await r.run(lambda pipe: r.script(pipe, "route", names, args))
         except BaseException:
             self.open.give_back(closing)
             raise
         for n, rec in zip(sent, _unpack(raw), strict=True):
             outcome, _freight, picks, oos, route = rec.split("\t", 4)
             out[n] = Routed(
-                outcome,
+                RouteOutcome(outcome),
                 route,
                 picks.split(",") if picks else [],
                 oos.split(",") if oos else [],
                 routed,
-                recorded=outcome == "s",
+                recorded=outcome == RouteOutcome.SHIP,
             )
         return out

@@ -9,10 +9,13 @@ from typing import Any
 import msgspec
 
 from execute.actions import fulfilment_id, plan
-from execute.routing import Routed, Router, RulesError, review_record
-from orderq import keys, metrics
+from execute.routing import Routed, Router, RulesError
+from orderq import keys, lifecycle, metrics
+from orderq.commands import Value
 from orderq.errors import ConfigError
+from orderq.ledger import review
 from orderq.schema import Order, json_encoder, unpack_order
+from orderq.wire import Executed, RouteOutcome
 from orderq.worker import BatchResult, Entry, StreamWorker, _pairs
 
 LANES = keys.PRIORITIES  # lane 1 vip, 2 new, 3 regular
@@ -26,11 +29,11 @@ class ExecuteWorker(StreamWorker):
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
         try:
-            self.router = Router(self.settings.rules_dir)
+            self.router = Router(self.settings.routing_dir)
         except RulesError as exc:  # the stage cannot route: it does not start (exit 2)
-            raise ConfigError("ORDERQ_RULES_DIR", str(exc)) from None
-        self.latencies: list[tuple[str, float]] = []  # (priority, seconds) since accept, per batch
+            raise ConfigError("ORDERQ_ROUTING_DIR", str(exc)) from None
         self._rotation = 0  # cluster: the partition the next idle wait blocks on
+        self._owed = lifecycle.OwedSweep()  # ledger releases of cancelled orders (orderq/lifecycle.py)
 
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
         return [(lane, i) for i, lane in enumerate(p.lanes, 1)]
@@ -109,7 +112,7 @@ class ExecuteWorker(StreamWorker):
             )
             # (entry ids are unique per stream only: two lanes may hold the same id)
             routes = {(e.stream, e.id): d for (e, _), d in zip(ready, decided, strict=True)}
-        by_part: dict[keys.Partition, list[tuple[Entry, str, str, str, str, str, str]]] = {}
+        by_part: dict[keys.Partition, list[tuple[Entry, str, Executed, str, str, str, str]]] = {}
         freight_review = 0
         reviewed: list[tuple[Entry, Order]] = []
         ttl = self.settings.status_ttl_s
@@ -119,13 +122,13 @@ class ExecuteWorker(StreamWorker):
             d = routes.get((e.stream, e.id))
             route = more = ""
             if held:
-                outcome, acts = "h", ""
-            elif d is not None and d.outcome == "w":
-                outcome, acts, more = "w", "", '["freight_over_limit"]'
+                outcome, acts = Executed.HELD, ""
+            elif d is not None and d.outcome == RouteOutcome.REVIEW:
+                outcome, acts, more = Executed.REVIEW, "", '["freight_over_limit"]'
                 freight_review += 1
                 reviewed.append((e, order))
             else:
-                outcome = "e"
+                outcome = Executed.EXECUTED
                 picks = d.picks if d is not None and d.routed else None
                 acts = plan(order, stage, mode, picks)
                 if d is not None and d.routed:
@@ -146,27 +149,39 @@ class ExecuteWorker(StreamWorker):
                     p.review,
                     *(p.outbox(a) for a in keys.ACTIONS),
                     p.errors,
+                    p.cancel_owed,
+                    p.order_copies,
+                    p.copy_refs,
                 ]
                 again = " ".join(f"{e.lane}:{e.id}" for e, *_ in rows if e.delivered_again)
-                args: list[object] = [self.group, self.settings.outbox_trim, ttl, again]
+                args: list[Value] = [self.group, self.settings.outbox_trim, ttl, again]
                 for e, key, outcome, fid, acts, route, more in rows:
                     ks.append(p.status(key))
                     args += [f"{e.lane}\t{e.id}\t{key}\t{outcome}\t{fid}\t{acts}\t{route}\t{more}", e.get(b"d")]
                 self.r.script(pipe, "execute", ks, args)
             # what an order sent to review for its freight holds from validation: a reviewer's
             # reject releases by it (in the pipeline, so it exists before the review does); no
-            # TTL while it waits, the decision starts one (validate/review.py)
+            # TTL while it waits, the decision starts one (orderq/ledger/review.py)
             for e, order in reviewed:
-                pipe.set(keys.ledger_key(order.key), review_record(order, int(e.get(b"ta") or 0)), nx=True)
+                pipe.set(keys.ledger_key(order.key), review.freight_hold(order, int(e.get(b"ta") or 0)), nx=True)
             # reason counters of the operators' view (a redelivered batch may count again)
             if freight_review:
-                pipe.hincrby(metrics.REASONS_KEY, "freight_over_limit", freight_review)
+                pipe.hincrby(keys.REASONS_KEY, "freight_over_limit", freight_review)
             if gift_oos:
-                pipe.hincrby(metrics.REASONS_KEY, "gift_out_of_stock", len(gift_oos))
+                pipe.hincrby(keys.REASONS_KEY, "gift_out_of_stock", len(gift_oos))
+            # the ship_lag alert's view: an executed order waits for its shipment (orderq/lifecycle.py)
+            now_ms = int(time.time() * 1000)
+            for p, rows in by_part.items():
+                waiting = {row[1]: now_ms for row in rows if row[2] == Executed.EXECUTED}
+                if waiting:
+                    pipe.zadd(lifecycle.unshipped_key(p), waiting, nx=True)
 
         totals = {"executed": 0, "held": 0, "deferred": 0, "dropped": 0, "review": 0}
         replies = (await self.r.run(build))[: len(by_part)] if by_part else []
-        for rows, res in zip(by_part.values(), replies, strict=True):
+        owing: list[keys.Partition] = []  # partitions where cancelled orders now owe a ledger release
+        for p, rows, res in zip(by_part, by_part.values(), replies, strict=True):
+            if len(res) > 7 and int(res[7]):
+                owing.append(p)
             for name, v in zip(("executed", "held", "deferred", "dropped", "", "review"), res, strict=False):
                 if name:
                     totals[name] += int(v)
@@ -178,17 +193,18 @@ class ExecuteWorker(StreamWorker):
             self.router.executed(
                 row[1]
                 for n, row in enumerate(rows, 1)
-                if row[2] == "e" and n not in missing and (d := routes.get((row[0].stream, row[0].id))) and d.recorded
+                if row[2] == Executed.EXECUTED
+                and n not in missing
+                and (d := routes.get((row[0].stream, row[0].id)))
+                and d.recorded
             )
+        if owing:
+            await lifecycle.settle_quietly(self.r, owing)
+        await self._owed.maybe(self.r)  # what a stopped process left owed
         now = time.time()
-        lat: list[tuple[str, float]] = []
         for rows in by_part.values():
             for e, _key, outcome, _fid, _acts, _route, _more in rows:
-                if outcome == "e" and e.get(b"ta"):
-                    prio = LANES[e.lane - 1]
-                    seconds = now - int(e.get(b"ta")) / 1e6
-                    lat.append((prio, seconds))
-                    metrics.E2E_LATENCY.observe(seconds, prio)
-        self.latencies = lat
+                if outcome == Executed.EXECUTED and e.get(b"ta"):
+                    metrics.E2E_LATENCY.observe(now - int(e.get(b"ta")) / 1e6, LANES[e.lane - 1])
         result.counts = totals
         return result

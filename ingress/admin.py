@@ -1,51 +1,39 @@
-"""Operator endpoints of issue 4 (contract §4): stock, coupons, region holds, review.
+"""Operator endpoints (contract §4, §5): stock, warehouses, coupons, region holds, review,
+dead letters.
 
-Every route takes the admin token. Bodies are decoded straight into msgspec Structs;
-a body that fails gets the contract's error with msgspec's path in ``details``.
+Every route takes the admin token. Bodies are decoded straight into the Structs of
+:mod:`ingress.bodies` and answers are encoded from them; a body that fails gets the
+contract's error with msgspec's path in ``details``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
-from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingress import responses
-from ingress.routes import DECODE_ERRORS, Refusal, _reason, _require_json, _require_json_syntax, _retry_after
+from ingress import bodies, responses
+from ingress.http import DECODE_ERRORS
+from ingress.http import reason as _reason
+from ingress.http import require_json as _require_json
+from ingress.http import require_json_syntax as _require_json_syntax
+from ingress.responses import Refusal
+from ingress.responses import retry_after as _retry_after
 from orderq import deadletters, warehouses
 from orderq.client import UNAVAILABLE
-from orderq.schema import ErrorDetail, Sku, Text
+from orderq.ledger import coupons, holds, review, stock
+from orderq.schema import ErrorDetail
 from orderq.status import render
-from orderq.warehouses import WarehouseId
-from validate import coupons, holds, review, stock
 
 log = structlog.get_logger("orderq.admin")
 
 T = TypeVar("T")
-
-
-class StockItem(msgspec.Struct, forbid_unknown_fields=True):
-    sku: Sku
-    physical: Annotated[int, Meta(ge=0, le=stock.MAX_PHYSICAL)]
-    warehouse: WarehouseId | None = None  # a count of one warehouse (issue 9); none: the total
-
-
-class StockBody(msgspec.Struct, forbid_unknown_fields=True):
-    items: Annotated[list[StockItem], Meta(min_length=1, max_length=10_000)]
-
-
-class DiscardBody(msgspec.Struct, forbid_unknown_fields=True):
-    reason: Annotated[str, Meta(min_length=1, max_length=500)]
-
-
-class HoldBody(msgspec.Struct, forbid_unknown_fields=True):
-    province: Text
-    reason: Annotated[str, Meta(max_length=500)] = ""
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _detail(exc: msgspec.ValidationError) -> ErrorDetail:
@@ -71,7 +59,7 @@ class Admin:
     def __init__(self, state: Any) -> None:
         self.s = state  # app.state: settings, redis, auth, control
 
-    async def _guard(self, request: Request, work: Any) -> Response:
+    async def _guard(self, request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
         """Admin token, then ``work()``; refusals and Redis errors become the contract's errors."""
         try:
             self.s.auth.admin_only(request)
@@ -84,7 +72,7 @@ class Admin:
     # --- stock --------------------------------------------------------------------
     async def put_stock(self, request: Request) -> Response:
         async def work() -> Response:
-            body = await _body(request, StockBody)
+            body = await _body(request, bodies.StockRequest)
             known = await warehouses.get_all(self.s.redis) if any(i.warehouse for i in body.items) else {}
             bad = [
                 ErrorDetail(path=f"items[{i}].warehouse", message=f"unknown warehouse {it.warehouse!r}")
@@ -98,7 +86,7 @@ class Admin:
             except stock.PerWarehouse as exc:
                 raise Refusal(422, "invalid_request", str(exc)) from None
             log.info("admin.stock_set", skus=len(items))
-            return responses.json({"items": items})
+            return responses.json(bodies.StockViews(items=bodies.convert(items, list[bodies.StockView])))
 
         return await self._guard(request, work)
 
@@ -108,14 +96,14 @@ class Admin:
             doc = await stock.get_stock(self.s.redis, sku)
             if doc is None:
                 return responses.error(404, "not_found", f"no stock record for SKU {sku!r}")
-            return responses.json(doc)
+            return responses.json(bodies.convert(doc, bodies.StockView))
 
         return await self._guard(request, work)
 
-    # --- warehouses (issue 9) -------------------------------------------------------
+    # --- warehouses ---------------------------------------------------------------------------
     async def put_warehouses(self, request: Request) -> Response:
         async def work() -> Response:
-            body = await _body(request, warehouses.WarehousesBody)
+            body = await _body(request, bodies.Warehouses)
             bad = [ErrorDetail(path=path, message=msg) for path, msg in warehouses.problems(body.warehouses)]
             if bad:
                 raise Refusal(422, "invalid_request", "the body fails the schema", bad)
@@ -131,21 +119,21 @@ class Admin:
                 ]
                 raise Refusal(409, "warehouse_in_use", str(exc), left) from None
             log.info("admin.warehouses_set", warehouses=[w.id for w in body.warehouses])
-            return responses.json({"warehouses": [msgspec.to_builtins(w) for w in body.warehouses]})
+            return responses.json(body)
 
         return await self._guard(request, work)
 
     async def get_warehouses(self, request: Request) -> Response:
         async def work() -> Response:
             whs = await warehouses.get_all(self.s.redis)
-            return responses.json({"warehouses": [msgspec.to_builtins(w) for w in whs.values()]})
+            return responses.json(bodies.Warehouses(warehouses=list(whs.values())))
 
         return await self._guard(request, work)
 
     # --- coupons ------------------------------------------------------------------
     async def put_coupons(self, request: Request) -> Response:
         async def work() -> Response:
-            body = await _body(request, coupons.CouponsBody)
+            body = await _body(request, bodies.CouponsRequest)
             known = self.s.settings.channels
             bad = [
                 ErrorDetail(path=f"coupons[{i}].platform", message=f"unknown channel {c.platform!r}")
@@ -156,17 +144,17 @@ class Admin:
                 raise Refusal(422, "invalid_request", "the body fails the schema", bad)
             n = await coupons.put_coupons(self.s.redis, body.coupons)
             log.info("admin.coupons_set", coupons=n)
-            return responses.json({"coupons": n})
+            return responses.json(bodies.CouponsWritten(coupons=n))
 
         return await self._guard(request, work)
 
     # --- region holds -------------------------------------------------------------
     async def post_hold(self, request: Request) -> Response:
         async def work() -> Response:
-            body = await _body(request, HoldBody)
+            body = await _body(request, bodies.HoldRequest)
             doc = await holds.set_hold(self.s.redis, body.province, body.reason)
             log.info("admin.hold_set", province=body.province, reason=body.reason)
-            return responses.json(doc, 201)
+            return responses.json(bodies.convert(doc, bodies.Hold), 201)
 
         return await self._guard(request, work)
 
@@ -177,13 +165,15 @@ class Admin:
             log.info("admin.hold_lifted", province=province, existed=existed, released=moved)
             if not existed:
                 return responses.error(404, "not_found", f"no hold on {province!r}")
-            return responses.json({"province": province, "released": moved})
+            return responses.json(bodies.HoldLifted(province=province, released=moved))
 
         return await self._guard(request, work)
 
     async def get_holds(self, request: Request) -> Response:
         async def work() -> Response:
-            return responses.json({"holds": await holds.list_holds(self.s.redis)})
+            return responses.json(
+                bodies.Holds(holds=bodies.convert(await holds.list_holds(self.s.redis), list[bodies.Hold]))
+            )
 
         return await self._guard(request, work)
 
@@ -198,7 +188,8 @@ class Admin:
                     "bad limit",
                     [ErrorDetail(path="limit", message=f"an integer from 1 to {review.MAX_LIST}")],
                 )
-            return responses.json({"items": await review.list_review(self.s.redis, int(raw))})
+            items = await review.list_review(self.s.redis, int(raw))
+            return responses.json(bodies.ReviewList(items=bodies.convert(items, list[bodies.ReviewItem])))
 
         return await self._guard(request, work)
 
@@ -221,7 +212,7 @@ class Admin:
             log.info("review.decided", order_key=key, decision=decision, now=done)
             r = self.s.redis
             h = await r.client.hgetall(r.partition_of(key).status(key))
-            return responses.json(render(key, h))
+            return responses.json(bodies.convert(render(key, h), bodies.StatusRecord))
 
         return await self._guard(request, work)
 
@@ -240,7 +231,8 @@ class Admin:
             if bad:
                 raise Refusal(422, "invalid_request", "bad query parameters", bad)
             items, nxt = await deadletters.list_dead(self.s.redis, stage, int(limit), after)
-            return responses.json({"items": [d.doc() for d in items], "next": nxt})
+            page = bodies.convert([d.doc() for d in items], list[bodies.DeadLetterItem])
+            return responses.json(bodies.DeadLetterList(items=page, next=nxt))
 
         return await self._guard(request, work)
 
@@ -248,9 +240,9 @@ class Admin:
         return await self._resolve_dead_letter(request, None)
 
     async def discard_dead_letter(self, request: Request) -> Response:
-        return await self._resolve_dead_letter(request, DiscardBody)
+        return await self._resolve_dead_letter(request, bodies.DiscardRequest)
 
-    async def _resolve_dead_letter(self, request: Request, body_type: type[DiscardBody] | None) -> Response:
+    async def _resolve_dead_letter(self, request: Request, body_type: type[bodies.DiscardRequest] | None) -> Response:
         async def work() -> Response:
             dl_id = request.path_params["id"]
             reason = (await _body(request, body_type)).reason if body_type is not None else None
@@ -264,9 +256,19 @@ class Admin:
             except deadletters.NotReplayable as exc:
                 return responses.error(409, "not_replayable", str(exc))
             log.info(f"admin.dead_letter_{doc['resolution']}", **doc, reason=reason)
-            return responses.json(doc)
+            return responses.json(bodies.convert(doc, bodies.DeadLetterResolved))
 
         return await self._guard(request, work)
+
+
+def by_method(path: str, endpoints: dict[str, Endpoint]) -> Route:
+    """One route for several methods of ``path``: a 405 then lists all of them in ``Allow``
+    (two routes of one path would each list only their own)."""
+
+    async def endpoint(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return Route(path, endpoint, methods=list(endpoints))
 
 
 def routes(state: Any) -> list[Route]:
@@ -274,11 +276,9 @@ def routes(state: Any) -> list[Route]:
     return [
         Route("/v1/admin/stock", a.put_stock, methods=["PUT"]),
         Route("/v1/admin/stock/{sku:path}", a.get_stock, methods=["GET"]),
-        Route("/v1/admin/warehouses", a.put_warehouses, methods=["PUT"]),
-        Route("/v1/admin/warehouses", a.get_warehouses, methods=["GET"]),
+        by_method("/v1/admin/warehouses", {"GET": a.get_warehouses, "PUT": a.put_warehouses}),
         Route("/v1/admin/coupons", a.put_coupons, methods=["PUT"]),
-        Route("/v1/admin/holds", a.post_hold, methods=["POST"]),
-        Route("/v1/admin/holds", a.get_holds, methods=["GET"]),
+        by_method("/v1/admin/holds", {"GET": a.get_holds, "POST": a.post_hold}),
         Route("/v1/admin/holds/{province}", a.delete_hold, methods=["DELETE"]),
         Route("/v1/admin/dead-letters", a.get_dead_letters, methods=["GET"]),
         Route("/v1/admin/dead-letters/{id}/replay", a.replay_dead_letter, methods=["POST"]),

@@ -124,8 +124,8 @@ def tiers_of_batch(body: bytes) -> tuple[int, int]:
     return vip, len(orders) - vip
 
 
-Cohort = list  # [start of a tick, orders admitted during it still in flight]
-Ticket = tuple  # (its cohort, taken on the VIP room): what an admitted order gives back
+Cohort = list[float]  # [start of a tick, orders admitted during it still in flight]
+Ticket = tuple[Cohort, bool]  # (its cohort, taken on the VIP room): what an admitted order gives back
 
 
 class Admission:

@@ -2,80 +2,56 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
-from collections.abc import AsyncIterator
-from types import SimpleNamespace
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.routing import Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingress import admin, dashboard, openapi, responses
-from ingress.admission import Admission
+from ingress import admin, connectors, dashboard, openapi, responses
 from ingress.channels import ChannelHandlers, load_mappings
-from ingress.committer import Committer
+from ingress.http import REFUSALS, answer_refusal, exception_handlers, needs_redis
+from ingress.lifecycle import LifecycleHandlers
 from ingress.limits import BodyLimit
-from ingress.ratelimit import Limiter
-from ingress.routes import Auth, Handlers
+from ingress.orders import Orders
+from ingress.routes import Handlers
 from ingress.shopify import ShopifyHandler
-from orderq import client as oq_client
-from orderq import metrics
-from orderq.control import Control
+from ingress.state import IngressState
 from orderq.settings import Settings
-from orderq.stats import RateMeter
 
 log = structlog.get_logger("orderq.ingress")
 
 
-def build_app(settings: Settings) -> Any:
-    state = SimpleNamespace(settings=settings, auth=Auth(settings), meter=RateMeter())
-    state.admission = Admission(settings.ack_target_ms)  # overload control (contract §6), started below
-    h = Handlers(state)
-    mappings = load_mappings(settings)  # compiled once; a broken file stops start-up (ConfigError)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.redis = await oq_client.connect(settings)
-        state.control = await Control(state.redis, "ingress").start()
-        state.committer = Committer(state.redis)
-        state.limiter = Limiter(state.redis)
-        state.admission.start()
-        flusher = metrics.start_flusher(state.redis)
-        if not settings.auth:
-            log.warning("ingress.auth_off", message="ORDERQ_AUTH=off: every request is accepted without a token")
-        log.info("ingress.started", redis=_safe_url(state.redis.url), durability=settings.durability)
-        try:
-            yield
-        finally:
-            await state.committer.close()
-            state.admission.stop()
-            await metrics.stop_flusher(flusher, state.redis)
-            await state.control.stop()
-            await state.redis.close()
-
-    routes = [
+def build_app(settings: Settings) -> ASGIApp:
+    # Mappings compiled once; a broken file stops start-up (ConfigError).
+    state = IngressState(settings, load_mappings(settings))
+    orders = Orders(state)
+    h = Handlers(state, orders)
+    routes: list[BaseRoute] = [
         Route("/v1/orders", h.post_order, methods=["POST"]),
         Route("/v1/orders/batch", h.post_batch, methods=["POST"]),
-        Route("/v1/orders/{channel}/{order_id}", h.get_order, methods=["GET"]),
-        Route("/v1/stats", h.get_stats, methods=["GET"]),
+        Route("/v1/orders/{channel}/{order_id}", needs_redis(h.get_order), methods=["GET"]),
+        Route("/v1/stats", needs_redis(h.get_stats), methods=["GET"]),
         Route("/v1/admin/pause", h.pause, methods=["POST"]),
         Route("/v1/admin/resume", h.resume, methods=["POST"]),
-        Route("/metrics", h.metrics, methods=["GET"]),
+        Route("/metrics", needs_redis(h.metrics), methods=["GET"]),
         Route("/healthz", h.healthz, methods=["GET"]),
         Route("/readyz", h.readyz, methods=["GET"]),
         *admin.routes(state),
+        *connectors.routes(state),
         *dashboard.routes(state),
-        *ChannelHandlers(h, mappings).routes(),
-        *ShopifyHandler(h, mappings.get("shopify")).routes(),
+        *ChannelHandlers(state, orders).routes(),
+        *ShopifyHandler(state, orders).routes(),
+        *LifecycleHandlers(state).routes(),
     ]
     routes.append(openapi.route(routes, settings))
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.orderq = state
-    fast = FastPaths(app, {"/v1/orders": h.post_order, "/v1/orders/batch": h.post_batch})
+    app = Starlette(routes=routes, lifespan=state.lifespan, exception_handlers=exception_handlers(state.count))
+    fast = FastPaths(app, {"/v1/orders": h.post_order, "/v1/orders/batch": h.post_batch}, state.count)
     return BodyLimit(fast, settings.max_body_bytes, settings.batch_body_bytes, settings.read_deadline_s)
 
 
@@ -84,29 +60,29 @@ class FastPaths:
     router and Starlette's middleware stack (same handlers, same responses); everything
     else goes to the Starlette app."""
 
-    def __init__(self, app: Any, routes: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: dict[str, Callable[[Request], Awaitable[Response]]],
+        count: Callable[[str], Awaitable[None]],
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.count = count
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" else None
         if handler is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         try:
             response = await handler(Request(scope, receive))
+        except REFUSALS as exc:
+            response = await answer_refusal(exc, self.count)
         except Exception:
             log.exception("ingress.unhandled", path=scope["path"])
-            response = responses.error(500, "internal", "unexpected error; the order may not be queued")
+            response = responses.internal()
         await response(scope, receive, send)
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def bind(host: str, port: int) -> socket.socket:

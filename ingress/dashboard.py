@@ -1,8 +1,10 @@
 """``GET /dashboard``: the operators' live page (contract §4), and its data endpoint.
 
-One self-contained page: inline HTML, CSS and JavaScript, charts drawn as SVG by the
-page itself, nothing fetched from the internet, no build step. It polls
-``/dashboard/data`` once a second.
+One page of static files (``ingress/static/``: ``dashboard.html``, ``.css``, ``.js``),
+charts drawn as SVG by the page itself, nothing fetched from the internet, no build
+step. It polls ``/dashboard/data`` once a second. The stylesheet and the script are
+open (``/static/dashboard.css``, ``.js``: no secret in them); the page and its data
+take the admin token.
 
 Cheap at any load and any number of viewers: the data document is computed at most
 once per ``CACHE_S`` per ingress process, and concurrent viewers await the same
@@ -19,37 +21,53 @@ token: it opens the dashboard and nothing else.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ingress import responses
-from ingress.routes import Refusal, _bearer, _retry_after
-from orderq import deadletters, history, keys, stats
+from ingress.http import bearer as _bearer
+from ingress.responses import Refusal
+from ingress.responses import retry_after as _retry_after
+from orderq import connectors, deadletters, history, keys, metrics, stats
 from orderq.client import UNAVAILABLE
-from orderq.control import HOLDS_KEY
-from orderq.metrics import REASONS_KEY
+from orderq.keys import HOLDS_KEY, REASONS_KEY
 
 CACHE_S = 0.5  # one computation per half second per process, however many pages poll
 HEAD_READ = 10  # newest samples read per refresh; more new ones than this means a gap: read all
 COOKIE = "orderq_dashboard"
 COOKIE_MAX_AGE_S = 12 * 3600  # one shift; then the token is asked for again
 NO_STORE = {"Cache-Control": "no-store"}
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE = (STATIC / "dashboard.html").read_text(encoding="utf-8")
+DENIED = (STATIC / "denied.html").read_text(encoding="utf-8")  # {status} and {message} filled in
+# Only this page's own script and style run: nothing else, from anywhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+ASSETS = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}  # served at /static/<name>
+ASSET_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}  # revalidated: a new version shows
 
 
 class Dashboard:
     def __init__(self, state: Any) -> None:
         self.s = state  # app.state: settings, redis, auth
         self.meter = stats.RateMeter()
-        self.history: deque[dict[str, Any]] = deque(maxlen=keys.HISTORY_LEN)
+        self.history: deque[history.Sample] = deque(maxlen=keys.HISTORY_LEN)
         self._doc: dict[str, Any] | None = None
         self._at = 0.0
         self._task: asyncio.Task[dict[str, Any]] | None = None
@@ -116,7 +134,7 @@ class Dashboard:
             return r.response()
         except UNAVAILABLE as exc:
             return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
-        samples: list[dict[str, Any]] = []
+        samples: list[history.Sample] = []
         for s in reversed(self.history):
             if since is not None and s["ts"] <= since:
                 break
@@ -176,6 +194,8 @@ class Dashboard:
                 "shed_depth": settings.shed_depth,
                 "shed_vip_depth": settings.shed_vip_depth,
             },
+            "connectors": await connectors.read_all(r.client),
+            "lifecycle": metrics.lifecycle_counts(await stats.totals(r)),  # cancels, shipments, returns
             "computed_at": time.time(),
         }
 
@@ -196,7 +216,7 @@ class Dashboard:
             if samples[-1]["ts"] < last or samples[0]["ts"] > last:
                 return False  # the list went back (reset, another clock) or ran ahead of HEAD_READ
             new = [s for s in samples if s["ts"] > last]
-        prev = self.history[-1] if self.history else None
+        prev: history.Sample | None = self.history[-1] if self.history else None
         for s in new:
             self.history.append(history.with_rates(prev, s))
             prev = s
@@ -233,360 +253,19 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
+def _asset(name: str) -> Callable[[Request], Awaitable[Response]]:
+    path, media_type = STATIC / name, ASSETS[name]
+
+    async def asset(request: Request) -> Response:
+        return FileResponse(path, headers=ASSET_HEADERS, media_type=media_type)
+
+    return asset
+
+
 def routes(state: Any) -> list[Route]:
     d = Dashboard(state)
     return [
         Route("/dashboard", d.page, methods=["GET"]),
         Route("/dashboard/data", d.data, methods=["GET"]),
+        *(Route(f"/static/{name}", _asset(name), methods=["GET"]) for name in ASSETS),
     ]
-
-
-DENIED = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>orderq dashboard: {status}</title></head>
-<body><h1>orderq dashboard: {status}</h1>
-<p>{message}</p>
-<p>Open <code>/dashboard?token=&lt;ORDERQ_ADMIN_TOKEN&gt;</code> once: the page keeps a cookie
-(HttpOnly, SameSite=Strict) for this browser and takes the token out of the address.
-<code>orderq up</code> writes a generated admin token to <code>ORDERQ_DATA_DIR/tokens.env</code>.</p>
-</body></html>
-"""
-
-STYLE = """
-:root { --bg:#f4f5f7; --card:#fff; --ink:#1b1f24; --muted:#5f6b7a; --line:#e3e6ea;
-  --green:#1e8e3e; --amber:#e8a000; --red:#d93025; }
-* { box-sizing: border-box; }
-body { margin:0; font:14px/1.4 system-ui, -apple-system, "Segoe UI", "Noto Sans CJK SC", sans-serif;
-  background:var(--bg); color:var(--ink); }
-header { display:flex; align-items:center; gap:24px; padding:12px 20px; background:var(--card);
-  border-bottom:1px solid var(--line); flex-wrap:wrap; }
-h1 { font-size:18px; margin:0; }
-h2 { font-size:13px; margin:0 0 8px; color:var(--muted); font-weight:600; text-transform:uppercase;
-  letter-spacing:.04em; }
-.stage { min-width:130px; text-align:center; padding:6px 14px; border-radius:6px; color:#fff;
-  font-weight:700; letter-spacing:.06em; background:#888; }
-.stage[data-stage="normal"] { background:var(--green); }
-.stage[data-stage="degraded"] { background:var(--amber); color:#1b1f24; }
-.stage[data-stage="shedding"] { background:var(--red); }
-.kv { display:flex; flex-direction:column; }
-.label { font-size:11px; color:var(--muted); text-transform:uppercase; letter-spacing:.04em; }
-.big { font-size:26px; font-weight:700; font-variant-numeric:tabular-nums; }
-.muted { color:var(--muted); }
-.big.bad { color:var(--red); }
-h2.sub { margin-top:12px; }
-.conn.ok::before { content:"\\25CF  "; color:var(--green); }
-.conn.bad { color:var(--red); font-weight:600; }
-#alerts:empty { display:none; }
-#alerts { padding:8px 20px 0; }
-.alert { background:#fdecea; border-left:4px solid var(--red); padding:6px 10px; margin-bottom:6px; }
-main { display:grid; grid-template-columns:repeat(auto-fit, minmax(300px, 1fr)); gap:14px; padding:14px 20px; }
-.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:12px 14px; min-width:0; }
-.wide { grid-column:1 / -1; }
-.nums { display:grid; grid-template-columns:repeat(3, 1fr); gap:8px; }
-.nums .big { font-size:22px; }
-table { border-collapse:collapse; width:100%; font-variant-numeric:tabular-nums; }
-td { padding:3px 4px; border-bottom:1px solid var(--line); }
-td.n { text-align:right; font-weight:600; }
-td.err { max-width:220px; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; color:var(--red); }
-svg.chart { width:100%; height:240px; display:block; }
-svg.chart text { font-size:11px; fill:var(--muted); }
-svg.chart .grid { stroke:var(--line); }
-svg.chart .thr { stroke-dasharray:5 4; stroke-width:1.2; }
-.legend { display:flex; flex-wrap:wrap; gap:4px 16px; margin-top:6px; font-size:12px; }
-.sw { display:inline-block; width:12px; height:3px; vertical-align:middle; margin-right:5px; }
-.bar { height:14px; background:#8ab4f8; border-radius:2px; }
-.reason { display:grid; grid-template-columns:minmax(120px, 40%) 1fr auto; gap:8px; align-items:center;
-  margin:3px 0; font-size:12px; }
-.reason .name { overflow:hidden; text-overflow:ellipsis; white-space:nowrap; }
-.chip { display:inline-block; padding:1px 8px; margin:2px 4px 2px 0; border-radius:10px; background:#fce8b2; }
-ul { margin:0; padding-left:18px; }
-footer { padding:0 20px 16px; color:var(--muted); font-size:12px; }
-"""
-
-SCRIPT = """
-"use strict";
-const WINDOW_S = 600, POLL_MS = 1000, SHANGHAI_MS = 8 * 3600 * 1000;
-const DEPTH = [
-  ["backlog", "#1b1f24", 2.6, s => s.backlog],
-  ["intake", "#1a73e8", 1.4, s => s.depth.intake],
-  ["ready vip", "#9334e6", 1.4, s => s.depth.vip],
-  ["ready new", "#12b5cb", 1.4, s => s.depth.new],
-  ["ready regular", "#e37400", 1.4, s => s.depth.regular],
-  ["review", "#d01884", 1.4, s => s.depth.review],
-  ["deferred", "#80868b", 1.4, s => s.depth.deferred],
-];
-const RATES = [
-  ["accepted/s", "#1a73e8", 2, s => s.rates.accepted],
-  ["validated/s", "#e37400", 2, s => s.rates.validated],
-  ["executed/s", "#1e8e3e", 2, s => s.rates.executed],
-  ["rejected/s", "#d93025", 1.4, s => s.rates.rejected],
-];
-const SVGNS = "http://www.w3.org/2000/svg";
-let hist = [], lastTs = 0, busy = false;
-const $ = id => document.getElementById(id);
-
-// Asia/Shanghai has no daylight saving time: UTC+8 always, no time zone database needed.
-function shanghai(ts, date) {
-  const iso = new Date(ts * 1000 + SHANGHAI_MS).toISOString();
-  return date ? iso.slice(0, 10) + " " + iso.slice(11, 19) : iso.slice(11, 19);
-}
-function fmt(n) {
-  if (n === null || n === undefined) return "\\u2013";
-  if (Number.isInteger(n) || Math.abs(n) >= 100) return Math.round(n).toLocaleString("en-US");
-  return n.toFixed(1);
-}
-function short(n) {
-  if (n >= 1e6) return (n / 1e6).toFixed(n >= 1e7 ? 0 : 1) + "M";
-  if (n >= 1e4) return Math.round(n / 1e3) + "k";
-  if (n >= 1e3) return (n / 1e3).toFixed(1) + "k";
-  return String(Math.round(n * 10) / 10);
-}
-function niceMax(v) {
-  if (v <= 5) return 5;
-  const p = Math.pow(10, Math.floor(Math.log10(v))), m = v / p;
-  return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
-}
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
-function svgEl(tag, attrs) {
-  const e = document.createElementNS(SVGNS, tag);
-  for (const k in attrs) e.setAttribute(k, attrs[k]);
-  return e;
-}
-function setText(id, text) { const e = $(id); if (e.textContent !== text) e.textContent = text; }
-function setConn(text, cls) { const c = $("conn"); c.textContent = text; c.className = "conn " + cls; }
-
-function chart(svg, legend, series, samples, lines) {
-  const W = Math.max(svg.clientWidth || 800, 300), H = 240, L = 52, R = 10, T = 10, B = 24;
-  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
-  // The last ten minutes; a younger history is spread over at least one minute, not squeezed right.
-  const t1 = samples.length ? samples[samples.length - 1].ts : Date.now() / 1000;
-  const span = Math.min(WINDOW_S, Math.max(60, samples.length ? t1 - samples[0].ts : 0)), t0 = t1 - span;
-  let top = 0;
-  for (const [, , , f] of series) for (const s of samples) top = Math.max(top, f(s) || 0);
-  const shown = (lines || []).filter(l => l.value <= Math.max(top * 1.5, 10));
-  for (const l of shown) top = Math.max(top, l.value);
-  top = niceMax(top * 1.05);
-  const x = t => L + (t - t0) / span * (W - L - R), y = v => T + (1 - v / top) * (H - T - B);
-  svg.replaceChildren();
-  for (let i = 0; i <= 4; i++) {
-    const v = top * i / 4;
-    svg.append(svgEl("line", {class: "grid", x1: L, x2: W - R, y1: y(v), y2: y(v)}));
-    const t = svgEl("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"});
-    t.textContent = short(v);
-    svg.append(t);
-  }
-  const step = [10, 15, 30, 60, 120].find(s => span / s <= 6) || 120;
-  for (let t = Math.ceil(t0 / step) * step; x(t) <= W - R - 30; t += step) {
-    const lab = svgEl("text", {x: x(t), y: H - 6, "text-anchor": "middle"});
-    lab.textContent = step < 60 ? shanghai(t) : shanghai(t).slice(0, 5);
-    svg.append(lab);
-  }
-  shown.forEach((l, i) => {
-    svg.append(svgEl("line", {class: "thr", x1: L, x2: W - R, y1: y(l.value), y2: y(l.value), stroke: l.color}));
-    // Labels alternate between the right and the middle, so two close lines stay legible.
-    const t = svgEl("text", {x: i % 2 ? (L + W - R) / 2 : W - R - 4, y: y(l.value) - 4, "text-anchor": "end"});
-    t.textContent = l.label + " " + short(l.value);
-    svg.append(t);
-  });
-  legend.replaceChildren();
-  for (const [name, color, width, f] of series) {
-    const pts = samples.map(s => x(s.ts).toFixed(1) + "," + y(f(s) || 0).toFixed(1)).join(" ");
-    const last = samples.length ? f(samples[samples.length - 1]) || 0 : 0;
-    svg.append(svgEl("polyline", {points: pts, fill: "none", stroke: color, "stroke-width": width,
-      "stroke-linejoin": "round", "data-series": name, "data-last": last}));
-    const item = el("span");
-    const sw = el("span", "sw");
-    sw.style.background = color;
-    item.append(sw, name + " " + fmt(last));
-    legend.append(item);
-  }
-}
-
-function render(doc) {
-  const st = doc.stats, stageEl = $("stage");
-  if (stageEl.dataset.stage !== st.stage) {
-    stageEl.dataset.stage = st.stage;
-    stageEl.textContent = st.stage.toUpperCase();
-  }
-  setText("backlog", fmt(st.backlog));
-  setText("r-accepted", fmt(st.rates.accepted_per_s));
-  setText("r-validated", fmt(st.rates.validated_per_s));
-  setText("r-executed", fmt(st.rates.executed_per_s));
-  setText("c-review", fmt(st.depth.review));
-  setText("c-dead", fmt(doc.dead_letters.unresolved));
-  setText("c-held", fmt(st.held || 0));
-  setText("c-rejected", fmt(st.totals.rejected));
-  setText("c-executed", fmt(st.totals.executed));
-  setText("c-deferred", fmt(st.depth.deferred));
-  $("c-dead").classList.toggle("bad", doc.dead_letters.unresolved > 0);
-  setText("updated", "updated " + shanghai(doc.computed_at, true));
-
-  const d = st.depth, rows = [["intake", d.intake], ["ready vip", d.ready.vip], ["ready new", d.ready.new],
-    ["ready regular", d.ready.regular], ["review", d.review], ["deferred syncs", d.deferred], ["held", st.held || 0]];
-  const tb = $("depth");
-  tb.replaceChildren();
-  for (const [k, v] of rows) {
-    const tr = el("tr");
-    tr.append(el("td", "", k), el("td", "n", fmt(v)));
-    tb.append(tr);
-  }
-
-  const th = doc.thresholds;
-  chart($("chart-depth"), $("legend-depth"), DEPTH, hist, [
-    {value: th.open_depth, label: "degraded at", color: "#e8a000"},
-    {value: th.shed_depth, label: "shedding at", color: "#d93025"},
-  ]);
-  chart($("chart-rates"), $("legend-rates"), RATES, hist.slice(1), []);
-
-  const rs = $("reasons"), entries = Object.entries(doc.reasons).slice(0, 12);
-  rs.replaceChildren();
-  if (!entries.length) rs.append(el("div", "muted", "none yet"));
-  const max = entries.length ? entries[0][1] : 1;
-  for (const [name, n] of entries) {
-    const row = el("div", "reason"), bar = el("div", "bar");
-    bar.style.width = Math.max(2, 100 * n / max) + "%";
-    const wrap = el("div");
-    wrap.append(bar);
-    row.append(el("span", "name", name), wrap, el("span", "n", fmt(n)));
-    row.title = name;
-    rs.append(row);
-  }
-
-  const al = $("alerts");
-  al.replaceChildren();
-  for (const a of doc.alerts) {
-    const since = a.since ? shanghai(Date.parse(a.since) / 1000) + " " : "";
-    al.append(el("div", "alert", since + a.kind + ": " + (a.text || a.alert)));
-  }
-
-  const dl = doc.dead_letters, dt = $("dead");
-  setText("dead-count", fmt(dl.unresolved) + " unresolved \u00b7 " + fmt(st.totals.dead_letters) + " ever");
-  dt.replaceChildren();
-  for (const d of dl.oldest) {
-    const tr = el("tr"), err = el("td", "err", d.error);
-    err.title = d.error;
-    tr.append(el("td", "", shanghai(Date.parse(d.since) / 1000, true)), el("td", "", d.stage),
-              el("td", "", d.order_key + (d.action ? " " + d.action : "")), err);
-    tr.title = d.id;
-    dt.append(tr);
-  }
-
-  const hl = $("holds");
-  hl.replaceChildren();
-  if (!doc.holds.length) hl.append(el("li", "muted", "none"));
-  for (const h of doc.holds) {
-    const since = h.since ? " (since " + shanghai(Date.parse(h.since) / 1000, true) + ")" : "";
-    hl.append(el("li", "", h.province + (h.reason ? " \\u2013 " + h.reason : "") + since));
-  }
-
-  const ws = $("workers"), count = {};
-  ws.replaceChildren();
-  for (const w of st.workers) (count[w.stage] = count[w.stage] || []).push(w.host + ":" + w.pid);
-  if (!st.workers.length) {
-    const tr = el("tr");
-    tr.append(el("td", "muted", "no live workers"));
-    ws.append(tr);
-  }
-  for (const [stage, list] of Object.entries(count)) {
-    const tr = el("tr");
-    tr.append(el("td", "", stage), el("td", "n", String(list.length)), el("td", "muted", list.join(", ")));
-    ws.append(tr);
-  }
-  const pz = $("paused");
-  pz.replaceChildren();
-  if (!st.paused.length) pz.append(el("span", "muted", "none"));
-  for (const p of st.paused) pz.append(el("span", "chip", p));
-}
-
-async function poll() {
-  if (busy) return;
-  busy = true;
-  try {
-    const r = await fetch(lastTs ? "/dashboard/data?since=" + lastTs : "/dashboard/data",
-                          {cache: "no-store", credentials: "same-origin"});
-    if (r.status === 401 || r.status === 403) {
-      setConn("signed out: open /dashboard?token=\\u2026 again", "bad");
-      return;
-    }
-    if (!r.ok) { setConn("server answered " + r.status, "bad"); return; }
-    const doc = await r.json();
-    // History gone or moved back (keyspace reset, another clock): start over. A second
-    // ingress process a sample behind this page is not that: it just brings nothing new.
-    if (doc.history_newest === null || doc.history_newest < lastTs - 10) { hist = []; lastTs = 0; }
-    for (const s of doc.history) if (s.ts > lastTs) hist.push(s);
-    if (hist.length) lastTs = hist[hist.length - 1].ts;
-    while (hist.length && hist[0].ts < lastTs - WINDOW_S) hist.shift();
-    render(doc);
-    setConn("live", "ok");
-  } catch (e) {
-    setConn("no answer from the server (" + e.message + ")", "bad");
-  } finally {
-    busy = false;
-  }
-}
-setInterval(poll, POLL_MS);
-poll();
-"""
-
-BODY = """
-<header>
-  <h1>orderq</h1>
-  <div id="stage" class="stage" data-stage="">&ndash;</div>
-  <div class="kv"><span class="label">backlog</span><span id="backlog" class="big">&ndash;</span></div>
-  <div class="kv"><span class="label">accepted /s</span><span id="r-accepted" class="big">&ndash;</span></div>
-  <div class="kv"><span class="label">validated /s</span><span id="r-validated" class="big">&ndash;</span></div>
-  <div class="kv"><span class="label">executed /s</span><span id="r-executed" class="big">&ndash;</span></div>
-  <div class="kv"><span class="label">review queue</span><span id="c-review" class="big">&ndash;</span></div>
-  <div class="kv"><span class="label">dead letters</span><span id="c-dead" class="big">&ndash;</span></div>
-  <div class="kv"><span id="updated" class="muted"></span><span id="conn" class="conn">connecting&hellip;</span></div>
-</header>
-<section id="alerts"></section>
-<main>
-  <div class="card wide"><h2>Backlog and depth per stage &middot; last 10 minutes</h2>
-    <svg id="chart-depth" class="chart" role="img" aria-label="backlog and depth per stage"></svg>
-    <div id="legend-depth" class="legend"></div></div>
-  <div class="card wide"><h2>Orders per second</h2>
-    <svg id="chart-rates" class="chart" role="img" aria-label="orders per second"></svg>
-    <div id="legend-rates" class="legend"></div></div>
-  <div class="card"><h2>Depth now</h2><table><tbody id="depth"></tbody></table></div>
-  <div class="card"><h2>Totals</h2><table><tbody>
-    <tr><td>executed</td><td id="c-executed" class="n"></td></tr>
-    <tr><td>rejected</td><td id="c-rejected" class="n"></td></tr>
-    <tr><td>held (region holds)</td><td id="c-held" class="n"></td></tr>
-    <tr><td>deferred syncs waiting</td><td id="c-deferred" class="n"></td></tr>
-  </tbody></table></div>
-  <div class="card"><h2>Rejection and review reasons</h2><div id="reasons"></div></div>
-  <div class="card"><h2>Dead letters</h2><div id="dead-count" class="muted"></div>
-    <table><tbody id="dead"></tbody></table>
-    <div class="muted">oldest first; <code>orderq dead-letters list|replay|discard</code></div></div>
-  <div class="card"><h2>Region holds</h2><ul id="holds"></ul></div>
-  <div class="card"><h2>Workers</h2><table><tbody id="workers"></tbody></table>
-    <h2 class="sub">Paused stages</h2><div id="paused"></div></div>
-</main>
-<footer>Times are Asia/Shanghai (UTC+8). The page asks for new data every second; the
-server computes it at most twice a second for every viewer together.</footer>
-"""
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
-PAGE = (
-    '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-    '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
-    f"<title>orderq dashboard</title><style>{STYLE}</style></head><body>{BODY}<script>{SCRIPT}</script></body></html>"
-)
-# Only this page's own script and style run: nothing else, from anywhere.
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {_csp_hash(SCRIPT)}; style-src {_csp_hash(STYLE)}; "
-        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}

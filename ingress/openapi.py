@@ -1,542 +1,236 @@
-"""``GET /openapi.json``: the HTTP API (contract §4) as OpenAPI 3.1, generated.
+"""``GET /openapi.json``: the HTTP API (contract §4, §5, §7) as OpenAPI 3.1, generated.
 
-Schemas come from msgspec types (``msgspec.json.schema_components``): the ``Order``
-the ingress decodes with, and the small Structs below that describe the response
-bodies. The handlers do not use these Structs; the tests decode live answers with
-them, so the document cannot drift from what the service says. Paths are the routes
-the app really has: a route added later appears here, described generically until
-it gets an entry in ``OPERATIONS``.
+Schemas are the Structs the handlers decode and answer with (:mod:`ingress.bodies`,
+``Order`` from :mod:`orderq.schema`), through ``msgspec.json.schema_components``. Paths
+are the routes the app really has; ``OPERATIONS`` says, per route, who may call it and
+every status it can answer, and ``_constrain`` adds what depends on the settings (the
+channel set, ``ORDERQ_BATCH_MAX``, the partitions) or what a Struct cannot say (``lat``
+and ``lng`` together). ``tests/test_openapi_fuzz.py`` holds the service to this document
+with a schema-driven fuzzer.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import re
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from orderq.schema import ErrorDetail, Money, Order, Sku, Text
+from ingress import bodies as b
+from orderq import deadletters, geo, keys, schema
+from orderq.ledger import review
+from orderq.schema import Order
 from orderq.settings import Settings
-from orderq.warehouses import WarehousesBody
 
-Stage = Literal["normal", "degraded", "shedding"]
-Priority = Literal["vip", "new", "regular"]
-Status = Literal["accepted", "validated", "review", "held", "executed", "rejected"]
-
-
-# --- bodies -----------------------------------------------------------------------------
-class ErrorInfo(Struct):
-    code: str
-    message: str
-    details: list[ErrorDetail]
-
-
-class ErrorBody(Struct):
-    """Every error the API answers (contract §4)."""
-
-    error: ErrorInfo
-
-
-class Accepted(Struct):
-    """``POST /v1/orders``: 202 queued, or 200 ``duplicate: true`` for a known key."""
-
-    order_key: str
-    status: Literal["accepted"]
-    duplicate: bool
-    stage: Stage
-
-
-class BatchRequest(Struct):
-    """``POST /v1/orders/batch``. Each order is checked on its own: one bad order sinks only itself."""
-
-    orders: Annotated[list[Order], Meta(min_length=1, max_length=1000)]
-
-
-class BatchResult(Struct):
-    order_key: str | None
-    status: Literal["accepted", "duplicate", "invalid", "shed"]
-    error: ErrorInfo | None
-
-
-class BatchResponse(Struct):
-    """Results in request order, and the count of each outcome."""
-
-    results: list[BatchResult]
-    accepted: int
-    duplicates: int
-    invalid: int
-    shed: int
-
-
-class Times(Struct, omit_defaults=True):
-    """UTC, microseconds: ``2026-11-10T16:00:01.000000Z``."""
-
-    accepted: str | UnsetType = UNSET
-    validated: str | UnsetType = UNSET
-    review: str | UnsetType = UNSET
-    held: str | UnsetType = UNSET
-    executed: str | UnsetType = UNSET
-    rejected: str | UnsetType = UNSET
-
-
-class ActionState(Struct, omit_defaults=True):
-    name: Literal["wms.pick", "notify.sms", "invoice.request", "crm.remark_sync", "crm.gift_sync"]
-    state: Literal["done", "deferred", "dropped", "failed"]
-    warehouse: str | UnsetType = UNSET  # a routed order's pick: one per warehouse
-
-
-class SkuQty(Struct):
-    sku: str
-    qty: int
-
-
-class Parcel(Struct, omit_defaults=True):
-    """What one warehouse ships of a routed order (issue 9), and which rules decided it."""
-
-    warehouse: str
-    carrier: str | None
-    rule: str  # the rule that chose the warehouse (split: the order needed several)
-    lines: list[SkuQty]
-    carrier_rule: str | UnsetType = UNSET  # the rule that chose the carrier
-    distance_km: float | UnsetType | None = UNSET  # null: the address could not be located
-    freight: Money | UnsetType = UNSET  # the estimate
-    gifts: list[SkuQty] | UnsetType = UNSET
-
-
-class StatusRecord(Struct, omit_defaults=True):
-    """An order's status record (contract §5)."""
-
-    order_key: str
-    status: Status
-    priority: Priority | None
-    reasons: list[str]
-    risk_score: int
-    times: Times
-    actions: list[ActionState]
-    fulfilment_id: str | UnsetType = UNSET
-    route: Parcel | list[Parcel] | UnsetType = UNSET  # a list when the order was split
-    error: str | UnsetType = UNSET  # rejected as `unprocessable`: what broke on it
-
-
-class ReadyDepth(Struct):
-    vip: int
-    new: int
-    regular: int
-
-
-class Depth(Struct):
-    intake: int
-    ready: ReadyDepth
-    review: int
-    deferred: int
-
-
-class Rates(Struct):
-    accepted_per_s: float
-    validated_per_s: float
-    executed_per_s: float
-
-
-class Totals(Struct):
-    accepted: int
-    duplicates: int
-    invalid: int
-    shed: int
-    validated: int
-    rejected: int
-    review: int
-    held: int
-    executed: int
-    dead_letters: int
-
-
-class SyncCounts(Struct):
-    deferred: int
-    dropped: int
-    replayed: int
-
-
-class Worker(Struct):
-    stage: str
-    pid: int
-    host: str
-
-
-class Stats(Struct):
-    """``GET /v1/stats`` and ``orderq status --json``."""
-
-    stage: Stage
-    backlog: int
-    depth: Depth
-    rates: Rates
-    totals: Totals
-    executed_by_priority: ReadyDepth
-    syncs: SyncCounts
-    held: int
-    holds: list[str]
-    workers: list[Worker]
-    paused: list[Literal["validate", "execute"]]
-
-
-class PauseRequest(Struct):
-    stage: Literal["validate", "execute"]
-
-
-class PauseResponse(Struct):
-    stage: Literal["validate", "execute"]
-    paused: bool
-
-
-class Health(Struct):
-    status: Literal["ok"]
-
-
-class Ready(Struct):
-    status: Literal["ready"]
-    stage: Stage
-
-
-class StockItem(Struct, omit_defaults=True):
-    sku: Sku
-    physical: Annotated[int, Meta(ge=0)]
-    warehouse: str | None = None  # one warehouse's count; none: the SKU's total
-
-
-class WarehouseStock(Struct):
-    physical: int
-    allocated: int  # shipped from it since its last count
-
-
-class StockRequest(Struct):
-    items: Annotated[list[StockItem], Meta(min_length=1)]
-
-
-class StockView(Struct):
-    """sellable = floor(physical x ORDERQ_STOCK_BUFFER) - reserved."""
-
-    sku: str
-    physical: int
-    reserved: int
-    sellable: int
-    warehouses: dict[str, WarehouseStock] | UnsetType = UNSET  # counted per warehouse: physical is the sum
-
-
-class StockViews(Struct):
-    items: list[StockView]
-
-
-class CouponRecord(Struct):
-    code: Text
-    platform: str
-    amount: Money
-    expires_at: Annotated[dt.datetime, Meta(tz=True)] | None = None
-    single_use: bool = False
-
-
-class CouponsRequest(Struct):
-    coupons: Annotated[list[CouponRecord], Meta(min_length=1)]
-
-
-class CouponsResponse(Struct):
-    coupons: int
-
-
-class HoldRequest(Struct):
-    province: Text
-    reason: str = ""
-
-
-class Hold(Struct):
-    province: str
-    reason: str
-    since: str
-
-
-class Holds(Struct):
-    holds: list[Hold]
-
-
-class HoldLifted(Struct):
-    province: str
-    released: int
-
-
-class ReviewItem(Struct):
-    order_key: str
-    reasons: list[str]
-    risk_score: int
-    since: str
-
-
-class ReviewList(Struct):
-    """Orders waiting for a reviewer, oldest first."""
-
-    items: list[ReviewItem]
-
-
-class DeadLetterItem(Struct):
-    """An unresolved dead letter; ``id`` is opaque (it names where the entry is)."""
-
-    id: str
-    stage: Literal["validate", "execute", "dispatch"]
-    order_key: str
-    action: str | None  # dispatch: the action the downstream refused; else null
-    error: str  # the last error
-    deliveries: int
-    since: str  # when it was dead-lettered (UTC)
-
-
-class DeadLetterList(Struct):
-    """Oldest first; ``next`` is the ``after`` of the next page (null: no more)."""
-
-    items: list[DeadLetterItem]
-    next: str | None
-
-
-class DiscardRequest(Struct):
-    reason: Annotated[str, Meta(min_length=1, max_length=500)]
-
-
-class DeadLetterResolved(Struct):
-    """The dead letter as it was, how it was resolved, and its order's status now."""
-
-    id: str
-    stage: Literal["validate", "execute", "dispatch"]
-    order_key: str
-    action: str | None
-    error: str
-    deliveries: int
-    since: str
-    resolution: Literal["replayed", "discarded"]
-    status: str | None  # null: no status record
-
-
-class DeadLetterSummary(Struct):
-    unresolved: int
-    oldest: list[DeadLetterItem]
-
-
-class SampleDepth(Struct):
-    intake: int
-    vip: int
-    new: int
-    regular: int
-    review: int
-    deferred: int
-
-
-class SampleTotals(Struct):
-    accepted: int
-    validated: int
-    executed: int
-    rejected: int
-    review: int
-    dead_letters: int
-
-
-class SampleRates(Struct):
-    accepted: float
-    validated: float
-    executed: float
-    rejected: float
-
-
-class Sample(Struct):
-    """One second of history; ``rates`` are the totals' deltas since the sample before."""
-
-    ts: float
-    stage: Stage
-    backlog: int
-    depth: SampleDepth
-    totals: SampleTotals
-    rates: SampleRates
-
-
-class ActiveAlert(Struct):
-    """An alert that holds now; its details (e.g. ``sku``, ``lag_s``) follow as extra fields."""
-
-    alert: str
-    kind: Literal["order_surge", "execution_lag", "dead_letters", "sku_out_of_stock"]
-    since: str
-    text: str
-
-
-class Thresholds(Struct):
-    open_depth: int
-    close_depth: int
-    shed_depth: int
-    shed_vip_depth: int
-
-
-class DashboardData(Struct):
-    """``GET /dashboard/data``: the cached stats and the samples newer than ``since``."""
-
-    stats: Stats
-    reasons: dict[str, int]
-    alerts: list[ActiveAlert]
-    holds: list[Hold]
-    dead_letters: DeadLetterSummary
-    thresholds: Thresholds
-    computed_at: float
-    history: list[Sample]
-    history_newest: float | None
-
-
-# --- operations -------------------------------------------------------------------------
 JSON = "application/json"
+HTML = "text/html"
+AnyJson: dict[str, Any] = {}  # any JSON value: a channel's own payload, checked by its mapping file
 
 
 @dataclass(frozen=True)
 class Op:
     summary: str
-    auth: str | None  # key of SECURITY, None: open
-    ok: tuple[tuple[int, str, Any], ...]  # (status, description, Struct type or a media type string)
+    auth: str | None  # key of SECURITY; None: open
+    ok: tuple[tuple[int, str, Any], ...]  # (status, description, Struct type, media type or a schema)
     errors: tuple[int, ...] = ()
-    body: Any = None
+    body: Any = None  # a Struct type, or a schema (dict)
     query: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # (name, description, schema)
+    headers: tuple[tuple[str, str, dict[str, Any]], ...] = ()  # request headers, optional
+    path: dict[str, dict[str, Any]] = field(default_factory=dict)  # path parameter schemas
 
 
-ORDER_ERRORS = (400, 401, 403, 413, 415, 422, 429, 503)
-ADMIN_ERRORS = (401, 403, 503)
+# What any route that reads a body may answer besides its own errors: 400 not JSON, 408 body
+# not arrived within ORDERQ_READ_DEADLINE_S, 413 over the cap, 415 not a JSON content type.
+BODY = (400, 408, 413, 415)
+ORDER = (*BODY, 401, 403, 422, 429, 503)
+ADMIN = (401, 403, 503)
+LIMIT = {"type": "integer", "minimum": 1, "default": 100}
+QUEUED = ((202, "durably queued", b.Accepted), (200, "a replay of a known order key: nothing queued", b.Accepted))
+CHANNEL_PATH = "one of the configured channels (ORDERQ_CHANNELS); 404 when it has no mapping file"
 
 OPERATIONS: dict[tuple[str, str], Op] = {
-    ("POST", "/v1/orders"): Op(
-        "Submit one order",
-        "channel",
-        ((202, "durably queued", Accepted), (200, "a replay of a known order key: nothing queued", Accepted)),
-        ORDER_ERRORS,
-        Order,
-    ),
+    ("POST", "/v1/orders"): Op("Submit one order", "channel", QUEUED, ORDER, Order),
     ("POST", "/v1/orders/batch"): Op(
         "Submit up to ORDERQ_BATCH_MAX orders",
         "channel",
-        ((202, "each order's outcome, in request order", BatchResponse),),
-        ORDER_ERRORS,
-        BatchRequest,
+        ((202, "each order's outcome, in request order", b.BatchResponse),),
+        ORDER,
+        b.BatchRequest,
     ),
     ("GET", "/v1/orders/{channel}/{order_id}"): Op(
-        "An order's status record",
-        "channel_or_admin",
-        ((200, "the status record", StatusRecord),),
-        (401, 403, 404, 503),
+        "An order's status record", "channel_or_admin", ((200, "the status record", b.StatusRecord),), (*ADMIN, 404)
     ),
-    ("GET", "/v1/stats"): Op("Backlog, depth, rates, totals, workers", "admin", ((200, "stats", Stats),), ADMIN_ERRORS),
+    ("POST", "/v1/channels/{channel}/orders"): Op(
+        "Submit one order in the channel's own format (its mapping file says how it reads)",
+        "channel",
+        QUEUED,
+        (*ORDER, 404),
+        AnyJson,
+        path={"channel": {"description": CHANNEL_PATH}},
+    ),
+    ("POST", "/v1/channels/{channel}/orders/batch"): Op(
+        "Submit orders in the channel's own format; each is checked on its own",
+        "channel",
+        ((202, "each order's outcome, in request order", b.BatchResponse),),
+        (*ORDER, 404),
+        {
+            "type": "object",
+            "properties": {"orders": {"type": "array", "minItems": 1, "maxItems": 1000}},
+            "required": ["orders"],
+        },
+        path={"channel": {"description": CHANNEL_PATH}},
+    ),
+    ("POST", "/v1/webhooks/shopify"): Op(
+        "Shopify's orders/create webhook (queued like POST /v1/orders) or orders/cancelled (cancels), signed",
+        "shopify",
+        (
+            (202, "queued, or a cancel under way", (b.Accepted, b.Cancelled)),
+            (200, "a replay of a known order (nothing queued), or cancelled", (b.Accepted, b.Cancelled)),
+        ),
+        (*BODY, 401, 404, 409, 422, 429, 503),
+        AnyJson,
+        headers=(
+            ("X-Shopify-Topic", "another topic is refused (422)", {"enum": ["orders/create", "orders/cancelled"]}),
+            ("X-Shopify-Webhook-Id", "a redelivery of a known id is a duplicate", {"type": "string", "maxLength": 128}),
+        ),
+    ),
+    ("POST", "/v1/orders/{channel}/{order_id}/cancel"): Op(
+        "Cancel an order (once shipped: 409 too_late, a return is the way)",
+        "channel_or_admin",
+        ((200, "cancelled", b.Cancelled), (202, "intercepting, or waiting for the order", b.Cancelled)),
+        (*ADMIN, *BODY, 404, 409, 422),
+        b.CancelRequest,
+    ),
+    ("POST", "/v1/orders/{channel}/{order_id}/events"): Op(
+        "An order event from a downstream system (idempotent by source, status and tracking number)",
+        "source_or_admin",
+        ((202, "the order's public status after it", b.EventTaken),),
+        (*ADMIN, *BODY, 404, 422),
+        b.OrderEvent,
+    ),
+    ("GET", "/v1/stats"): Op("Backlog, depth, rates, totals, workers", "admin", ((200, "stats", b.Stats),), ADMIN),
     ("POST", "/v1/admin/pause"): Op(
         "Stop a stage taking new work",
         "admin",
-        ((200, "paused", PauseResponse),),
-        (*ADMIN_ERRORS, 415, 422),
-        PauseRequest,
+        ((200, "paused", b.PauseResponse),),
+        (*ADMIN, *BODY, 422),
+        b.PauseRequest,
     ),
     ("POST", "/v1/admin/resume"): Op(
         "Let a stage take work again",
         "admin",
-        ((200, "resumed", PauseResponse),),
-        (*ADMIN_ERRORS, 415, 422),
-        PauseRequest,
+        ((200, "resumed", b.PauseResponse),),
+        (*ADMIN, *BODY, 422),
+        b.PauseRequest,
     ),
     ("PUT", "/v1/admin/stock"): Op(
-        "Set physical stock", "admin", ((200, "stock now", StockViews),), (*ADMIN_ERRORS, 400, 415, 422), StockRequest
-    ),
-    ("GET", "/v1/admin/stock/{sku}"): Op(
-        "A SKU's stock", "admin", ((200, "stock now", StockView),), (*ADMIN_ERRORS, 404)
-    ),
-    ("PUT", "/v1/admin/warehouses"): Op(
-        "Set the warehouses (the whole set)",
+        "Set physical stock (a warehouse's count needs the warehouse to exist: else 422)",
         "admin",
-        ((200, "warehouses now", WarehousesBody),),
-        (*ADMIN_ERRORS, 400, 409, 415, 422),
-        WarehousesBody,
+        ((200, "stock now", b.StockViews),),
+        (*ADMIN, *BODY, 422),
+        b.StockRequest,
     ),
-    ("GET", "/v1/admin/warehouses"): Op(
-        "The warehouses", "admin", ((200, "warehouses", WarehousesBody),), ADMIN_ERRORS
+    ("GET", "/v1/admin/stock/{sku}"): Op("A SKU's stock", "admin", ((200, "stock now", b.StockView),), (*ADMIN, 404)),
+    ("PUT", "/v1/admin/warehouses"): Op(
+        "Set the warehouses (the whole set; ids unique)",
+        "admin",
+        ((200, "warehouses now", b.Warehouses),),
+        (*ADMIN, *BODY, 409, 422),
+        b.Warehouses,
     ),
+    ("GET", "/v1/admin/warehouses"): Op("The warehouses", "admin", ((200, "warehouses", b.Warehouses),), ADMIN),
     ("PUT", "/v1/admin/coupons"): Op(
         "Create or update coupons",
         "admin",
-        ((200, "coupons written", CouponsResponse),),
-        (*ADMIN_ERRORS, 400, 415, 422),
-        CouponsRequest,
+        ((200, "coupons written", b.CouponsWritten),),
+        (*ADMIN, *BODY, 422),
+        b.CouponsRequest,
     ),
     ("POST", "/v1/admin/holds"): Op(
-        "Hold shipping to a province", "admin", ((201, "the hold", Hold),), (*ADMIN_ERRORS, 400, 415, 422), HoldRequest
+        "Hold shipping to a province", "admin", ((201, "the hold", b.Hold),), (*ADMIN, *BODY, 422), b.HoldRequest
     ),
-    ("GET", "/v1/admin/holds"): Op("Region holds in force", "admin", ((200, "holds", Holds),), ADMIN_ERRORS),
+    ("GET", "/v1/admin/holds"): Op("Region holds in force", "admin", ((200, "holds", b.Holds),), ADMIN),
     ("DELETE", "/v1/admin/holds/{province}"): Op(
-        "Lift a region hold", "admin", ((200, "lifted; held orders sent on", HoldLifted),), (*ADMIN_ERRORS, 404)
+        "Lift a region hold", "admin", ((200, "lifted; held orders sent on", b.HoldLifted),), (*ADMIN, 404)
     ),
     ("GET", "/v1/review"): Op(
         "Orders waiting for manual review",
         "admin",
-        ((200, "oldest first", ReviewList),),
-        (*ADMIN_ERRORS, 422),
-        query=(("limit", "how many, oldest first", {"type": "integer", "minimum": 1, "default": 100}),),
+        ((200, "oldest first", b.ReviewList),),
+        (*ADMIN, 422),
+        query=(("limit", "how many, oldest first", {**LIMIT, "maximum": review.MAX_LIST}),),
     ),
     ("POST", "/v1/review/{channel}/{order_id}/approve"): Op(
         "Approve: send the order on to execution",
         "admin",
-        ((200, "the status record", StatusRecord),),
-        (*ADMIN_ERRORS, 404, 409),
+        ((200, "the status record", b.StatusRecord),),
+        (*ADMIN, 404, 409),
     ),
     ("POST", "/v1/review/{channel}/{order_id}/reject"): Op(
         "Reject: release the order's stock",
         "admin",
-        ((200, "the status record", StatusRecord),),
-        (*ADMIN_ERRORS, 404, 409),
+        ((200, "the status record", b.StatusRecord),),
+        (*ADMIN, 404, 409),
     ),
     ("GET", "/v1/admin/dead-letters"): Op(
         "Unresolved dead letters, oldest first",
         "admin",
-        ((200, "a page of dead letters", DeadLetterList),),
-        (*ADMIN_ERRORS, 422),
+        ((200, "a page of dead letters", b.DeadLetterList),),
+        (*ADMIN, 422),
         query=(
-            ("stage", "only this stage's", {"enum": ["validate", "execute", "dispatch"]}),
-            ("limit", "how many", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
-            ("after", "the next of the page before", {"type": "string"}),
+            ("stage", "only this stage's (empty: every stage)", {"type": "string", "enum": ["", *deadletters.STAGES]}),
+            ("limit", "how many", {**LIMIT, "maximum": deadletters.MAX_LIST}),
+            ("after", "the next of the page before", {"type": "string"}),  # pattern: _constrain
         ),
     ),
     ("POST", "/v1/admin/dead-letters/{id}/replay"): Op(
         "Put a dead letter back where it failed (once in effect)",
         "admin",
-        ((200, "replayed", DeadLetterResolved),),
-        (*ADMIN_ERRORS, 404, 409),
+        ((200, "replayed", b.DeadLetterResolved),),
+        (*ADMIN, 404, 409),
     ),
     ("POST", "/v1/admin/dead-letters/{id}/discard"): Op(
         "Resolve a dead letter for good: the order rejected (discarded, its holds released) or the action failed",
         "admin",
-        ((200, "discarded", DeadLetterResolved),),
-        (*ADMIN_ERRORS, 400, 404, 415, 422),
-        DiscardRequest,
+        ((200, "discarded", b.DeadLetterResolved),),
+        (*ADMIN, *BODY, 404, 409, 422),
+        b.DiscardRequest,
+    ),
+    ("GET", "/v1/admin/connectors"): Op(
+        "Each pull connector's cursor, lag, last error and counts",
+        "admin",
+        ((200, "the connectors", b.Connectors),),
+        ADMIN,
     ),
     ("GET", "/metrics"): Op("Prometheus metrics", None, ((200, "text exposition format", "text/plain"),), (503,)),
-    ("GET", "/healthz"): Op("Liveness", None, ((200, "alive", Health),)),
+    ("GET", "/healthz"): Op("Liveness", None, ((200, "alive", b.Health),)),
     ("GET", "/readyz"): Op(
         "Readiness: Redis reachable, and not refusing every order (VIP included)",
         None,
-        ((200, "ready", Ready),),
+        ((200, "ready", b.Ready),),
         (503,),
     ),
     ("GET", "/dashboard"): Op(
         "The operators' live page",
         "dashboard",
-        ((200, "the page", "text/html"), (303, "token accepted: cookie set, redirect to /dashboard", None)),
+        ((200, "the page", HTML), (303, "token accepted: cookie set, redirect to /dashboard", None)),
         (401, 403),
         query=(("token", "the admin token, once; kept as an HttpOnly cookie", {"type": "string"}),),
     ),
     ("GET", "/dashboard/data"): Op(
         "The dashboard's data",
         "dashboard",
-        ((200, "cached stats and history", DashboardData),),
+        ((200, "cached stats and history", b.DashboardData),),
         (401, 403, 422, 503),
         query=(("since", "only samples newer than this time (s since the epoch)", {"type": "number"}),),
     ),
-    ("GET", "/openapi.json"): Op("This document", None, ((200, "OpenAPI 3.1", JSON),)),
+    ("GET", "/openapi.json"): Op("This document", None, ((200, "OpenAPI 3.1", {"type": "object"}),)),
+    ("GET", "/static/dashboard.css"): Op("The dashboard's stylesheet", None, ((200, "CSS", "text/css"),)),
+    ("GET", "/static/dashboard.js"): Op("The dashboard's script", None, ((200, "JavaScript", "text/javascript"),)),
 }
 
 ERRORS = {
@@ -544,14 +238,17 @@ ERRORS = {
     401: "no token, or a wrong one",
     403: "a token that may not do this (another channel's, or not the admin token)",
     404: "unknown",
+    408: "the body did not arrive within ORDERQ_READ_DEADLINE_S",
     409: "not in a state that allows this",
     413: "body too large (ORDERQ_MAX_BODY_BYTES)",
     415: "Content-Type is not application/json",
     422: "fails the schema: every failing path in details",
     429: "over the channel's ORDERQ_CHANNEL_RATE; see Retry-After",
-    503: "shedding load or Redis unavailable; see Retry-After",
+    503: "shedding load, overloaded or Redis unavailable; see Retry-After",
 }
-RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+INTEGER = {"type": "integer"}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": INTEGER}}
+LOCATION = {"Location": {"description": "/dashboard", "schema": {"type": "string"}}}
 
 SECURITY_SCHEMES = {
     "channelToken": {"type": "http", "scheme": "bearer", "description": "the order's channel token"},
@@ -562,6 +259,13 @@ SECURITY_SCHEMES = {
         "name": "orderq_dashboard",
         "description": "set by /dashboard?token=<ORDERQ_ADMIN_TOKEN>",
     },
+    "sourceToken": {"type": "http", "scheme": "bearer", "description": "a source's ORDERQ_SOURCE_TOKENS token"},
+    "shopifyHmac": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Shopify-Hmac-Sha256",
+        "description": "base64 HMAC-SHA256 of the raw body under ORDERQ_SHOPIFY_SECRET",
+    },
 }
 SECURITY: dict[str | None, list[dict[str, list[str]]]] = {
     None: [],
@@ -569,39 +273,53 @@ SECURITY: dict[str | None, list[dict[str, list[str]]]] = {
     "admin": [{"adminToken": []}],
     "channel_or_admin": [{"channelToken": []}, {"adminToken": []}],
     "dashboard": [{"adminToken": []}, {"dashboardCookie": []}],
+    "shopify": [{"shopifyHmac": []}],
+    "source_or_admin": [{"sourceToken": []}, {"adminToken": []}],
 }
 _PARAM = re.compile(r"{(\w+)(?::\w+)?}")
 
 
-def _ref(t: Any) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{t.__name__}"}
+def _schema_of(t: Any) -> dict[str, Any]:
+    """A Struct type -> its ``$ref``; several (a tuple) -> any of them; a schema (dict) as it is."""
+    if isinstance(t, tuple):
+        return {"anyOf": [_schema_of(one) for one in t]}
+    return t if isinstance(t, dict) else {"$ref": f"#/components/schemas/{t.__name__}"}
 
 
 def _content(t: Any) -> dict[str, Any] | None:
     if t is None:
         return None
-    if isinstance(t, str):
-        return {t: {"schema": {"type": "string"}} if t != JSON else {}}
-    return {JSON: {"schema": _ref(t)}}
+    if isinstance(t, str):  # a media type of its own
+        return {t: {"schema": {"type": "string"}}}
+    return {JSON: {"schema": _schema_of(t)}}
+
+
+def _error(status: int, op: Op) -> dict[str, Any]:
+    content: dict[str, Any] = {JSON: {"schema": _schema_of(b.ErrorBody)}}
+    if op.auth == "dashboard" and status == 401:  # a browser (Accept: text/html) gets a page saying how
+        content[HTML] = {"schema": {"type": "string"}}
+    out: dict[str, Any] = {"description": ERRORS[status], "content": content}
+    if status in (429, 503):
+        out["headers"] = RETRY_AFTER
+    return out
 
 
 def _operation(method: str, path: str, route: Route, op: Op | None) -> dict[str, Any]:
     if op is None:  # a route with no entry yet: still listed, honestly generic
         admin = path.startswith(("/v1/admin", "/v1/review"))
         doc = (getattr(route.endpoint, "__doc__", None) or "").strip().split("\n")[0]
-        op = Op(
-            doc or f"{method} {path}", "admin" if admin else None, ((200, "OK", JSON),), ADMIN_ERRORS if admin else ()
-        )
+        op = Op(doc or f"{method} {path}", "admin" if admin else None, ((200, "OK", AnyJson),), ADMIN if admin else ())
     out: dict[str, Any] = {
         "summary": op.summary,
         "operationId": f"{method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}",
         "security": SECURITY[op.auth],
     }
     params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in _PARAM.findall(route.path)
+        {"name": n, "in": "path", "required": True, "schema": {"type": "string", **op.path.get(n, {})}}
+        for n in _PARAM.findall(route.path)
     ]
     params += [{"name": n, "in": "query", "required": False, "description": d, "schema": s} for n, d, s in op.query]
+    params += [{"name": n, "in": "header", "required": False, "description": d, "schema": s} for n, d, s in op.headers]
     if params:
         out["parameters"] = params
     if op.body is not None:
@@ -612,14 +330,61 @@ def _operation(method: str, path: str, route: Route, op: Op | None) -> dict[str,
         content = _content(t)
         if content:
             resp["content"] = content
+        if status == 303:
+            resp["headers"] = LOCATION
         responses[str(status)] = resp
     for status in op.errors:
-        resp = {"description": ERRORS[status], "content": {JSON: {"schema": _ref(ErrorBody)}}}
-        if status in (429, 503):
-            resp["headers"] = RETRY_AFTER
-        responses[str(status)] = resp
+        responses[str(status)] = _error(status, op)
     out["responses"] = responses
     return out
+
+
+def _dead_letter_id(partitions: int) -> str:
+    """The ids ``deadletters.parse_id`` takes: a stage letter, a partition index that exists
+    (up to 4 digits, leading zeros allowed), then a stream id; or empty (the first page)."""
+    index = "|".join(f"0{{0,{4 - len(str(i))}}}{i}" for i in range(partitions))
+    return f"^(?:[ved](?:{index})-[0-9]{{1,20}}-[0-9]{{1,20}})?$"
+
+
+def _money_at_most(cents: int) -> str:
+    """Money's pattern, bounded (``cents`` a power of ten yuan): what ``validation_details`` takes."""
+    top = str(cents // 100)
+    return f"^(?:(?:0|[1-9][0-9]{{0,{len(top) - 2}}})(?:\\.[0-9]{{1,2}})?|{top}(?:\\.0{{1,2}})?)$"
+
+
+def _constrain(schemas: dict[str, Any], paths: dict[str, Any], settings: Settings) -> None:
+    """What the handlers check beyond the Structs' own constraints."""
+    channels = {"type": "string", "enum": list(settings.channels)}
+    schemas["Order"]["properties"]["channel"] = channels  # the configured channel set
+    # the money bounds of one field (those across fields, e.g. the goods total, are the handler's)
+    schemas["Order"]["properties"]["paid_amount"]["pattern"] = _money_at_most(schema.ORDER_MAX_CENTS)
+    for name in ("unit_price", "paid_price"):
+        schemas["Line"]["properties"][name]["anyOf"][0]["pattern"] = _money_at_most(schema.PRICE_MAX_CENTS)
+    schemas["CouponRecord"]["properties"]["platform"] = channels
+    schemas["BatchRequest"]["properties"]["orders"]["maxItems"] = settings.batch_max
+    warehouse = schemas["Warehouse"]
+    warehouse["properties"]["id"]["not"] = {"const": keys.DEFAULT_WAREHOUSE}  # names stock put without one
+    # lat and lng together; without them, a province orderq/geo.py can locate
+    warehouse["anyOf"] = [
+        {"properties": {"lat": {"type": "number"}, "lng": {"type": "number"}}, "required": ["lat", "lng"]},
+        {
+            "properties": {
+                "lat": {"type": "null"},
+                "lng": {"type": "null"},
+                "province": {"enum": sorted(n for names in geo.PROVINCES for n in names.split("|"))},
+            }
+        },
+    ]
+    for path, item in paths.items():
+        for op in item.values():
+            for p in op.get("parameters", ()):
+                if path.startswith("/v1/channels/") and p["name"] == "channel":
+                    p["schema"]["enum"] = list(settings.channels)
+                if path == "/v1/admin/dead-letters" and p["name"] == "after":
+                    p["schema"]["pattern"] = _dead_letter_id(settings.partitions)
+            body = op.get("requestBody", {}).get("content", {}).get(JSON, {}).get("schema", {})
+            if "orders" in body.get("properties", {}):  # a channel batch: its own size bound
+                body["properties"]["orders"]["maxItems"] = settings.batch_max
 
 
 def build(routes: list[BaseRoute], settings: Settings) -> dict[str, Any]:
@@ -631,15 +396,14 @@ def build(routes: list[BaseRoute], settings: Settings) -> dict[str, Any]:
         path = _PARAM.sub(r"{\1}", route.path)
         for method in sorted(route.methods - {"HEAD"}):
             paths.setdefault(path, {})[method.lower()] = _operation(method, path, route, OPERATIONS.get((method, path)))
-    types = {ErrorBody}
+    types: set[type] = {b.ErrorBody}
     for op in OPERATIONS.values():
         for t in (op.body, *(t for _, _, t in op.ok)):
-            if t is not None and not isinstance(t, str):
-                types.add(t)
+            types.update(one for one in (t if isinstance(t, tuple) else (t,)) if isinstance(one, type))
     _, schemas = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )
-    schemas["BatchRequest"]["properties"]["orders"]["maxItems"] = settings.batch_max
+    _constrain(schemas, paths, settings)
     return {
         "openapi": "3.1.0",
         "info": {

@@ -27,12 +27,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingress import responses
-from ingress.channels import accept, answer, map_order, read_json
-from ingress.mapping import Mapping
-from ingress.routes import Handlers, Refusal, _retry_after
+from ingress.channels import map_order
+from ingress.http import needs_redis, read_json
+from ingress.lifecycle import CANCELLED_TOPIC, shopify_cancelled
+from ingress.orders import Orders
+from ingress.state import IngressState
 from orderq import keys
 from orderq.client import UNAVAILABLE
-from orderq.errors import ServerUnavailable
 
 log = structlog.get_logger("orderq.ingress")
 
@@ -49,72 +50,59 @@ def signature_ok(secret: str | None, body: bytes, header: str | None) -> bool:
 
 
 class ShopifyHandler:
-    def __init__(self, h: Handlers, mapping: Mapping | None) -> None:
-        self.h = h
-        self.mapping = mapping
+    def __init__(self, state: IngressState, orders: Orders) -> None:
+        self.s = state
+        self.orders = orders
+        self.mapping = state.mappings.get("shopify")
 
     def routes(self) -> list[Route]:
-        return [Route("/v1/webhooks/shopify", self.post, methods=["POST"])]
+        return [Route("/v1/webhooks/shopify", needs_redis(self.post), methods=["POST"])]
 
     async def post(self, request: Request) -> Response:
         """Shopify orders/create webhook, signed (X-Shopify-Hmac-Sha256); answers like POST /v1/orders."""
         t0 = time.perf_counter()
-        h = self.h
-        adm = h.s.admission
-        ticket = None
+        body = await request.body()
+        if not signature_ok(self.s.settings.shopify_secret, body, request.headers.get("x-shopify-hmac-sha256")):
+            raise responses.unauthorized("X-Shopify-Hmac-Sha256 does not match the body", challenge=False)
+        topic = request.headers.get("x-shopify-topic")
+        if topic == CANCELLED_TOPIC:  # cancels like POST /v1/orders/shopify/<id>/cancel (contract §5)
+            return await shopify_cancelled(self.s, await read_json(request))
+        if topic is not None and topic != TOPIC:
+            raise responses.Refusal(422, "unsupported_topic", f"this endpoint takes {TOPIC} webhooks, not {topic!r}")
+        webhook_id = (request.headers.get("x-shopify-webhook-id") or "").strip()
+        if len(webhook_id) > MAX_WEBHOOK_ID:
+            raise responses.Refusal(422, "invalid_webhook_id", "X-Shopify-Webhook-Id is too long")
+        if self.mapping is None:
+            raise responses.not_found("no mapping for channel 'shopify'")
+        order = map_order(self.orders, self.mapping, await read_json(request))
+        # Overload (contract §6): refused before the webhook id is claimed (a Redis call).
+        adm = self.s.admission
+        ticket = adm.admit_tier(order.customer.tier == "vip")
+        if ticket is None:
+            return adm.refusal()
+        key = order.key
         try:
-            body = await request.body()
-            secret = h.s.settings.shopify_secret
-            if not signature_ok(secret, body, request.headers.get("x-shopify-hmac-sha256")):
-                raise Refusal(401, "unauthorized", "X-Shopify-Hmac-Sha256 does not match the body")
-            topic = request.headers.get("x-shopify-topic")
-            if topic is not None and topic != TOPIC:
-                raise Refusal(422, "unsupported_topic", f"this endpoint takes {TOPIC} webhooks, not {topic!r}")
-            webhook_id = (request.headers.get("x-shopify-webhook-id") or "").strip()
-            if len(webhook_id) > MAX_WEBHOOK_ID:
-                raise Refusal(422, "invalid_webhook_id", "X-Shopify-Webhook-Id is too long")
-            if self.mapping is None:
-                raise Refusal(404, "not_found", "no mapping for channel 'shopify'")
-            payload = await read_json(request)
-            try:
-                order = map_order(h, self.mapping, payload)
-            except Refusal as r:
-                if r.status == 422:
-                    await h._count("invalid")
-                raise
-            # Overload (contract §6): refused before the webhook id is claimed (a Redis call).
-            ticket = adm.admit_tier(order.customer.tier == "vip")
-            if ticket is None:
-                return adm.refusal()
-            key = order.key
             known, repoint = await self._claim(webhook_id, key) if webhook_id else (None, False)
             if known is not None:
-                await h._count("duplicates")
+                await self.s.intake.count("duplicates")
                 log.info("shopify.webhook_replayed", webhook_id=webhook_id, order_key=known)
-                return answer(h, known, False, t0)
-            queued = await accept(h, order)
+                return self.orders.answer(known, False, t0)
+            queued = await self.orders.accept(order)
             if repoint:
                 await self._remember(webhook_id, key)
-        except Refusal as r:
-            return r.response()
-        except ServerUnavailable as exc:
-            return responses.error(503, "unavailable", str(exc), headers=_retry_after(exc.retry_after))
-        except UNAVAILABLE as exc:
-            return responses.error(503, "unavailable", f"Redis: {exc}", headers=_retry_after())
         finally:
-            if ticket is not None:
-                adm.leave(ticket)
-        return answer(h, key, bool(queued), t0)
+            adm.leave(ticket)
+        return self.orders.answer(key, queued, t0)
 
     def _webhook_key(self, webhook_id: str) -> str:
-        r = self.h.s.redis
+        r = self.s.redis
         return keys.webhook_key(r.partition_of(f"shopify-webhook:{webhook_id}"), "shopify", webhook_id)
 
     async def _claim(self, webhook_id: str, order_key: str) -> tuple[str | None, bool]:
         """(the order key an earlier delivery of this webhook queued, or None; whether the id must
         be pointed at ``order_key`` once it is queued). A first delivery claims the id for
         ``order_key`` in one atomic SET NX GET; a replay costs one more read."""
-        r = self.h.s.redis
+        r = self.s.redis
         prev = await r.client.set(
             self._webhook_key(webhook_id), order_key, nx=True, get=True, ex=keys.WEBHOOK_DEDUP_TTL_S
         )
@@ -128,7 +116,7 @@ class ShopifyHandler:
     async def _remember(self, webhook_id: str, order_key: str) -> None:
         """After the order is queued: the webhook id names it (an earlier delivery that failed
         before queuing had claimed the id for another order key)."""
-        r = self.h.s.redis
+        r = self.s.redis
         try:
             await r.client.set(self._webhook_key(webhook_id), order_key, ex=keys.WEBHOOK_DEDUP_TTL_S)
         except UNAVAILABLE as exc:  # the order is queued; its key still dedups a redelivery

@@ -5,7 +5,7 @@
   bench passes in (its ``Sampler.probe``: one pipelined round trip);
 - every answer the load generator got, by second of the run and HTTP status (``0``: no
   answer, a connection error);
-- ack latency per load (one :class:`orderq.loadgen.Recorder`, i.e. one phase) and per customer
+- ack latency per load (one :class:`loadtest.recorder.Recorder`, i.e. one phase) and per customer
   class as sent (``vip`` / ``new`` / ``regular``; ``batch`` for a batch request), as counts per
   logarithmic latency bin (:data:`BINS_PER_DECADE` bins per decade of seconds).
 
@@ -53,7 +53,7 @@ def log_hist(values: list[float]) -> dict[str, int]:
     return out
 
 
-# A single-order request of :class:`orderq.loadgen.OrderFactory` names its customer as
+# A single-order request of :class:`loadtest.factory.OrderFactory` names its customer as
 # ``"customer":{"id":"v…`` (VIP), ``n…`` (a new customer) or ``c…`` (a returning one): the
 # byte after this prefix is the class.
 _CUSTOMER = b'"customer":{"id":"'

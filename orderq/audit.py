@@ -1,6 +1,6 @@
 """``orderq audit``: reconcile what was accepted with what happened to it (contract §1).
 
-It checks the state from four sides, and exits 1 when any of them disagrees:
+It checks the state from five sides, and exits 1 when any of them disagrees:
 
 - **Where each order is.** Every status record against the place its status says its order
   must be: ``accepted`` -> an entry in its intake stream (pending ones included: an entry
@@ -25,10 +25,14 @@ It checks the state from four sides, and exits 1 when any of them disagrees:
   delivery and outbox trimming (outbox entries do not: the dispatcher deletes them): an
   apply count ``xn:<action>`` above 1, a pick both unrouted (``x:wms.pick``) and routed
   (``x:wms.pick@<warehouse>``), or a pick from a warehouse the order's route does not name.
+- **Order copies** (orderq/ordercopies.py): each copy's reference count against the outbox,
+  deferred and dispatch dead-letter entries that reference it; a copy nothing references, or an
+  entry whose copy is gone, is a **copy mismatch**.
 
 Cost: one SCAN of the server (of each master on a cluster), COUNT 1000, each step's records
 read by one pipeline of read-only script calls (audit.lua), plus one read of each stream a
-waiting order can be in: no per-order round trip.
+waiting order can be in and of each stream an order copy can be referenced from (the outboxes:
+up to ``ORDERQ_OUTBOX_MAXLEN`` entries each without a dispatcher): no per-order round trip.
 """
 
 from __future__ import annotations
@@ -41,20 +45,15 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from orderq import keys
+from orderq import keys, ordercopies
 from orderq.client import Redis
 from orderq.settings import Settings
+from orderq.wire import TERMINAL_STATUSES, WAITING_STATUSES, Field, route_warehouses
 
 SCAN_COUNT = 1000  # keys per SCAN step, and status records per audit.lua call
 CHUNK = 2000  # stream entries per XRANGE
 LISTED = 100  # keys listed per category in the report
 
-# Statuses of an order the machines still owe, or that waits (for a reviewer, a hold): each has
-# a place to be. Every other status is final and owes nothing.
-WAITING = ("accepted", "validated", "review", "held")
-FINAL = frozenset(
-    {"executed", "rejected", "cancelled", "intercepting", "shipped", "delivered", "return_requested", "returned"}
-)
 # Counters bumped once per order when it leaves the waiting states for a final one.
 FINAL_COUNTERS = ("executed", "rejected", "cancelled")
 
@@ -67,6 +66,7 @@ LOST = {
     "held_payload_missing": "held, but its parked payload is gone",
     "record_missing": "counted accepted and not final, but no status record",
     "dead_letter_missing": "dead-lettered (counted), neither in a dead-letter stream nor resolved",
+    "intercept_not_issued": "intercepting (owed the warehouse's answer), but no wms.intercept was issued",
 }
 DUPLICATE = {
     "applied_twice": "the ledger's apply count xn:<action> is above 1",
@@ -80,10 +80,13 @@ MISMATCH = {
     "dead_letters_uncounted": "more dead-letter entries than counted unresolved",
 }
 
-_SHOWN = frozenset({"executed", "rejected"})  # final statuses with a count of their own in the report
-_ROUTED_PICK = b"x:wms.pick@"
-_PLAIN_PICK = b"x:wms.pick"
-_APPLIED = b"xn:"
+# statuses with a count of their own in the report (cancelled: final; intercepting: owed the
+# warehouse's answer, its wms.intercept issued in the script that set it, cancel.lua)
+_SHOWN = frozenset({"executed", "rejected", "cancelled", "intercepting"})
+INTERCEPT_APPLIED = f"{Field.APPLIED}wms.intercept".encode()
+_PLAIN_PICK = f"{Field.ACTION}wms.pick".encode()
+_ROUTED_PICK = _PLAIN_PICK + b"@"
+_APPLIED = Field.APPLIED.encode()
 
 
 class Record(NamedTuple):
@@ -136,9 +139,9 @@ def ledger_duplicates(h: Mapping[bytes, bytes]) -> list[tuple[str, str]]:
                 out.append(("applied_twice", f[len(_APPLIED) :].decode()))
     if plain and routed:
         out.append(("pick_twice", "wms.pick"))
-    route = h.get(b"rt")
+    route = h.get(Field.ROUTE.encode())
     if route and routed:
-        named = {parcel.split(b"|", 1)[0] for parcel in route.split(b";") if parcel}
+        named = route_warehouses(route)
         out += [("pick_off_route", f"wms.pick@{wh.decode()}") for wh in routed if wh not in named]
     return out
 
@@ -244,15 +247,17 @@ def _judge(seen: _Partition, order_key: str, rec: Record, rep: _Report) -> None:
     """One record against where its order must be, and its effect ledger."""
     seen.records += 1
     status = rec.status.decode()
-    if status in FINAL:
+    if status in TERMINAL_STATUSES:
         seen.final += 1
         seen.counts[status] += 1
-        for category, action in ledger_duplicates(rec.ledger):
-            rep.dups[category] += 1
+        for kind, action in ledger_duplicates(rec.ledger):
+            rep.dups[kind] += 1
             if len(rep.dup_keys) < LISTED:
                 rep.dup_keys.append(f"{order_key}:{action}")
+        if status == "intercepting" and INTERCEPT_APPLIED not in rec.ledger:
+            seen.suspects.append((order_key, rec.status, "intercept_not_issued"))
         return
-    if status not in WAITING:
+    if status not in WAITING_STATUSES:
         rep.other[status] += 1
         return
     seen.waiting += 1
@@ -276,8 +281,10 @@ def _judge(seen: _Partition, order_key: str, rec: Record, rep: _Report) -> None:
 async def _scan(r: Redis, parts: dict[bytes, _Partition], rep: _Report) -> None:
     """Every status record, by one SCAN of each server (COUNT 1000; on a cluster, of each
     master holding partitions), each step read with one pipeline of script calls."""
-    if r.settings.redis_cluster:
-        nodes = {n.name: n for n in (r.client.get_node_from_key(s.p.intake) for s in parts.values())}
+    cluster = r.cluster
+    if cluster is not None:
+        masters = (cluster.get_node_from_key(s.p.intake) for s in parts.values())
+        nodes = {n.name: n for n in masters if n is not None}
         targets: list[Any] = list(nodes.values())
     else:
         targets = [None]
@@ -286,19 +293,15 @@ async def _scan(r: Redis, parts: dict[bytes, _Partition], rep: _Report) -> None:
         scanned: set[bytes] = set()  # SCAN may return a key twice (the keyspace was resized meanwhile)
         cursor = 0
         while True:
-            if node is None:
-                cursor, batch = await r.client.scan(cursor, match=keys.STATUS_PATTERN, count=SCAN_COUNT)
-            else:
-                cursors, batch = await r.client.scan(
-                    cursor, match=keys.STATUS_PATTERN, count=SCAN_COUNT, target_nodes=node
-                )
-                cursor = int(next(iter(cursors.values()))) if isinstance(cursors, dict) else int(cursors)
+            on_node = {} if node is None else {"target_nodes": node}  # a cluster: one master's keys
+            cursors, batch = await r.client.scan(cursor, match=keys.STATUS_PATTERN, count=SCAN_COUNT, **on_node)
+            cursor = int(next(iter(cursors.values()))) if isinstance(cursors, dict) else int(cursors)
             groups: dict[bytes, list[bytes]] = {}
             for k in batch:
                 if k not in scanned:
                     scanned.add(k)
                     groups.setdefault(k[skip : k.index(b"}", skip)], []).append(k)
-            order = [(tag, ks) for tag, ks in groups.items() if tag in parts]  # (not the ledger's {rules})
+            order = [(tag, ks) for tag, ks in groups.items() if tag in parts]  # (not the ledger's {ledger})
             found = await read_records(r, [(parts[tag].p, ks) for tag, ks in order])
             for (tag, ks), recs in zip(order, found, strict=True):
                 seen = parts[tag]
@@ -332,6 +335,8 @@ async def _recheck(r: Redis, p: keys.Partition, suspects: list[tuple[str, bytes,
             placed = okb in intake
         elif before == b"validated":
             placed = okb in ready
+        elif before == b"intercepting":
+            placed = INTERCEPT_APPLIED in rec.ledger
         else:
             category = _place_category(before, rec.place) or ""
             placed = not category
@@ -379,6 +384,7 @@ async def run(r: Redis, grace_s: int | None = None) -> dict[str, Any]:
     totals: Counter[str] = Counter()
     for c in after:
         totals.update(c)
+    copies = await ordercopies.check(r)
     lost = sum(rep.lost.values())
     dups = sum(rep.dups.values())
     mismatch = sum(rep.mismatch.values())
@@ -389,6 +395,7 @@ async def run(r: Redis, grace_s: int | None = None) -> dict[str, Any]:
             ("duplicate_effects", dups),
             ("stale_dead_letters", rep.stale),
             ("counter_mismatch", mismatch),
+            ("copy_mismatch", len(copies["keys"])),
         )
         if n
     ]
@@ -400,9 +407,11 @@ async def run(r: Redis, grace_s: int | None = None) -> dict[str, Any]:
         "rejected": rep.counts["rejected"],
         "review": rep.counts["review"],
         "held": rep.counts["held"],
+        "cancelled": rep.counts["cancelled"],
+        "intercepting": rep.counts["intercepting"],
         "in_flight": rep.counts["in_flight"],
         "dead_letters": rep.counts["dead_letters"],
-        "other_statuses": dict(rep.other) | {s: n for s, n in rep.counts.items() if s in FINAL - _SHOWN},
+        "other_statuses": dict(rep.other) | {s: n for s, n in rep.counts.items() if s in TERMINAL_STATUSES - _SHOWN},
         "dead_letters_unresolved": rep.unresolved,
         "dead_letters_resolved": totals["dead_resolved"],
         "stale_dead_letters": rep.stale,
@@ -410,17 +419,21 @@ async def run(r: Redis, grace_s: int | None = None) -> dict[str, Any]:
         "lost": lost,
         "duplicate_effects": dups,
         "counter_mismatch": mismatch,
+        "order_copies": copies["copies"],
+        "copy_mismatch": len(copies["keys"]),
         "lost_by": {k: n for k, n in rep.lost.items() if n},
         "duplicate_effects_by": {k: n for k, n in rep.dups.items() if n},
         "counter_mismatch_by": {k: n for k, n in rep.mismatch.items() if n},
+        "copy_mismatch_by": copies["by"],
         "failed": failed,
         "lost_keys": rep.lost_keys,
         "duplicate_effect_keys": rep.dup_keys,
         "stale_dead_letter_keys": rep.stale_keys,
+        "copy_mismatch_keys": copies["keys"][:LISTED],
     }
 
 
-EXPLAIN = {**LOST, **DUPLICATE, **MISMATCH}
+EXPLAIN = {**LOST, **DUPLICATE, **MISMATCH, **ordercopies.COPY_PROBLEMS}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -431,10 +444,10 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"{k:>24}: {v}")
     if report["other_statuses"]:
         lines.append(f"{'other statuses':>24}  " + ", ".join(f"{s} {n}" for s, n in report["other_statuses"].items()))
-    for group in ("lost_by", "duplicate_effects_by", "counter_mismatch_by"):
+    for group in ("lost_by", "duplicate_effects_by", "counter_mismatch_by", "copy_mismatch_by"):
         for category, n in report[group].items():
             lines.append(f"  {group.removesuffix('_by')} / {category} ({n}): {EXPLAIN[category]}")
-    for name in ("lost_keys", "duplicate_effect_keys", "stale_dead_letter_keys"):
+    for name in ("lost_keys", "duplicate_effect_keys", "stale_dead_letter_keys", "copy_mismatch_keys"):
         if report[name]:
             lines.append(f"{name}: {', '.join(report[name][:20])}")
     lines.append("audit: " + ("FAILED (" + ", ".join(report["failed"]) + ")" if report["failed"] else "ok"))
@@ -442,8 +455,8 @@ def render(report: dict[str, Any]) -> str:
 
 
 async def main(settings: Settings, as_json: bool) -> int:
-    """``orderq audit [--json]``: exit 1 when lost, duplicate effects, stale dead letters or a
-    counter mismatch is not 0."""
+    """``orderq audit [--json]``: exit 1 when lost, duplicate effects, stale dead letters, a
+    counter mismatch or a copy mismatch is not 0."""
     from orderq import client
 
     r = await client.connect(settings)

@@ -13,10 +13,10 @@ import msgspec
 from orderq.errors import ConfigError, OrderqError
 from orderq.settings import Settings
 
-STAGES = ("ingress", "validate", "execute", "breaker", "dispatch")
+STAGES = ("ingress", "validate", "execute", "breaker", "dispatch", "connect")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="orderq", description="order-intake queue for peak sales")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run every stage on this machine (embedded server when ORDERQ_REDIS_URL is unset)")
@@ -42,15 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     dc = dls.add_parser("discard", help="resolve a dead letter for good (the order is rejected: discarded)")
     dc.add_argument("id")
     dc.add_argument("--reason", required=True)
-    be = sub.add_parser("bench", help="headless benchmark; prints a report")
-    from orderq import bench
+    im = sub.add_parser("import", help="queue a CSV or Excel file of orders through the intake")
+    from connect.cli import add_import_arguments
 
-    bench.add_arguments(be)
+    add_import_arguments(im)
+    be = sub.add_parser("bench", help="headless benchmark; prints a report")
+    if command == "bench":  # its options live with the tool, in loadtest/: imported for this command only
+        from loadtest.bench import arguments
+
+        arguments.add_arguments(be)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     try:
         settings = Settings.from_env()
         from orderq import logs
@@ -76,6 +82,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from orderq.supervisor import Supervisor
 
         load_mappings(settings)  # a broken mapping file stops `orderq up` at once, not in a restart loop
+        from connect.config import directories, load_all
+
+        load_all(directories(settings)[0], settings)  # so does a broken connector file
         return Supervisor(settings).run()
     if cmd == "ingress":
         from ingress.app import serve
@@ -90,27 +99,38 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "validate":
         from validate.worker import ValidateWorker
 
-        runner.run(runner.run_worker(ValidateWorker, settings, "validate"))
+        runner.run(runner.serve(settings, ValidateWorker))
         return 0
     if cmd == "execute":
         from execute import routing
         from execute.worker import ExecuteWorker
 
         try:  # a routing file that does not parse stops the stage before it takes work
-            routing.load(settings.rules_dir)
+            routing.load(settings.routing_dir)
         except routing.RulesError as exc:
-            raise ConfigError("ORDERQ_RULES_DIR", str(exc)) from None
+            raise ConfigError("ORDERQ_ROUTING_DIR", str(exc)) from None
 
-        runner.run(runner.run_worker(ExecuteWorker, settings, "execute"))
+        runner.run(runner.serve(settings, ExecuteWorker))
         return 0
     if cmd == "breaker":
-        runner.run(runner.run_breaker(settings))
+        from breaker.controller import Breaker
+
+        runner.run(runner.serve(settings, Breaker))
         return 0
     if cmd == "dispatch":
-        from dispatch.worker import serve as dispatch
+        from dispatch.worker import Dispatcher
 
-        runner.run(dispatch(settings))
+        runner.run(runner.serve(settings, Dispatcher))
         return 0
+    if cmd == "connect":
+        from connect.app import ConnectStage
+
+        runner.run(runner.serve(settings, ConnectStage))
+        return 0
+    if cmd == "import":
+        from connect.cli import run_import
+
+        return run_import(args, settings)
     if cmd == "status":
         return asyncio.run(_status(settings, args.json, args.watch))
     if cmd == "audit":
@@ -118,13 +138,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "dead-letters":
         return asyncio.run(_dead_letters(settings, args))
     if cmd == "cluster-dev":
-        from orderq import clusterdev
+        from loadtest import clusterdev
 
         return clusterdev.main(settings.data_dir, args.masters, args.replicas)
     if cmd == "bench":
-        from orderq import bench
+        from loadtest.bench import command
 
-        return bench.main(args, settings)
+        return command.main(args, settings)
     raise AssertionError(cmd)
 
 

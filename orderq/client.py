@@ -7,16 +7,17 @@ refuses a misconfigured one, and loads the scripts once (``EVALSHA`` afterwards)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast, overload
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
-from orderq import keys
+from orderq import keys, wire
+from orderq.commands import Client, Key, Pipe, StreamRead, Value
 from orderq.errors import ConfigError, ServerCheckError
 from orderq.settings import Settings
 
@@ -32,30 +33,36 @@ SCRIPT_NAMES = (
     "take",
     "replay",
     "ratelimit",
-    # validation ledger, review and holds (issue 4)
-    "rules",
+    # validation ledger, review and holds
+    "checks",
     "release",
     "restock",
     "review",
     "unhold",
-    # downstream dispatch (issue 6): ack+delete delivered outbox entries, dead-letter given-up ones
+    # downstream dispatch: ack+delete delivered outbox entries, dead-letter given-up ones
     "dispatched",
-    # fulfilment routing (issue 9): warehouses, gifts, freight
+    # fulfilment routing: warehouses, gifts, freight
     "route",
-    # warehouse removal that refuses while the warehouse holds stock (issue 13)
+    # warehouse removal that refuses while the warehouse holds stock
     "retire",
-    # an entry that failed alone: dead-lettered at once, its batch-mates go on (issue 13)
+    # an entry that failed alone: dead-lettered at once, its batch-mates go on
     "poison",
-    # dead letters an operator replays or discards (issue 13)
+    # dead letters an operator replays or discards
     "deadletter",
-    # orderq audit and the client-side oracle: status records read per SCAN step (issue 13)
+    # orderq audit and the client-side oracle: status records read per SCAN step
     "audit",
+    # cancellation: the partition's decision, and the ledger release of what a cancelled order held
+    "cancel",
+    "unreserve",
+    # order events (shipment, delivery, return; trust and conflicts), and a return's units back
+    "event",
+    "returned",
 )
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 
 
 def load_lua(name: str) -> str:
-    return resources.files("orderq").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return wire.with_tables(resources.files("orderq").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8"))
 
 
 def resolve_url(settings: Settings) -> str:
@@ -74,20 +81,21 @@ def resolve_url(settings: Settings) -> str:
     return url
 
 
-def make_client(url: str, cluster: bool = False, **kw: Any) -> Any:
-    """A ``redis.asyncio`` client (or ``RedisCluster``) for ``url``."""
-    opts: dict[str, Any] = {"decode_responses": False, "health_check_interval": 0}
+def make_client(url: str, cluster: bool = False, **kw: object) -> Client:
+    """A ``redis.asyncio`` client (or ``RedisCluster``) for ``url``. Replies stay bytes
+    (``decode_responses=False``): the types :class:`~orderq.commands.Client` declares."""
+    opts: dict[str, object] = {"decode_responses": False, "health_check_interval": 0}
     opts.update(kw)
     if cluster:
-        return RedisCluster.from_url(url, **opts)
-    return aioredis.from_url(url, **opts)
+        return cast(Client, RedisCluster.from_url(url, **opts))
+    return cast(Client, aioredis.from_url(url, **opts))
 
 
 @dataclass
 class Redis:
     """The connected server: client, settings, partitions and loaded scripts."""
 
-    client: Any
+    client: Client
     settings: Settings
     url: str
     shas: dict[str, str]
@@ -99,30 +107,46 @@ class Redis:
     def partition_of(self, order_key: str) -> keys.Partition:
         return self.partitions[keys.partition_of(order_key, self.settings.partitions)]
 
-    def route(self, key: str) -> dict[str, Any]:
+    @property
+    def cluster(self) -> RedisCluster | None:
+        """The client as a cluster client, for what only a cluster has (its nodes); None on a
+        single server."""
+        return cluster_of(self.client)
+
+    def route(self, key: str) -> dict[str, ClusterNode | None]:
         """Cluster: ``target_nodes`` for a command on ``key``'s slot. redis-py would otherwise ask
         the server (COMMAND GETKEYS, one round trip) where XREAD/XREADGROUP's keys are, every call."""
-        if not self.settings.redis_cluster:
+        cluster = self.cluster
+        if cluster is None:
             return {}
-        return {"target_nodes": self.client.get_node_from_key(key)}
+        return {"target_nodes": cluster.get_node_from_key(key)}
 
+    @overload
     def xreadgroup(
-        self, target: Any, group: str, consumer: str, stream: str, count: int, block: int | None = None
-    ) -> Any:
+        self, target: Pipe, group: str, consumer: str, stream: str, count: int, block: int | None = None
+    ) -> object: ...
+    @overload
+    def xreadgroup(
+        self, target: Client, group: str, consumer: str, stream: str, count: int, block: int | None = None
+    ) -> Awaitable[StreamRead]: ...
+    def xreadgroup(
+        self, target: Client | Pipe, group: str, consumer: str, stream: str, count: int, block: int | None = None
+    ) -> object:
         """``XREADGROUP ... STREAMS stream >`` on ``target`` (client or pipeline), routed to the
         stream's master on a cluster (redis-py's ``xreadgroup`` takes no ``target_nodes``)."""
-        pieces: list[Any] = ["GROUP", group, consumer, "COUNT", count]
+        pieces: list[Value] = ["GROUP", group, consumer, "COUNT", count]
         if block is not None:
             pieces += ["BLOCK", block]
         return target.execute_command("XREADGROUP", *pieces, "STREAMS", stream, ">", **self.route(stream))
 
-    def script(self, pipe: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> None:
+    def script(self, pipe: Pipe, name: str, keys: Sequence[Key], args: Sequence[Value]) -> Pipe:
         """Queue script ``name`` on ``pipe`` (``EVALSHA``; loaded once at connect). Through
         ``execute_command``: redis-py refuses ``pipe.evalsha`` in a cluster pipeline, though it
         routes the command itself by its first key like any other."""
         pipe.execute_command("EVALSHA", self.shas[name], len(keys), *keys, *args)
+        return pipe
 
-    async def run(self, build: Callable[[Any], object], raise_on_error: bool = True) -> list[Any]:
+    async def run(self, build: Callable[[Pipe], object], raise_on_error: bool = True) -> list[Any]:
         """Build and execute one pipeline (one round trip). A server that lost its script
         cache (restarted) gets the scripts again and the pipeline is re-run: every orderq
         script is idempotent, so a re-run never doubles anything."""
@@ -130,36 +154,50 @@ class Redis:
             pipe = self.client.pipeline(transaction=False)
             build(pipe)
             try:
-                return list(await pipe.execute(raise_on_error=raise_on_error))
+                replies = list(await pipe.execute(raise_on_error=raise_on_error))
             except NoScriptError:
                 if attempt:
                     raise
                 await load_scripts(self.client)
+                continue
+            # Errors handed back per command (raise_on_error=False) include a missing script
+            # too, e.g. on a replica promoted by a failover: reload and re-run rather than let
+            # healthy entries count a failed delivery each.
+            if attempt or not any(isinstance(x, NoScriptError) for x in replies):
+                return replies
+            await load_scripts(self.client)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self.client.aclose()
 
 
-async def check_server(client: Any) -> dict[str, Any]:
+def cluster_of(client: Client) -> RedisCluster | None:
+    """``client`` as the cluster client it is, else None. (Narrowed from ``object``: mypy holds
+    that no RedisCluster can be a :class:`~orderq.commands.Client`, whose replies are bytes
+    where redis-py's types say ``bytes | str``, and would skip the narrowed branch unchecked.)"""
+    plain: object = client
+    return plain if isinstance(plain, RedisCluster) else None
+
+
+async def check_server(client: Client) -> None:
     """Refuse a server orderq cannot keep its guarantee on; on a cluster, every master."""
-    if isinstance(client, RedisCluster):
+    cluster = cluster_of(client)
+    if cluster is not None:
         try:
-            await client.initialize()  # learn the topology: no masters are known before the first command
+            await cluster.initialize()  # learn the topology: no masters are known before the first command
         except RedisClusterException as exc:
             raise ServerCheckError("ORDERQ_REDIS_CLUSTER", f"is 1, but the server is no cluster node ({exc})") from None
-        out: dict[str, Any] = {}
-        for node in client.get_primaries():  # each master holds some partitions: check them all
-            out = await _check_node(client, f"cluster node {node.host}:{node.port}: ", {"target_nodes": node})
-        return out
-    out = await _check_node(client, "", {})
+        for node in cluster.get_primaries():  # each master holds some partitions: check them all
+            await _check_node(client, f"cluster node {node.host}:{node.port}: ", {"target_nodes": node})
+        return
+    await _check_node(client, "", {})
     if str((await client.info("cluster")).get("cluster_enabled", 0)) == "1":
         # Plain client on a cluster node: every key of another master's slots would fail (MOVED).
         raise ServerCheckError("ORDERQ_REDIS_CLUSTER", "is 0, but the server is a Redis Cluster node; set it to 1")
-    return out
 
 
-async def _check_node(client: Any, where: str, kw: dict[str, Any]) -> dict[str, Any]:
+async def _check_node(client: Client, where: str, kw: dict[str, ClusterNode]) -> None:
     info = await client.info("server", **kw)
     if isinstance(info, dict) and info and all(isinstance(v, dict) for v in info.values()):
         info = next(iter(info.values()))  # a per-node answer (one node targeted)
@@ -183,12 +221,11 @@ async def _check_node(client: Any, where: str, kw: dict[str, Any]) -> dict[str, 
             "ORDERQ_REDIS_URL",
             f'{where}server has no persistence (appendonly no, save ""); orderq needs the append-only file',
         )
-    return {"version": version, "valkey": is_valkey, "aof": aof == "yes"}
 
 
-async def _config_get(client: Any, name: str, kw: dict[str, Any] | None = None) -> str | None:
+async def _config_get(client: Client, name: str, kw: dict[str, ClusterNode]) -> str | None:
     try:
-        r = await client.config_get(name, **(kw or {}))
+        r = await client.config_get(name, **kw)
     except ResponseError:
         return None  # CONFIG may be renamed/disabled on managed servers; nothing to check then
     if isinstance(r, dict) and r and all(isinstance(v, dict) for v in r.values()):
@@ -211,25 +248,23 @@ async def ensure_groups(r: Redis) -> None:
             raise res
 
 
-async def load_scripts(client: Any) -> dict[str, str]:
-    shas = {}
-    for name in SCRIPT_NAMES:
-        sha = await client.script_load(load_lua(name))
-        shas[name] = sha.decode() if isinstance(sha, bytes) else str(sha)
-    return shas
+async def load_scripts(client: Client) -> dict[str, str]:
+    return {name: await client.script_load(load_lua(name)) for name in SCRIPT_NAMES}
 
 
-async def connect(settings: Settings, check: bool = True, **kw: Any) -> Redis:
+async def connect(settings: Settings, check: bool = True, **kw: object) -> Redis:
     """Connect, check the server, ensure groups and load the scripts."""
     url = resolve_url(settings)
     client = make_client(url, settings.redis_cluster, **kw)
     try:
         if check:
             await check_server(client)
-        if settings.redis_cluster and settings.partitions < len(client.get_primaries()):
+        cluster = cluster_of(client)
+        masters = len(cluster.get_primaries()) if cluster is not None else 1
+        if settings.partitions < masters:
             raise ConfigError(
                 "ORDERQ_PARTITIONS",
-                f"{settings.partitions} partitions on {len(client.get_primaries())} cluster masters: "
+                f"{settings.partitions} partitions on {masters} cluster masters: "
                 "a master without a partition does no work (use >= 4 per master)",
             )
         r = Redis(client=client, settings=settings, url=url, shas=await load_scripts(client))

@@ -25,7 +25,6 @@ REFRESH_S = 1.0  # fallback re-read of the control keys
 HEARTBEAT_S = 2.0  # worker registry refresh
 CANCEL_AGAIN_S = 0.05  # stop(): a task still running this long after its cancel is cancelled again
 DEREGISTER_S = 1.0  # stop(): longest wait to leave the worker registry (Redis may be away)
-HOLDS_KEY = f"{keys.PREFIX}:holds"  # hash: province -> JSON {"reason", "since"}
 
 
 class Control:
@@ -42,7 +41,6 @@ class Control:
         self.stage_name = stage_name
         self.worker_id = f"{stage_name}:{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
-        self.changed = asyncio.Event()
 
     async def start(self) -> Control:
         await self.refresh()
@@ -61,7 +59,7 @@ class Control:
         pipe = self.r.client.pipeline(transaction=False)
         pipe.hmget(keys.BREAKER_KEY, "stage", "backlog")
         pipe.smembers(keys.PAUSED_KEY)
-        pipe.hgetall(HOLDS_KEY)
+        pipe.hgetall(keys.HOLDS_KEY)
         pipe.hgetall(keys.WAREHOUSES_KEY)
         if self.stage_name:
             beat = {"stage": self.stage_name, "pid": os.getpid(), "host": socket.gethostname(), "ts": time.time()}
@@ -78,9 +76,7 @@ class Control:
                 self.warehouses = warehouses.decode_all(res[3])
             except msgspec.DecodeError as exc:  # written by a newer version? keep the last good set
                 log.warning("control.warehouses_unreadable", error=str(exc))
-        if new_stage != self.stage or paused != self.paused or holds != self.holds:
-            self.stage, self.paused, self.holds = new_stage, paused, holds
-            self.changed.set()
+        self.stage, self.paused, self.holds = new_stage, paused, holds
 
     async def _periodic(self) -> None:
         while True:
@@ -101,7 +97,6 @@ class Control:
                         if data.get("stage") and not data.get("paused"):
                             self.stage = data["stage"]
                             self.backlog = int(data.get("backlog", self.backlog))
-                            self.changed.set()
                         await self.refresh()
             except asyncio.CancelledError:
                 raise

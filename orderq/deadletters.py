@@ -34,12 +34,13 @@ from typing import Any
 
 import msgspec
 
-from execute.routing import review_record
-from orderq import keys
+from orderq import keys, lifecycle
 from orderq.client import Redis
-from orderq.metrics import REASONS_KEY
+from orderq.commands import Value
+from orderq.keys import REASONS_KEY
+from orderq.ledger import review, stock
 from orderq.schema import unpack_order, utc_iso
-from validate import stock
+from orderq.wire import Decided, Field
 
 STAGES = ("validate", "execute", "dispatch")
 MAX_LIST = 1000  # items per page
@@ -235,22 +236,34 @@ def _sources(d: DeadLetter) -> list[str]:
         return [p.intake]
     if d.stage == "execute":
         return list(p.lanes)
-    return [p.outbox(a) for a in keys.ACTIONS]
+    return [p.outbox(a) for a in keys.OUTBOX_ACTIONS]
 
 
 def _ledger_field(d: DeadLetter) -> str:
     """A dispatch dead letter's field in the effect ledger: ``x:<action>``, ``@<warehouse>`` for a
-    routed pick (execute.lua's names)."""
+    routed pick (execute.lua's names), ``:<kind>`` for a second effect of the action (event.lua's
+    ``x:notify.sms:shipped``), as dispatched.lua marked it failed."""
     if d.stage != "dispatch":
         return ""
-    wh = _text(d.fields.get(b"w"))
-    return f"x:{d.action}@{wh}" if wh else f"x:{d.action}"
+    wh, kind = _text(d.fields.get(b"w")), _text(d.fields.get(b"n"))
+    if kind:
+        return f"{Field.ACTION}{d.action}:{kind}"
+    return f"{Field.ACTION}{d.action}@{wh}" if wh else f"{Field.ACTION}{d.action}"
 
 
 async def _resolve(r: Redis, d: DeadLetter, op: str, reason: str = "", owed: bytes = b"") -> str:
     p = d.partition
-    ks = [_stream_of(d.stage, p), p.counters, p.status(d.order_key), keys.dead_release(p), *_sources(d)]
-    args = [op, d.stream_id, d.order_key, d.stage, _ledger_field(d), r.settings.status_ttl_s, reason, owed]
+    ks = [
+        _stream_of(d.stage, p),
+        p.counters,
+        p.status(d.order_key),
+        keys.dead_release(p),
+        p.order_copies,
+        p.copy_refs,
+        *_sources(d),
+        p.cancel_owed,
+    ]
+    args: list[Value] = [op, d.stream_id, d.order_key, d.stage, _ledger_field(d), r.settings.status_ttl_s, reason, owed]
     res = (await r.run(lambda pipe: r.script(pipe, "deadletter", ks, args)))[0]
     code = int(res[0])
     if code == 0:
@@ -275,6 +288,8 @@ async def discard(r: Redis, dl_id: str, reason: str) -> dict[str, Any]:
     status = await _resolve(r, d, "discard", reason, _owed_encoder.encode(owed) if owed else b"")
     if owed and status == "rejected":
         await _settle(r, [(d.partition, d.order_key, owed)])
+    if status == "cancelled" and d.stage != "dispatch":  # (deadletter.lua owed its release)
+        await lifecycle.settle_owed(r, [d.partition])
     if status == "rejected" and d.stage != "dispatch":
         await r.client.hincrby(REASONS_KEY, "discarded", 1)  # the operators' view of rejection reasons
         # final: its decision and route are no longer kept open for it (orderq/openrecords.py)
@@ -305,13 +320,13 @@ async def _owed(r: Redis, d: DeadLetter) -> Owed | None:
     decided, still_open, *found = await pipe.execute()
     decided = decided or still_open
     if decided is not None:
-        held = decided[:1] in (b"v", b"w")
+        held = decided[:1].decode() in (Decided.VALIDATED, Decided.REVIEW)
     else:
         holders, users = found[: len(order.lines)], found[len(order.lines) :]
         held = d.stage == "execute" or any(holders) or order.key.encode() in users
     if not held:
         return None
-    return Owed(review_record(order, accepted_us), skus)
+    return Owed(review.freight_hold(order, accepted_us), skus)
 
 
 async def _settle(r: Redis, owed: list[tuple[keys.Partition, str, Owed]]) -> None:
@@ -326,18 +341,18 @@ async def _settle(r: Redis, owed: list[tuple[keys.Partition, str, Owed]]) -> Non
     ttl = r.settings.status_ttl_s
 
     def ledger(pipe: Any) -> None:
-        steps: list[object] = []
+        steps: list[list[Value]] = []
         for _p, key, o in owed:
             for sku in o.skus:
                 for wh in ("", *warehouses):
-                    steps += [sku, wh, "-", 1, key]  # settle this holder, leave the count
+                    steps.append([sku, wh, "-", 1, key])  # settle this holder, leave the count
         if steps:
-            r.script(pipe, "restock", [stock.SLOT_KEY], [keys.RULES_PREFIX, *steps])
+            r.script(pipe, "restock", *stock.restock_call(steps))
         for _p, key, o in owed:
             pipe.set(keys.ledger_key(key), o.record, nx=True, ex=ttl)
-        r.script(pipe, "release", [stock.SLOT_KEY], [keys.RULES_PREFIX, *(key for _, key, _ in owed)])
 
     await r.run(ledger)
+    await stock.release(r, [key for _, key, _ in owed])
     await r.run(lambda pipe: [pipe.hdel(keys.dead_release(p), key) for p, key, _ in owed])
 
 

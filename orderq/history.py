@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import msgspec
 import structlog
@@ -27,33 +27,54 @@ LOCK_MS = 900  # a little under the period, so the next second's sample is never
 TOTALS = ("accepted", "validated", "executed", "rejected", "review", "dead_letters")
 RATES = ("accepted", "validated", "executed", "rejected")  # per-second rates the chart draws
 
+
+class SampleDepth(TypedDict):
+    intake: int
+    vip: int
+    new: int
+    regular: int
+    review: int
+    deferred: int
+
+
+class Sample(TypedDict):
+    """One chart point as stored (JSON, newest first in ``keys.HISTORY_KEY``) and served."""
+
+    ts: float
+    stage: str
+    backlog: int
+    depth: SampleDepth
+    totals: dict[str, int]  # the TOTALS counters
+    rates: NotRequired[dict[str, float]]  # added when served (:func:`with_rates`), never stored
+
+
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_decode = msgspec.json.Decoder(Sample).decode
 
 
-async def take(r: Redis, now: float | None = None) -> dict[str, Any]:
-    """One sample: ``{ts, stage, backlog, depth: {intake, vip, new, regular, review, deferred}, totals}``."""
+async def take(r: Redis, now: float | None = None) -> Sample:
+    """One sample of the stage, the backlog, the depth per stage and the totals."""
     total, depth = await stats.backlog(r)
     t = await stats.totals(r)
     stage = await r.client.hget(keys.BREAKER_KEY, "stage")
     ready = depth["ready"]
-    return {
-        "ts": round(time.time() if now is None else now, 3),
-        "stage": (stage or b"normal").decode(),
-        "backlog": total,
-        "depth": {
-            "intake": depth["intake"],
-            "vip": ready["vip"],
-            "new": ready["new"],
-            "regular": ready["regular"],
-            "review": depth["review"],
-            "deferred": depth["deferred"],
-        },
-        "totals": {k: t[k] for k in TOTALS},
-    }
+    return Sample(
+        ts=round(time.time() if now is None else now, 3),
+        stage=(stage or b"normal").decode(),
+        backlog=total,
+        depth=SampleDepth(
+            intake=depth["intake"],
+            vip=ready["vip"],
+            new=ready["new"],
+            regular=ready["regular"],
+            review=depth["review"],
+            deferred=depth["deferred"],
+        ),
+        totals={k: t[k] for k in TOTALS},
+    )
 
 
-async def record(r: Redis, sample: dict[str, Any]) -> bool:
+async def record(r: Redis, sample: Sample) -> bool:
     """Append ``sample`` unless another process sampled less than ``LOCK_MS`` ago."""
     if not await r.client.set(keys.HISTORY_LOCK, b"1", nx=True, px=LOCK_MS):
         return False  # a second breaker process (another host) already sampled this second
@@ -64,23 +85,17 @@ async def record(r: Redis, sample: dict[str, Any]) -> bool:
     return True
 
 
-async def read(r: Redis, count: int = keys.HISTORY_LEN) -> list[dict[str, Any]]:
-    """The newest ``count`` samples, oldest first."""
-    raw = await r.client.lrange(keys.HISTORY_KEY, 0, count - 1)
-    return [_decode(x) for x in reversed(raw)]
-
-
-def decode(raw: bytes) -> dict[str, Any]:
+def decode(raw: bytes) -> Sample:
     return _decode(raw)
 
 
-def with_rates(prev: dict[str, Any] | None, sample: dict[str, Any]) -> dict[str, Any]:
+def with_rates(prev: Sample | None, sample: Sample) -> Sample:
     """``sample`` plus ``rates`` per second from the totals' deltas since ``prev``."""
     rates = dict.fromkeys(RATES, 0.0)
     if prev is not None:
         dt = sample["ts"] - prev["ts"]
         if dt > 0:
-            a, b = prev.get("totals", {}), sample.get("totals", {})
+            a, b = prev["totals"], sample["totals"]
             for k in RATES:
                 # A counter that went down was reset (keyspace flushed): no rate, not a negative one.
                 rates[k] = round(max(0, b.get(k, 0) - a.get(k, 0)) / dt, 1)

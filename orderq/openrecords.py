@@ -1,6 +1,6 @@
-"""Ledger records kept open as long as their order waits (issue 13).
+"""Ledger records kept open as long as their order waits.
 
-The validation ledger remembers each order's decision (rules.lua) and route (route.lua), so an
+The validation ledger remembers each order's decision (checks.lua) and route (route.lua), so an
 order that passes the script again gets its first answer back and holds nothing twice. Those
 records live in hour buckets with a TTL (``keys.LEDGER_REPLAY_TTL_S``, a day: a redelivery
 comes within a lease). An order may wait much longer between the script and the step that
@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import structlog
 
 from orderq.client import Redis
+from orderq.wire import Field
 
 log = structlog.get_logger("orderq.ledger")
 
@@ -81,7 +82,7 @@ class OpenRecords:
         if not names:
             return 0
         records = [r.partition_of(text).status(text) for text in (k.decode(errors="replace") for k in names)]
-        found = await r.run(lambda pipe: [pipe.hget(rec, "s") for rec in records])
+        found = await r.run(lambda pipe: [pipe.hget(rec, Field.STATUS) for rec in records])
         stale = [k for k, st in zip(names, found, strict=True) if st is None or st.decode() not in self.waiting]
         if stale:
             await r.client.hdel(self.key, *stale)

@@ -1,19 +1,44 @@
-"""Run one stage process: connect, watch control state, stop gracefully on SIGTERM/SIGINT."""
+"""The process lifecycle every stage shares, in one place.
+
+A stage is one object (a :class:`Stage` subclass: the validate and execute workers, the
+dispatcher, the breaker controller) that :func:`serve` runs in its own process:
+
+1. start: check the settings the stage needs, connect, start the process's control mirror
+   (which also registers the process in the worker registry and keeps its heartbeat), build
+   the stage, log ``<stage>.started``;
+2. signals: SIGTERM/SIGINT stop the stage gracefully (its batches finish or stay pending for
+   redelivery), SIGHUP asks it to re-read what it reads from files;
+3. work: ``run()`` until stopped; pause/resume reach the stage through the control mirror
+   (:attr:`Stage.paused`);
+4. graceful stop: log ``<stage>.stopped``, release the stage's own resources, leave the
+   registry, close the connection, and make sure the process exits.
+
+Tests run a stage object directly with ``run(drain=True)``: it returns once no work is left.
+The ingress runs under uvicorn, which owns its loop and signals; its lifespan takes its
+connection and control mirror from :func:`attached`, as :func:`serve` does.
+
+The command line (orderq/cli.py) imports the stage classes and hands them in here, so this
+package never imports a stage package.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import os
 import signal
+import socket
 import sys
 import threading
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, ClassVar, TypeVar
 
 import structlog
 
 from orderq import client as oq_client
 from orderq import metrics
+from orderq.client import Redis
 from orderq.control import Control, cancel_and_wait
 from orderq.settings import Settings
 
@@ -22,14 +47,118 @@ log = structlog.get_logger("orderq.runner")
 STOP_REPORT_S = 10.0  # a stage still running this long after SIGTERM logs where it waits
 EXIT_GRACE_S = 5.0  # a stage that has stopped and still has not exited after this is made to
 
+T = TypeVar("T")
+
+
+class Stage:
+    """One stage's work in one process: what :func:`serve` starts, signals and stops.
+
+    A subclass names its pipeline step in ``stage``, works in :meth:`run`, and may override
+    :meth:`check`, :meth:`reload`, :meth:`close` and the fields of its start and stop log lines.
+    """
+
+    stage: ClassVar[str] = ""  # the pipeline step: log event prefix, registry entry, pause target
+
+    def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
+        self.r = r
+        self.settings = r.settings
+        self.control = control
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = asyncio.Event()
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        """Raise ConfigError when ``settings`` cannot run this stage, before it connects."""
+
+    async def run(self, drain: bool = False) -> int:
+        """Work until stopped; with ``drain``, until no work is left. Returns the work done."""
+        raise NotImplementedError
+
+    @property
+    def paused(self) -> bool:
+        """An operator paused this stage (POST /v1/admin/pause): take no new work."""
+        return self.control is not None and self.stage in self.control.paused
+
+    def stop(self) -> None:
+        """Finish what is in hand and return from :meth:`run`."""
+        self.stopping.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the stage is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what the stage reads from files. Never the default action (which
+        terminates the process) for a stray hangup."""
+        log.info(f"{self.stage}.sighup_ignored")
+
+    async def close(self) -> None:
+        """Release what the stage holds beyond its connection (HTTP pools), after :meth:`run`."""
+
+    def started_fields(self) -> dict[str, Any]:
+        """Extra fields of the ``<stage>.started`` log line."""
+        return {}
+
+    def stopped_fields(self) -> dict[str, Any]:
+        """Extra fields of the ``<stage>.stopped`` log line (what the process did)."""
+        return {}
+
+
+@contextlib.asynccontextmanager
+async def attached(settings: Settings, stage: str) -> AsyncIterator[tuple[Redis, Control]]:
+    """A stage process's connection and control mirror (registered as ``stage``), with its
+    metrics flushed once a second; on the way out, the last metrics flushed, the registry
+    entry removed and the connection closed."""
+    r = await oq_client.connect(settings)
+    try:
+        control = await Control(r, stage).start()
+    except BaseException:
+        await r.close()
+        raise
+    flusher = metrics.start_flusher(r)
+    try:
+        yield r, control
+    finally:
+        await metrics.stop_flusher(flusher, r)
+        await control.stop()
+        await r.close()
+
+
+async def serve(settings: Settings, stage_cls: type[Stage]) -> None:
+    """``orderq <stage>``: run one stage until SIGTERM/SIGINT (exit 0), or until it fails (exit 1)."""
+    name = stage_cls.stage
+    stage_cls.check(settings)
+    async with attached(settings, name) as (r, control):
+        stage = stage_cls(r, control)
+        structlog.contextvars.bind_contextvars(stage=name, worker=stage.consumer)
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            stage.stop()
+            loop.call_later(STOP_REPORT_S, _report_slow_stop, name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGHUP, stage.reload)
+        log.info(f"{name}.started", worker=stage.consumer, **stage.started_fields())
+        clean = False
+        try:
+            await stage.run()
+            clean = True
+        finally:
+            log.info(f"{name}.stopped", worker=stage.consumer, **stage.stopped_fields())
+            exit_watchdog(name, 0 if clean else 1)
+            await stage.close()
+
 
 def exit_watchdog(stage: str, code: int = 0) -> None:
     """Once a stage has stopped (its batches acknowledged or left pending for redelivery),
     nothing may keep its process alive: a teardown that waits on something (a connection, a
-    thread) would hold a deploy or `orderq up`'s restart until SIGKILL. Seen about once in ten
-    test runs. A daemon thread, so it works even if the event loop itself is blocked: after
-    EXIT_GRACE_S it writes every thread's stack to stderr (the next diagnosis) and exits with
-    ``code`` (0 after a clean stop, 1 after a failure)."""
+    thread) would hold a deploy or `orderq up`'s restart until SIGKILL. A daemon thread, so
+    it works even if the event loop itself is blocked: after EXIT_GRACE_S it writes every
+    thread's stack to stderr (what the next diagnosis needs) and exits with ``code`` (0 after
+    a clean stop, 1 after a failure)."""
 
     def fire() -> None:
         sys.stderr.write(f"orderq: {stage} stopped but its process did not exit in {EXIT_GRACE_S:g}s; stacks:\n")
@@ -51,79 +180,14 @@ def _report_slow_stop(stage: str) -> None:
     log.warning(f"{stage}.stop_slow", waited_s=STOP_REPORT_S, tasks=stacks)
 
 
-async def run_worker(worker_cls: Any, settings: Settings, stage: str) -> None:
-    r = await oq_client.connect(settings)
-    control = await Control(r, stage).start()
-    try:
-        worker = worker_cls(r, control)
-    except BaseException:
-        await control.stop()
-        await r.close()
-        raise
-    structlog.contextvars.bind_contextvars(stage=stage, worker=worker.consumer)
-    loop = asyncio.get_running_loop()
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a stage process's coroutine on uvloop."""
+    import uvloop
 
-    def stop() -> None:
-        worker.stop()
-        loop.call_later(STOP_REPORT_S, _report_slow_stop, stage)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    reload = getattr(worker, "reload", None)
-    if reload is not None:  # SIGHUP: re-read what the stage reads from files
-        loop.add_signal_handler(signal.SIGHUP, reload)
-    else:  # never the default action (terminate) for a stray hangup
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(f"{stage}.sighup_ignored"))
-    log.info(f"{stage}.started", worker=worker.consumer, partitions=settings.partitions)
-    flusher = metrics.start_flusher(r)
-    clean = False
-    try:
-        await worker.run()
-        clean = True
-    finally:
-        await metrics.stop_flusher(flusher, r)
-        log.info(f"{stage}.stopped", worker=worker.consumer, processed=worker.processed)
-        exit_watchdog(stage, 0 if clean else 1)
-        await control.stop()
-        await r.close()
+    return uvloop.run(_then_end_leftovers(coro))
 
 
-async def run_breaker(settings: Settings) -> None:
-    from breaker.alerts import Alerts
-    from breaker.controller import Breaker
-    from orderq import history
-
-    r = await oq_client.connect(settings)
-    control = await Control(r, "breaker").start()
-    b = Breaker(r)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, b.stopping.set)
-    log.info("breaker.started", open_depth=settings.breaker_open_depth, shed_depth=settings.shed_depth)
-    # The dashboard's history and the alerts: once a second each, beside the 10/s sampler.
-    side = [asyncio.create_task(history.run(r, b.stopping)), asyncio.create_task(Alerts(r).run(b.stopping))]
-    clean = False
-    try:
-        await b.run()
-        clean = True
-    finally:
-        b.stopping.set()
-        await asyncio.gather(*side, return_exceptions=True)
-        exit_watchdog("breaker", 0 if clean else 1)
-        await control.stop()
-        await r.close()
-
-
-def run(coro: Any) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(_then_end_leftovers(coro))
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(_then_end_leftovers(coro))
-
-
-async def _then_end_leftovers(coro: Any) -> Any:
+async def _then_end_leftovers(coro: Coroutine[Any, Any, T]) -> T:
     """Run a stage's coroutine, then end every task it left running (a library's background
     task: a connection release, a cluster topology refresh). asyncio.run would cancel each
     once and wait for it; on Python 3.11 a task in the middle of a Redis command can swallow

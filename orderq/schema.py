@@ -10,10 +10,18 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 from msgspec import Meta, Struct
+
+# A value decoded from JSON whose shape is the sender's (an order's extra fields, a channel's
+# payload): nested dicts, lists, strings, numbers, booleans and None. Left open, as msgspec
+# decodes it fastest and each reader checks the part it uses.
+JSON: TypeAlias = Any
+# A type built at run time from msgspec's type info, for msgspec.convert (Python has no static
+# type for a type expression).
+TypeForm: TypeAlias = Any
 
 # Money: a decimal string with at most 2 decimals. Floats are refused by type.
 Money = Annotated[
@@ -77,7 +85,7 @@ class Order(Struct, omit_defaults=True):
     currency: Annotated[str, Meta(pattern=r"^[A-Z]{3}$")] = "CNY"
     remark: LongText | None = None
     gifts: Annotated[list[Gift], Meta(max_length=50)] = []
-    extra: dict[str, Any] = {}
+    extra: dict[str, JSON] = {}
 
     def __post_init__(self) -> None:
         # Runs on every decode (HTTP body and between stages): msgspec turns the ValueError
@@ -120,7 +128,7 @@ class Order(Struct, omit_defaults=True):
 
 
 # Money bounds: what a real shop never reaches, and what keeps every sum the stages compute
-# exact: the ledger script (orderq/lua/rules.lua) adds a customer's day totals in Lua
+# exact: the ledger script (orderq/lua/checks.lua) adds a customer's day totals in Lua
 # numbers (doubles, exact to 2**53) and multiplies them by the subsidy cap in basis points,
 # and msgpack carries integers up to 2**64 only. 200 lines x 9999 x the price bound would
 # not fit; the order bound keeps a day of 90 maximal orders per customer exact.
@@ -289,7 +297,7 @@ def _join(prefix: str, name: str | int) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _check(value: Any, info: msgspec.inspect.Type, path: str, out: list[ErrorDetail]) -> None:
+def _check(value: JSON, info: msgspec.inspect.Type, path: str, out: list[ErrorDetail]) -> None:
     inspect = msgspec.inspect
     while isinstance(info, inspect.Metadata):
         info = info.type
@@ -320,7 +328,7 @@ def _check(value: Any, info: msgspec.inspect.Type, path: str, out: list[ErrorDet
     _convert(value, info, path, out)
 
 
-def _convert(value: Any, info: msgspec.inspect.Type, path: str, out: list[ErrorDetail]) -> None:
+def _convert(value: JSON, info: msgspec.inspect.Type, path: str, out: list[ErrorDetail]) -> None:
     try:
         msgspec.convert(value, _type_of(info), strict=True)
     except msgspec.ValidationError as err:
@@ -329,7 +337,7 @@ def _convert(value: Any, info: msgspec.inspect.Type, path: str, out: list[ErrorD
         out.append(ErrorDetail(path=sub or "$", message=d.message))
 
 
-def _type_of(info: msgspec.inspect.Type) -> Any:
+def _type_of(info: msgspec.inspect.Type) -> TypeForm:
     """Rebuild a Python type (with constraints) from msgspec's type info."""
     inspect = msgspec.inspect
     while isinstance(info, inspect.Metadata):
@@ -339,7 +347,7 @@ def _type_of(info: msgspec.inspect.Type) -> Any:
         v = getattr(info, attr, None)
         if v is not None:
             meta_kw[attr] = v
-    base: Any
+    base: TypeForm
     if isinstance(info, inspect.StrType):
         base = str
     elif isinstance(info, inspect.IntType):
@@ -347,17 +355,20 @@ def _type_of(info: msgspec.inspect.Type) -> Any:
     elif isinstance(info, inspect.DateTimeType):
         base = dt.datetime
     elif isinstance(info, inspect.LiteralType):
-        return Literal[tuple(info.values)]  # type: ignore[misc]
+        return Literal[tuple(info.values)]
     elif isinstance(info, inspect.NoneType):
         return None
     elif isinstance(info, inspect.UnionType):
         types = tuple(_type_of(t) for t in info.types)
-        out: Any = types[0]
+        out: TypeForm = types[0]
         for t in types[1:]:
             out = out | t if t is not None else out | None
         return out
     elif isinstance(info, inspect.ListType):
-        return Annotated[list[_type_of(info.item_type)], Meta(**meta_kw)] if meta_kw else list
+        if not meta_kw:
+            return list
+        item = _type_of(info.item_type)
+        return Annotated[list[item], Meta(**meta_kw)]  # type: ignore[valid-type]  # built at run time
     elif isinstance(info, inspect.DictType):
         return dict
     elif isinstance(info, inspect.StructType):
@@ -367,7 +378,7 @@ def _type_of(info: msgspec.inspect.Type) -> Any:
     return Annotated[base, Meta(**meta_kw)] if meta_kw else base
 
 
-def _kind(value: Any) -> str:
+def _kind(value: JSON) -> str:
     return {dict: "object", list: "array", str: "str", int: "int", float: "float", bool: "bool"}.get(
         type(value), "null"
     )

@@ -8,13 +8,13 @@ still owed (pending entries included).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 
 from orderq import keys
 from orderq.client import Redis
-from orderq.control import HOLDS_KEY
+from orderq.keys import HOLDS_KEY
 
 TOTALS = (
     "accepted",
@@ -32,7 +32,29 @@ EXTRA_COUNTERS = ("executed_vip", "executed_new", "executed_regular", "deferred"
 RATE_WINDOW_S = 5.0  # rates are averaged over this window
 
 
-async def backlog(r: Redis) -> tuple[int, dict[str, Any]]:
+class Depth(TypedDict):
+    """Entries waiting in each stage, summed over the partitions."""
+
+    intake: int
+    ready: dict[str, int]  # per priority lane (keys.PRIORITIES)
+    review: int
+    deferred: int
+    held: int
+
+
+class Heartbeat(msgspec.Struct):
+    """A worker's entry in ``keys.WORKERS_KEY``, refreshed by its :class:`~orderq.control.Control`."""
+
+    stage: str
+    pid: int
+    host: str
+    ts: float = 0.0
+
+
+_decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
+
+
+async def backlog(r: Redis) -> tuple[int, Depth]:
     """Backlog and depth per stage in one pipelined round trip."""
     pipe = r.client.pipeline(transaction=False)
     for p in r.partitions:
@@ -43,7 +65,7 @@ async def backlog(r: Redis) -> tuple[int, dict[str, Any]]:
         pipe.xlen(p.deferred)
         pipe.zcard(p.held)
     res = await pipe.execute()
-    depth = {"intake": 0, "ready": {"vip": 0, "new": 0, "regular": 0}, "review": 0, "deferred": 0, "held": 0}
+    depth = Depth(intake=0, ready={"vip": 0, "new": 0, "regular": 0}, review=0, deferred=0, held=0)
     step = 7
     for i in range(len(r.partitions)):
         intake, vip, new, regular, review, deferred, held = res[i * step : (i + 1) * step]
@@ -105,22 +127,28 @@ async def compute(r: Redis, meter: RateMeter) -> dict[str, Any]:
     pipe.hgetall(HOLDS_KEY)
     breaker, workers_raw, paused, holds = await pipe.execute()
     now = time.time()
-    workers = []
+    live: list[Heartbeat] = []
     gone = []
     for wid, raw in workers_raw.items():
-        w = msgspec.json.decode(raw)
-        age = now - float(w.get("ts", 0))
+        w = _decode_heartbeat(raw)
+        age = now - w.ts
         if age <= keys.WORKER_TTL_S:
-            workers.append({"stage": w["stage"], "pid": w["pid"], "host": w["host"]})
+            live.append(w)
         elif age > 60 * keys.WORKER_TTL_S:
             gone.append(wid)
     if gone:  # heartbeats of processes long dead
         await r.client.hdel(keys.WORKERS_KEY, *gone)
-    workers.sort(key=lambda w: (w["stage"], w["host"], w["pid"]))
+    live.sort(key=lambda w: (w.stage, w.host, w.pid))
+    workers = [{"stage": w.stage, "pid": w.pid, "host": w.host} for w in live]
     return {
         "stage": (breaker.get(b"stage") or b"normal").decode(),
         "backlog": total,
-        "depth": {k: depth[k] for k in ("intake", "ready", "review", "deferred")},
+        "depth": {
+            "intake": depth["intake"],
+            "ready": depth["ready"],
+            "review": depth["review"],
+            "deferred": depth["deferred"],
+        },
         "rates": meter.rates(time.monotonic(), t),
         "totals": {k: t[k] for k in TOTALS},
         "executed_by_priority": {p: t[f"executed_{p}"] for p in keys.PRIORITIES},

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 import structlog
 
@@ -30,7 +32,6 @@ class Child:
     stage: str
     index: int
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
     started: float = 0.0
     next_start: float = 0.0
     failures: list[float] = field(default_factory=list)
@@ -52,6 +53,8 @@ class Supervisor:
         out.append(Child("breaker", 0))
         if s.webhooks:  # downstream endpoints configured: deliver the outbox to them
             out.append(Child("dispatch", 0))
+        if s.import_dir is not None or (s.connectors_dir is not None and any(Path(s.connectors_dir).glob("*.toml"))):
+            out.append(Child("connect", 0))  # pull connectors or the watched import folder (contract §7)
         return out
 
     def start_server(self) -> None:
@@ -65,12 +68,19 @@ class Supervisor:
             log.info("server.started", url=self.server.url, data_dir=str(self.settings.data_dir))
         self.env["ORDERQ_REDIS_URL"] = self.server.url
 
-    def spawn(self, child: Child) -> None:
+    def spawn(self, child: Child, output: IO[bytes] | None = None) -> None:
+        """Start ``child``; ``output``: a file for its stdout and stderr (default: inherited)."""
         cmd = [sys.executable, "-m", "orderq", child.stage]
         # Own session: a terminal's Ctrl-C reaches only the supervisor, which stops the ingress
         # first and the workers after (a second signal would make uvicorn force-exit).
         child.proc = subprocess.Popen(
-            cmd, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
+            cmd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         child.started = time.monotonic()
         log.info("stage.started", stage=child.stage, pid=child.proc.pid)
@@ -95,7 +105,7 @@ class Supervisor:
             )
             self._watch()
         finally:
-            self._stop_children()
+            self.stop_children()
             if self.server is not None:
                 self.server.stop()
                 log.info("server.stopped")
@@ -105,7 +115,7 @@ class Supervisor:
         self.stopping = True
 
     def _on_hangup(self, signum: int, frame: object) -> None:
-        """SIGHUP: the execute stage re-reads its routing rules (rules/routing.toml)."""
+        """SIGHUP: the execute stage re-reads its routing rules (routing/routing.toml)."""
         for c in self.children:
             if c.stage == "execute" and c.proc is not None and c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGHUP)
@@ -125,14 +135,13 @@ class Supervisor:
                     c.proc = None
                     c.next_start = now + delay
                 if c.proc is None and now >= c.next_start and not self.stopping:
-                    c.restarts += 1
                     self.spawn(c)
             time.sleep(0.1)
 
-    def _stop_children(self) -> None:
+    def stop_children(self) -> None:
         live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
         # Ingress first (stop accepting), then the workers finish their batches.
-        for stage_group in (("ingress",), ("validate", "execute", "breaker", "dispatch")):
+        for stage_group in (("ingress", "connect"), ("validate", "execute", "breaker", "dispatch")):
             group = [c for c in live if c.stage in stage_group]
             for c in group:
                 assert c.proc is not None

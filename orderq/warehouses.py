@@ -1,4 +1,4 @@
-"""Warehouses (issue 9): where goods ship from. Kept in one hash (``keys.WAREHOUSES_KEY``),
+"""Warehouses: where goods ship from. Kept in one hash (``keys.WAREHOUSES_KEY``),
 set as a whole by ``PUT /v1/admin/warehouses`` and mirrored in every process by
 :class:`orderq.control.Control` (pub/sub, then a re-read every second), so the execute
 stage routes without reading them per batch.
@@ -6,7 +6,7 @@ stage routes without reading them per batch.
 With none configured, orderq ships everything from one implicit warehouse (``default``)
 and no routing rule fires: behaviour is what it was before warehouses existed.
 
-A warehouse leaves the set only once nothing of it is left to count (issue 13): a PUT that
+A warehouse leaves the set only once nothing of it is left to count: a PUT that
 drops one that still counts stock or has open allocations is refused (:class:`InUse`), since
 its stock records could never be corrected again (no count may name a warehouse that is not
 in the set). Count it to 0 first, and let its open picks execute and be settled by a count.
@@ -14,15 +14,18 @@ in the set). Count it to 0 first, and let its open picks execute and be settled 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from orderq import geo, keys
 from orderq.client import Redis
+from orderq.commands import Value
 from orderq.errors import OrderqError
 from orderq.schema import Text
+
+RETIRE_TRIES = 5  # retire.lua calls while a removed warehouse's SKU set changes under the read
 
 WarehouseId = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 Carrier = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
@@ -100,9 +103,13 @@ async def put(r: Redis, ws: list[Warehouse]) -> None:
     nothing, when a warehouse it drops still has stock or open allocations; otherwise the
     ledger forgets the dropped ones first (retire.lua), so no executor allocates there again."""
     ids = [w.id for w in ws]
-    gone = sorted(set(await r.client.hkeys(keys.WAREHOUSES_KEY)) - {i.encode() for i in ids})
-    args = [keys.RULES_PREFIX, len(gone), *gone, *ids]
-    (res,) = await r.run(lambda pipe: r.script(pipe, "retire", [keys.RULES_PREFIX], args))
+    gone = sorted(w.decode() for w in set(await r.client.hkeys(keys.WAREHOUSES_KEY)) - {i.encode() for i in ids})
+    for _ in range(RETIRE_TRIES):
+        res = await _retire(r, gone, ids)
+        if res != [-1]:
+            break
+    else:
+        raise RuntimeError(f"the SKU sets of {gone} kept changing: retry the request")
     if res:
         total, rows = res
         left = [StockLeft(wh.decode(), sku.decode(), int(p), int(a), int(o)) for wh, sku, p, a, o in rows]
@@ -113,6 +120,25 @@ async def put(r: Redis, ws: list[Warehouse]) -> None:
         pipe.hset(keys.WAREHOUSES_KEY, mapping={w.id: _encode(w) for w in ws})
     await pipe.execute()
     await r.client.publish(keys.EVENTS_CHANNEL, _encode({"warehouses": "set"}))
+
+
+async def _retire(r: Redis, gone: list[str], ids: list[str]) -> list[Any]:
+    """One retire.lua call with every key it touches: each removed warehouse's SKU set is read
+    first (the script answers [-1] when one changed in between)."""
+    pipe = r.client.pipeline(transaction=False)
+    for wh in gone:
+        pipe.smembers(keys.wh_skus_key(wh))
+    ks: list[str] = [keys.RETIRED_WAREHOUSES_KEY]
+    args: list[Value] = [len(gone)]
+    for wh, members in zip(gone, await pipe.execute(), strict=True):
+        skus = sorted(m.decode() for m in members)
+        ks.append(keys.wh_skus_key(wh))
+        for sku in skus:
+            ks += [keys.stock_key(sku), keys.wh_holders_key(sku, wh)]
+        args += [wh, len(skus), *skus]
+    args += ids
+    (res,) = await r.run(lambda pipe: r.script(pipe, "retire", ks, args))
+    return list(res)
 
 
 def decode_all(raw: dict[bytes, bytes]) -> dict[str, Warehouse]:

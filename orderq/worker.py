@@ -6,8 +6,6 @@ SIGTERM. Stages subclass :class:`StreamWorker` and supply ``fetch`` and ``proces
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from orderq import keys
 from orderq.client import Redis, ensure_groups
 from orderq.control import Control
+from orderq.runner import Stage
 
 log = structlog.get_logger("orderq.worker")
 
@@ -66,32 +65,8 @@ class BatchResult:
     failed: dict[Any, tuple[Entry, str]] = field(default_factory=dict)
 
 
-class Consumer:
-    """What every worker process shares (the stream workers and the dispatcher): its
-    connection, settings, control mirror, consumer name, and a stop that ends its waits."""
-
-    stage = ""
-
-    def __init__(self, r: Redis, control: Control | None = None, consumer: str | None = None) -> None:
-        self.r = r
-        self.settings = r.settings
-        self.control = control
-        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
-        self.stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if the worker is told to stop."""
-        try:
-            await asyncio.wait_for(self.stopping.wait(), max(0.0, seconds))
-        except TimeoutError:
-            pass
-
-
-class StreamWorker(Consumer):
-    """Base of the validate and execute workers."""
+class StreamWorker(Stage):
+    """Base of the validate and execute workers: a stage that consumes streams of every partition."""
 
     group = ""
 
@@ -127,11 +102,13 @@ class StreamWorker(Consumer):
         may give them a final state instead."""
         await self.dead_letter(failed)
 
-    # --- the loop ---------------------------------------------------------------------
-    @property
-    def paused(self) -> bool:
-        return self.control is not None and self.stage in self.control.paused
+    def started_fields(self) -> dict[str, Any]:
+        return {"partitions": self.settings.partitions}
 
+    def stopped_fields(self) -> dict[str, Any]:
+        return {"processed": self.processed}
+
+    # --- the loop ---------------------------------------------------------------------
     async def run(self, drain: bool = False) -> int:
         """Work until stopped; with ``drain``, until no work is left. Returns entries processed.
 
@@ -271,7 +248,7 @@ class StreamWorker(Consumer):
 
     async def dead_letter(self, failed: list[tuple[Entry, str]]) -> int:
         """Dead-letter ``failed`` now, each with its own error: one poison.lua call per stream."""
-        by_stream: dict[tuple[keys.Partition, str], list[object]] = {}
+        by_stream: dict[tuple[keys.Partition, str], list[str]] = {}
         for e, error in failed:
             by_stream.setdefault((e.partition, e.stream), []).extend((e.id, error[:500]))
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from orderq import keys
 from orderq.client import Redis
-from orderq.control import HOLDS_KEY, Control
+from orderq.control import Control
+from orderq.keys import HOLDS_KEY
 from tests.conftest import ROOT, drain, make_order
 from tests.test_recovery import push
 
@@ -181,8 +182,10 @@ async def test_dead_letter_older_than_the_grace_fails_and_one_gone_unresolved_is
     (entry_id, _), *_ = await r.client.xrange(keys.dispatch_dead(q))
     await r.client.xdel(keys.dispatch_dead(q), entry_id)
     code, rep, _ = audit(make_env)
-    assert code == 1 and rep["failed"] == ["lost"]
+    # (and the order copy that dead letter referenced is now counted once too often)
+    assert code == 1 and rep["failed"] == ["lost", "copy_mismatch"]
     assert category(rep, "lost") == {"dead_letter_missing": 1}
+    assert rep["copy_mismatch_by"] == {"copy_count": 1}
 
 
 # --- effects applied twice ---------------------------------------------------------------
@@ -199,7 +202,7 @@ async def test_an_effect_appended_again_is_counted_by_the_execute_script(r: Redi
     assert h[b"xn:notify.sms"] == b"1" and h[b"xn:wms.pick"] == b"1"
     assert audit(make_env)[0] == 0
     p = r.partition_of(key)
-    payload = next(f[b"d"] for _, f in await r.client.xrange(p.outbox("notify.sms")) if f[b"k"] == key.encode())
+    payload = await r.client.hget(p.order_copies, key)  # the order its outbox entries reference
     await r.client.hdel(st, "x:notify.sms")  # the guard lost, the order delivered once more
     await r.client.hset(st, "s", "validated")
     await r.client.xadd(p.lanes[2], {"k": key, "d": payload, "ta": h[b"ta"]})
@@ -217,6 +220,7 @@ async def test_effect_applied_twice_in_the_ledger_fails(r: Redis, make_env: Any)
     for p in r.partitions:  # every outbox delivered and gone, as the dispatcher leaves them
         for action in keys.ACTIONS:
             await r.client.delete(p.outbox(action))
+        await r.client.delete(p.order_copies, p.copy_refs)  # (the last delivery of an order takes its copy)
     assert audit(make_env)[0] == 0
     # an apply count of 2 (xn:<action>: what the scripts that append an outbox entry count)
     await r.client.hincrby(status(r, "tmall:TE0"), "xn:notify.sms", 1)

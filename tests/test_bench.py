@@ -133,6 +133,13 @@ def test_bench_reports_every_figure_of_the_contract(tmp_path: Path) -> None:
     assert "orders/s accepted" in proc.stdout and "end-to-end vip" in proc.stdout
     assert f"{sent:,} orders sent · {sent:,} acknowledged · lost 0 · duplicated 0 · unexpected 0" in proc.stdout
     assert "after the drain:" in proc.stdout
+    # off a terminal each phase's progress is one line, written at its end
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("bench: ")]
+    for phase in ("single", "batch", "burst", "reference single", "reference batch", "e2e", "spike"):
+        lines = [line for line in progress if line.startswith(f"bench: {phase}: ")]
+        assert len(lines) == 1 and re.search(r" · [\d.]+ s$", lines[0]), (phase, progress)
+    assert re.search(r"^bench: burst: .*: ([\d,]+)/\1 orders drained · ", "\n".join(progress), re.M), progress
     started = re.search(r"starting a private one in (\S+)", proc.stderr)
     assert started, proc.stderr
     assert not Path(started.group(1)).exists()

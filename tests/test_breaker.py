@@ -121,7 +121,7 @@ def hysteresis(**over: Any) -> Hysteresis:
 
 
 def changes(h: Hysteresis, samples: list[tuple[int, float]]) -> list[tuple[str, str]]:
-    out, stage = [], h.stage
+    out, stage = [], h.level
     for backlog, now in samples:
         new = h.decide(backlog, now)
         if new != stage:
@@ -148,7 +148,7 @@ def test_oscillating_around_the_close_depth_does_not_close():
     h.decide(30, 0.0)
     samples = [(5 if i % 2 else 4, i * 0.1) for i in range(1, 100)]  # each dip shorter than the cooldown
     assert changes(h, samples) == []
-    assert h.stage == "degraded"
+    assert h.level == "degraded"
     # Held under the close depth for the cooldown: exactly one change.
     assert changes(h, [(4, 10.0 + i * 0.1) for i in range(10)]) == [("degraded", "normal")]
 

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from ingress.mapping import MappingError, compile_mapping, load_dir, load_file
 from orderq import keys, stats
 from orderq.client import Redis
 from orderq.errors import ConfigError
+from orderq.mapping import MappingError, compile_mapping, load_dir, load_file
 from orderq.schema import order_decoder, unpack_order
 from orderq.settings import DEFAULT_CHANNELS, SHIPPED_MAPPINGS
 from tests.conftest import ADMIN, ROOT, auth, drain

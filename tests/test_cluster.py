@@ -24,16 +24,16 @@ import pytest
 import redis
 
 from dispatch.worker import Dispatcher
+from loadtest.clusterdev import SLOTS, DevCluster
 from orderq import audit, keys, stats, warehouses
 from orderq import client as oq_client
-from orderq.clusterdev import SLOTS, DevCluster
 from orderq.errors import ConfigError, OrderqError, ServerCheckError
+from orderq.ledger import stock
 from orderq.settings import Settings
 from orderq.warehouses import Warehouse
 from tests.conftest import ADMIN, ROOT, auth, drain, make_order
 from tests.test_dispatch import Sink, dispatcher_settings, running, until
 from tests.test_validate_rules import RULES_ON, _started, accept, line, order, race_outcome
-from validate import stock
 
 PARTITIONS = 6  # two per master
 

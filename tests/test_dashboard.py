@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import msgspec
 
-from ingress import openapi
+from ingress import bodies
 from ingress.dashboard import COOKIE
-from orderq.metrics import REASONS_KEY
+from orderq.keys import REASONS_KEY
 from tests.conftest import ADMIN, ADMIN_TOKEN, ROOT, auth, drain, make_order, unique
 
 
@@ -131,7 +131,7 @@ async def test_dashboard_data_is_the_stats_plus_the_breakers_history(ingress, st
 
         (alert,) = await poll(alerting, "the dead-letter alert on the dashboard")
         assert alert["since"].endswith("Z") and "dead letters" in alert["text"]
-        msgspec.convert(doc, openapi.DashboardData)  # the documented shape
+        msgspec.convert(doc, bodies.DashboardData)  # the documented shape
 
 
 async def test_concurrent_viewers_share_one_computation(ingress):
@@ -168,7 +168,7 @@ async def test_status_json_is_the_stats_document(ingress, make_env, r):
     assert status["totals"] == stats["totals"]
     assert status["totals"]["executed"] == 5 and status["totals"]["duplicates"] == 1
     assert (status["stage"], status["backlog"], status["depth"]) == (stats["stage"], stats["backlog"], stats["depth"])
-    msgspec.convert(status, openapi.Stats)
+    msgspec.convert(status, bodies.Stats)
 
 
 def _refs(node: Any) -> list[str]:
@@ -226,13 +226,13 @@ async def test_openapi_lists_the_routes_with_schemas_that_match_the_answers(ingr
         # The documented bodies are what the service answers: same fields, valid types.
         o = make_order(unique())
         answers = [
-            (await c.post("/v1/orders", json=o, headers=auth()), openapi.Accepted),
-            (await c.post("/v1/orders/batch", json={"orders": [o, {"x": 1}]}, headers=auth()), openapi.BatchResponse),
-            (await c.get(f"/v1/orders/tmall/{o['order_id']}", headers=ADMIN), openapi.StatusRecord),
-            (await c.get("/v1/stats", headers=ADMIN), openapi.Stats),
-            (await c.post("/v1/orders", json={**o, "lines": []}, headers=auth()), openapi.ErrorBody),
-            (await c.get("/healthz"), openapi.Health),
-            (await c.get("/readyz"), openapi.Ready),
+            (await c.post("/v1/orders", json=o, headers=auth()), bodies.Accepted),
+            (await c.post("/v1/orders/batch", json={"orders": [o, {"x": 1}]}, headers=auth()), bodies.BatchResponse),
+            (await c.get(f"/v1/orders/tmall/{o['order_id']}", headers=ADMIN), bodies.StatusRecord),
+            (await c.get("/v1/stats", headers=ADMIN), bodies.Stats),
+            (await c.post("/v1/orders", json={**o, "lines": []}, headers=auth()), bodies.ErrorBody),
+            (await c.get("/healthz"), bodies.Health),
+            (await c.get("/readyz"), bodies.Ready),
         ]
         for resp, t in answers:
             body = resp.json()

@@ -25,16 +25,17 @@ import pytest
 
 from dispatch.worker import Dispatcher
 from execute.worker import ExecuteWorker
-from ingress import openapi
+from ingress import bodies
 from orderq import audit, client, deadletters, keys, warehouses
 from orderq.client import Redis
+from orderq.ledger import stock
 from orderq.schema import unpack_order
 from orderq.warehouses import Warehouse
 from orderq.worker import StreamWorker
 from tests.conftest import ADMIN, ADMIN_TOKEN, ROOT, drain, make_order, unique
 from tests.test_dispatch import Sink
 from tests.test_validate_rules import accept, status
-from validate import rules, stock
+from validate import checks
 from validate.worker import ValidateWorker
 
 UTC_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -56,7 +57,7 @@ async def fail_until_dead(r: Redis, stage: type[StreamWorker], error: str, decid
     entries = await w.fetch(0)
     assert entries, "nothing waiting"
     if decide:
-        await rules.decide(r, [unpack_order(e.get(b"d")) for e in entries], [int(e.get(b"ta")) for e in entries])
+        await checks.decide(r, [unpack_order(e.get(b"d")) for e in entries], [int(e.get(b"ta")) for e in entries])
     assert await w.dead_letter([(e, error) for e in entries]) == len(entries)
 
 
@@ -90,7 +91,7 @@ async def listed(c: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
     resp = await c.get("/v1/admin/dead-letters", params=params)
     assert resp.status_code == 200, resp.text
     doc = resp.json()
-    msgspec.convert(doc, openapi.DeadLetterList)  # the documented shape
+    msgspec.convert(doc, bodies.DeadLetterList)  # the documented shape
     return list(doc["items"])
 
 
@@ -112,7 +113,7 @@ async def test_an_execute_dead_letter_is_listed_and_replayed_once_in_effect(r: R
 
     resp = await api.post(f"/v1/admin/dead-letters/{item['id']}/replay")
     assert resp.status_code == 200, resp.text
-    done = msgspec.convert(resp.json(), openapi.DeadLetterResolved)
+    done = msgspec.convert(resp.json(), bodies.DeadLetterResolved)
     assert done.resolution == "replayed" and done.status == "validated"
     again = await api.post(f"/v1/admin/dead-letters/{item['id']}/replay")
     assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"  # no double entry
@@ -242,7 +243,7 @@ async def test_discarding_an_undecided_validate_dead_letter_releases_nothing_of_
     (holder,) = await accept(r, first)
     await drain(r)
     assert (await status(r, holder))["status"] == "executed"
-    ledger_before = {k: await r.client.hgetall(k) for k in await r.client.keys(keys.RULES_PREFIX + "sub:*")}
+    ledger_before = {k: await r.client.hgetall(k) for k in await r.client.keys(keys.LEDGER_PREFIX + "sub:*")}
     (key,) = await accept(r, order(coupons=coupon, customer=first["customer"]))
     await fail_until_dead(r, ValidateWorker, "KeyError: 'x'")
     (item,) = await listed(api)
@@ -356,6 +357,157 @@ async def test_a_refused_pick_of_a_split_order_is_replayed_for_its_warehouse_onc
     assert {b["fulfilment_id"] for b in bodies.values()} == {f"{fid}-SH", f"{fid}-GZ-1"}
     assert await listed(api) == []
     assert (await audit.run(r))["duplicate_effects"] == 0
+
+
+async def test_a_shipment_effect_dead_lettered_keeps_its_kind_and_shipment(
+    r: Redis, api: httpx.AsyncClient, wms: Sink, settings_for: Callable[..., Any]
+) -> None:
+    """The effects of a shipment (channel.ship_sync, the shipped SMS) carry their shipment and,
+    the SMS, its kind: dead-lettered, the letter keeps both, the failed ledger field is the
+    effect's own (``x:notify.sms:shipped``, not the confirmation SMS's ``x:notify.sms``), and a
+    replay delivers the tracking number and kind under the effect's own idempotency key."""
+    hooks = {
+        "ORDERQ_WEBHOOK_CHANNEL_SHIP_SYNC": wms.url + "/ship-sync",
+        "ORDERQ_WEBHOOK_NOTIFY_SMS": wms.url + "/sms",
+        "ORDERQ_MAX_DELIVERIES": "2",
+        "ORDERQ_DISPATCH_BACKOFF_S": "0.02",
+    }
+    (key,) = await accept(r, order())
+    await drain(r)
+    conn = await client.connect(settings_for(**hooks))
+
+    async def dispatch(consumer: str) -> None:
+        d = Dispatcher(conn, consumer=consumer)
+        await asyncio.wait_for(d.run(drain=True), 30)
+        await d.close()
+
+    def states(st: dict[str, Any]) -> dict[tuple[str, str | None], str]:
+        return {(a["name"], a.get("kind")): a["state"] for a in st["actions"]}
+
+    try:
+        await dispatch("d1")  # the order's confirmation SMS goes out
+        assert wms.delivered() == Counter({f"{key}:notify.sms": 1})
+        wms.status_of[key] = 503  # the platform and the SMS gateway fail, until told otherwise
+        channel, order_id = key.split(":")
+        ship = {"source": "carrier", "status": "shipped", "carrier": "SF", "tracking_no": "SF42", "warehouse": "SH"}
+        resp = await api.post(f"/v1/orders/{channel}/{order_id}/events", json=ship)
+        assert resp.status_code == 202, resp.text
+        await dispatch("d2")
+        items = {i["action"]: i for i in await listed(api, stage="dispatch")}
+        assert set(items) == {"channel.ship_sync", "notify.sms"}
+        assert all(i["order_key"] == key and i["deliveries"] == 2 for i in items.values())
+        got = states(await status(r, key))
+        assert got[("notify.sms", None)] == "done"  # the confirmation SMS was delivered
+        assert got[("notify.sms", "shipped")] == "failed"
+        assert got[("channel.ship_sync", None)] == "failed"
+
+        del wms.status_of[key]  # both downstreams are fixed
+        for i in items.values():
+            assert (await api.post(f"/v1/admin/dead-letters/{i['id']}/replay")).status_code == 200
+        got = states(await status(r, key))
+        assert got[("notify.sms", "shipped")] == got[("channel.ship_sync", None)] == "done"
+        assert got[("notify.sms", None)] == "done"
+        await dispatch("d3")
+    finally:
+        await conn.close()
+    assert wms.delivered() == Counter(
+        {f"{key}:notify.sms": 1, f"{key}:notify.sms:shipped": 1, f"{key}:channel.ship_sync": 1}
+    )
+    sent = {q["key"]: q["body"] for q in wms.requests if q["status"] == 200}
+    sms, sync = sent[f"{key}:notify.sms:shipped"], sent[f"{key}:channel.ship_sync"]
+    assert sms["kind"] == "shipped" and sms["shipment"]["tracking_no"] == "SF42"
+    assert sync["shipment"]["tracking_no"] == "SF42" and sync["shipment"]["carrier"] == "SF"
+    assert sms["order"]["order_id"] == sync["order"]["order_id"] == order_id
+    assert "kind" not in sent[f"{key}:notify.sms"]
+    assert await listed(api) == []
+    report = await audit.run(r)
+    assert report["duplicate_effects"] == 0 and report["copy_mismatch"] == 0
+
+
+async def test_a_discarded_shipment_effect_fails_its_own_ledger_field(
+    r: Redis, api: httpx.AsyncClient, wms: Sink, settings_for: Callable[..., Any]
+) -> None:
+    """Discarding the shipped SMS's dead letter fails ``x:notify.sms:shipped`` only; the
+    confirmation SMS, dead-lettered too and referencing the order's copy, is replayed and the
+    copy's reference count comes out right."""
+    hooks = {"ORDERQ_WEBHOOK_NOTIFY_SMS": wms.url + "/sms", "ORDERQ_MAX_DELIVERIES": "1"}
+    (key,) = await accept(r, order())
+    await drain(r)
+    wms.status_of[key] = 500
+    channel, order_id = key.split(":")
+    ship = {"source": "wms", "status": "shipped", "carrier": "JD", "tracking_no": "JD7"}
+    assert (await api.post(f"/v1/orders/{channel}/{order_id}/events", json=ship)).status_code == 202
+    conn = await client.connect(settings_for(**hooks))
+    try:
+        d = Dispatcher(conn, consumer="d1")
+        await asyncio.wait_for(d.run(drain=True), 30)
+        await d.close()
+        p = r.partition_of(key)
+        letters = [f for _id, f in await r.client.xrange(keys.dispatch_dead(p)) if f[b"k"] == key.encode()]
+        assert sorted((f.get(b"n", b""), b"o" in f) for f in letters) == [(b"", True), (b"shipped", False)]
+        shipped = next(f for f in letters if f.get(b"n") == b"shipped")
+        assert json.loads(shipped[b"s"])["tracking_no"] == "JD7"
+        st = {(a["name"], a.get("kind")): a["state"] for a in (await status(r, key))["actions"]}
+        assert st[("notify.sms", None)] == st[("notify.sms", "shipped")] == "failed"
+
+        del wms.status_of[key]
+        items = await listed(api, stage="dispatch")
+        ids = {(await deadletters.get(r, i["id"])).fields.get(b"n", b""): i["id"] for i in items}
+        resp = await api.post(f"/v1/admin/dead-letters/{ids[b'shipped']}/discard", json={"reason": "too late"})
+        assert resp.status_code == 200, resp.text
+        assert (await api.post(f"/v1/admin/dead-letters/{ids[b'']}/replay")).status_code == 200
+        st = {(a["name"], a.get("kind")): a["state"] for a in (await status(r, key))["actions"]}
+        assert st[("notify.sms", "shipped")] == "failed" and st[("notify.sms", None)] == "done"
+        d = Dispatcher(conn, consumer="d2")
+        await asyncio.wait_for(d.run(drain=True), 30)
+        await d.close()
+    finally:
+        await conn.close()
+    assert wms.delivered() == Counter({f"{key}:notify.sms": 1})
+    # the SMS's reference given up when delivered; the order's undelivered actions keep theirs
+    undelivered = sum([(await outbox_keys(r, a))[key] for a in ("wms.pick", "invoice.request")])
+    assert undelivered == 2 and int(await r.client.hget(p.copy_refs, key) or 0) == undelivered
+    report = await audit.run(r)
+    assert report["duplicate_effects"] == 0 and report["copy_mismatch"] == 0
+
+
+async def test_an_entry_evicted_while_held_is_dead_lettered_with_its_payload(
+    r: Redis, wms: Sink, settings_for: Callable[..., Any]
+) -> None:
+    """A trimmed outbox may evict an entry a dispatcher holds, the eviction giving up its copy
+    reference: given up then, its dead letter carries the payload the dispatcher read, not a
+    reference, the copy's count stays right, and a replay delivers it with its order."""
+    (key,) = await accept(r, order())
+    await drain(r)
+    p = r.partition_of(key)
+    stream = p.outbox("notify.sms")
+    conn = await client.connect(settings_for(ORDERQ_WEBHOOK_NOTIFY_SMS=wms.url + "/sms"))
+    try:
+        d = Dispatcher(conn, consumer="d1")
+        await d.ensure_groups()
+        t = d.targets["notify.sms"]
+        assert await t.read(10, 0) == 1
+        (h,) = t.held.values()
+        assert h.ref and h.payload  # read from the order's copy
+        assert await r.client.xdel(stream, h.id) == 1  # evicted as execute.lua's trim does
+        await r.client.hincrby(p.copy_refs, key, -1)
+        h.attempts, h.error = 1, "HTTP 422: refused"
+        await t.write({}, {stream: [h]})
+        await d.close()
+        ((_id, letter),) = [e for e in await r.client.xrange(keys.dispatch_dead(p)) if e[1][b"k"] == key.encode()]
+        assert b"o" not in letter and letter[b"d"] == h.payload and letter[b"f"] == h.fid.encode()
+        assert {a["name"]: a["state"] for a in (await status(r, key))["actions"]}["notify.sms"] == "failed"
+        assert (await audit.run(r))["copy_mismatch"] == 0
+        (item,) = [i for i in (await deadletters.list_dead(r, stage="dispatch"))[0] if i.order_key == key]
+        await deadletters.replay(r, item.id)
+        d = Dispatcher(conn, consumer="d2")
+        await asyncio.wait_for(d.run(drain=True), 30)
+        await d.close()
+    finally:
+        await conn.close()
+    assert wms.delivered() == Counter({f"{key}:notify.sms": 1})
+    assert wms.requests[0]["body"]["order"]["order_id"] == key.split(":")[1]
+    assert (await audit.run(r))["copy_mismatch"] == 0
 
 
 async def test_the_dashboard_shows_the_unresolved_dead_letters(r: Redis, ingress: Any, browser: Any) -> None:

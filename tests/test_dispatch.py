@@ -24,6 +24,7 @@ from dispatch.worker import Dispatcher
 from orderq import client as oq_client
 from orderq import keys, stats, warehouses
 from orderq.client import Redis
+from orderq.ledger import stock
 from orderq.schema import normalise, order_decoder, pack
 from orderq.server import free_port
 from orderq.settings import Settings
@@ -31,7 +32,6 @@ from orderq.supervisor import Supervisor
 from orderq.warehouses import Warehouse
 from tests.conftest import auth, drain, make_order
 from tests.test_validate_rules import accept
-from validate import stock
 
 PATHS = {
     "wms.pick": "/wms/pick",

@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatch.circuit import Circuit
+from orderq.circuits import CircuitBoard
 from tests.conftest import ROOT, auth, make_order, unique
+from tests.test_metrics_operators import write_connector
 from tests.test_prometheus_rules import metric_names, recording_rules
 
 BOARD = ROOT / "deploy" / "grafana" / "orderq.json"
@@ -83,10 +87,15 @@ def test_the_board_is_provisionable() -> None:
     assert 'uid": "prometheus' not in BOARD.read_text(encoding="utf-8")  # no data source hard-wired
 
 
-async def test_every_query_names_series_orderq_exports(ingress, stages) -> None:
+async def test_every_query_names_series_orderq_exports(ingress, stages, r) -> None:
     base = await ingress()
     stages("validate")
     stages("execute")
+    # a dispatcher's open circuit and a pull connector, as their processes publish them
+    circuit = Circuit("wms.pick", 1, 60.0)
+    circuit.failure()
+    await CircuitBoard(r.client, {"wms.pick": circuit}, "test-grafana").publish()
+    await write_connector(r.client, "jd-main", int(time.time() * 1000) - 60_000, error="HTTP 503")
     async with httpx.AsyncClient(base_url=base, headers=auth(), timeout=10) as c:
         orders = [make_order(unique()) for _ in range(4)]
         orders.append(make_order(unique(), customer={"id": unique("v"), "tier": "vip"}))
@@ -95,11 +104,20 @@ async def test_every_query_names_series_orderq_exports(ingress, stages) -> None:
         text = ""
         for _ in range(100):  # executed, and the latencies flushed to Redis (once a second)
             text = (await c.get("/metrics")).text
-            if "orderq_e2e_latency_seconds_count" in text and 'orderq_executed_total{priority="vip"} 1.0' in text:
+            if (
+                "orderq_e2e_latency_seconds_count" in text
+                and 'orderq_executed_total{priority="vip"} 1.0' in text
+                and 'orderq_channel_orders_total{channel="tmall",outcome="duplicate"} 1.0' in text
+            ):
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"orders did not go through:\n{text}")
+    for series in (
+        'orderq_dispatch_circuit_state{action="wms.pick"} 2.0',
+        'orderq_connector_lag_seconds{connector="jd-main"}',
+    ):
+        assert series in text, series
     families = exported(text)
     series = set().union(*families.values())
     rules = recording_rules()

@@ -21,8 +21,11 @@ import pytest
 import redis
 
 from ingress import admission
+from loadtest import loadgen
+from loadtest.factory import OrderFactory
+from loadtest.recorder import Recorder, resend_report
 from orderq import client as oq_client
-from orderq import loadgen, metrics, stats
+from orderq import metrics, stats
 from orderq.server import EmbeddedServer
 from tests.conftest import CHANNEL_TOKENS, make_order, unique
 
@@ -303,7 +306,7 @@ async def test_bench_open_loop_resends_refused_orders_after_retry_after_until_al
     resends, when the last was taken, and every answer's latency by class."""
     base = await ingress(ORDERQ_ACK_TARGET_MS=50, ORDERQ_ACK_DEADLINE_MS=60000)
     host, port = base.removeprefix("http://").split(":")
-    factory = loadgen.OrderFactory(unique("r"), f"{host}:{port}", CHANNEL_TOKENS, list(CHANNEL_TOKENS))
+    factory = OrderFactory(unique("r"), f"{host}:{port}", CHANNEL_TOKENS, list(CHANNEL_TOKENS))
     factory.track = True
     sent: list[str] = []
 
@@ -312,7 +315,7 @@ async def test_bench_open_loop_resends_refused_orders_after_retry_after_until_al
         sent.extend(keys)
         return keys
 
-    rec = loadgen.Recorder()
+    rec = Recorder()
     pausable.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # lifts itself: Redis slow for 1.5 s
     offsets = loadgen.constant_schedule(1200, 0.5)
     elapsed = await asyncio.wait_for(
@@ -321,7 +324,7 @@ async def test_bench_open_loop_resends_refused_orders_after_retry_after_until_al
         ),
         120,
     )
-    rep = loadgen.resend_report(rec)
+    rep = resend_report(rec)
     assert rep["orders_offered"] == len(offsets) == len(set(sent)) == 600
     assert rep["resends"] > 0 and rec.statuses.get(503, 0) == rep["resends"]
     assert 0 < rep["taken_first_try_share"] < 1

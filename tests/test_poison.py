@@ -109,7 +109,7 @@ async def test_poison_intake_entries_end_alone_and_their_batch_mates_go_on(r1: R
     await r1.client.delete(p.status("tmall:TWRONGTYPE"))
     await r1.client.set(p.status("tmall:TWRONGTYPE"), "not a hash")
     # (the stock of the absurd order's SKUs, to see that it reserved nothing)
-    await r1.client.hset(keys.RULES_PREFIX + "sku:ABS-0", mapping={"p": 100, "r": 0})
+    await r1.client.hset(keys.LEDGER_PREFIX + "sku:ABS-0", mapping={"p": 100, "r": 0})
 
     t0 = time.monotonic()
     await run_once(r1, ValidateWorker)
@@ -131,7 +131,7 @@ async def test_poison_intake_entries_end_alone_and_their_batch_mates_go_on(r1: R
     assert dead[b"k"] == b"tmall:TWRONGTYPE" and b"WRONGTYPE" in dead[b"error"]
     assert int(dead[b"deliveries"]) == 1  # no delivery limit waited for
     assert await pending(r1) == 0
-    assert await r1.client.hget(keys.RULES_PREFIX + "sku:ABS-0", "r") == b"0"  # its stock untouched
+    assert await r1.client.hget(keys.LEDGER_PREFIX + "sku:ABS-0", "r") == b"0"  # its stock untouched
     totals = await stats.totals(r1)
     assert totals["executed"] == 10 and totals["rejected"] == 3 and totals["dead_letters"] == 1
 

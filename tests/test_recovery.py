@@ -20,9 +20,9 @@ import msgspec
 import pytest
 
 from execute.worker import ExecuteWorker
-from ingress.committer import Committer
 from orderq import audit, client, keys, stats
 from orderq.client import Redis
+from orderq.committer import Committer
 from orderq.schema import normalise, order_decoder, pack
 from tests.conftest import ADMIN, StageProcess, drain, make_order
 from validate.worker import ValidateWorker

@@ -12,11 +12,12 @@ import pytest
 
 from execute.worker import ExecuteWorker
 from orderq import client as oq_client
-from orderq.control import HOLDS_KEY, Control
+from orderq.control import Control
+from orderq.keys import HOLDS_KEY
+from orderq.ledger import holds
 from orderq.settings import Settings
 from tests.conftest import ADMIN, auth, drain, make_order
 from tests.test_validate_rules import RULES_ON, accept, line, order, status
-from validate import holds
 
 JIANGSU, ZHEJIANG = "江苏省", "浙江省"
 

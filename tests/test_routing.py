@@ -20,17 +20,17 @@ import pytest
 
 from execute.routing import Router
 from execute.worker import ExecuteWorker
-from ingress import openapi
+from ingress import bodies
 from orderq import audit, keys, metrics, warehouses
 from orderq import client as oq_client
 from orderq.control import Control
+from orderq.ledger import holds, review, stock
 from orderq.schema import normalise, order_decoder, unpack_order
-from orderq.settings import SHIPPED_RULES, Settings
+from orderq.settings import SHIPPED_ROUTING, Settings
 from orderq.warehouses import Warehouse
 from tests.conftest import ADMIN, auth, drain
 from tests.test_validate_rules import RULES_ON, accept, line, run, status
 from tests.test_validate_rules import order as _order
-from validate import holds, review, stock
 
 SHANGHAI = Warehouse(id="SH", province="上海市", city="上海市", lat=31.23, lng=121.47, carriers=["sf"])
 GUANGZHOU = Warehouse(id="GZ", province="广东省", city="广州市", lat=23.13, lng=113.26, carriers=["zto"])
@@ -54,11 +54,11 @@ def order(**over: Any) -> dict[str, Any]:
     return o
 
 
-def rules_dir(tmp_path: Path, front: dict[str, str] | None = None) -> Path:
+def routing_dir(tmp_path: Path, front: dict[str, str] | None = None) -> Path:
     """A copy of the shipped rules, with hot SKUs mapped to their front warehouses."""
     d = tmp_path / "rules"
     d.mkdir(exist_ok=True)
-    text = (SHIPPED_RULES / "routing.toml").read_text(encoding="utf-8")
+    text = (SHIPPED_ROUTING / "routing.toml").read_text(encoding="utf-8")
     if front:
         table = ", ".join(f'"{k}" = "{v}"' for k, v in front.items())
         text = text.replace("front = {}", "front = { " + table + " }", 1)
@@ -70,7 +70,9 @@ def rules_dir(tmp_path: Path, front: dict[str, str] | None = None) -> Path:
 @pytest.fixture
 async def rr(flushed: Any, settings_for: Callable[..., Settings], tmp_path: Path) -> AsyncIterator[oq_client.Redis]:
     """Every validation rule on; the shipped routing rules, plus one hot SKU fronted by GZ."""
-    conn = await oq_client.connect(settings_for(**RULES_ON, ORDERQ_RULES_DIR=rules_dir(tmp_path, {"HOT-TEE": "GZ"})))
+    conn = await oq_client.connect(
+        settings_for(**RULES_ON, ORDERQ_ROUTING_DIR=routing_dir(tmp_path, {"HOT-TEE": "GZ"}))
+    )
     await warehouses.put(conn, [SHANGHAI, GUANGZHOU, BEIJING])
     yield conn
     await conn.close()
@@ -116,7 +118,7 @@ async def test_line_stocked_only_in_guangzhou_splits_into_two_picks(rr: oq_clien
     by_wh = {p["warehouse"]: p for p in st["route"]}
     assert by_wh["SH"]["lines"] == [{"sku": "LAMP", "qty": 1}] and by_wh["SH"]["rule"] == "split"
     assert by_wh["GZ"]["lines"] == [{"sku": "DESK", "qty": 1}] and by_wh["GZ"]["carrier"] == "zto"
-    msgspec.convert(st, openapi.StatusRecord)  # the documented shape
+    msgspec.convert(st, bodies.StatusRecord)  # the documented shape
     assert pick_warehouses(st) == ["GZ", "SH"]
     ps = await picks(rr, st["order_key"])
     assert sorted(p[b"w"] for p in ps) == [b"GZ", b"SH"]
@@ -138,7 +140,7 @@ async def test_redelivered_split_order_picks_and_allocates_once(rr: oq_client.Re
     assert sum(len(msgs) for _, msgs in taken) == 1
     raw = msgspec.json.encode(o)
     parsed = normalise(order_decoder.decode(raw), raw)
-    router = Router(rr.settings.rules_dir)
+    router = Router(rr.settings.routing_dir)
     whs = await warehouses.get_all(rr)
     now = int(time.time() * 1e6)
     first = await router.route(rr, whs, [parsed], [False], [now])
@@ -320,8 +322,8 @@ async def test_concurrent_executors_never_oversell_a_warehouse(
 ) -> None:
     """Three executor processes route 120 orders at once over two warehouses of 30 and 40."""
     await counts(rr, {("MUG", "SH"): 30, ("MUG", "GZ"): 40})
-    rules = rules_dir(tmp_path)
-    env = {**RULES_ON, "ORDERQ_RULES_DIR": rules}
+    rules = routing_dir(tmp_path)
+    env = {**RULES_ON, "ORDERQ_ROUTING_DIR": rules}
     orders = [
         order(ship_to=SUZHOU, lines=[line("MUG", 1 + n % 2, "999.00", "999.00")], paid_amount="1998.00")
         for n in range(120)
@@ -371,8 +373,8 @@ async def test_rules_file_reloaded_on_sighup(rr: oq_client.Redis, stages: Callab
     """(Once flaky: drain_validate hung on Control.stop(), see the test below; the SIGHUP was then
     sent only after pytest's timeout, to a process already stopped. Each step now has a bound.)"""
     await counts(rr, {("TEE", "SH"): 50, ("TEE", "GZ"): 50})
-    rules = rules_dir(tmp_path)
-    proc = stages("execute", **RULES_ON, ORDERQ_RULES_DIR=rules)
+    rules = routing_dir(tmp_path)
+    proc = stages("execute", **RULES_ON, ORDERQ_ROUTING_DIR=rules)
     deadline = time.monotonic() + 20
     while '"execute.started"' not in proc.log():  # logged once its SIGHUP handler is in place
         assert time.monotonic() < deadline, proc.log()[-3000:]
@@ -412,12 +414,12 @@ async def test_rules_file_reloaded_on_sighup(rr: oq_client.Redis, stages: Callab
 
 def test_bad_rules_file_stops_the_execute_stage_with_exit_2(stages: Callable[..., Any], tmp_path: Path) -> None:
     d = tmp_path / "bad"
-    shutil.copytree(SHIPPED_RULES, d)
+    shutil.copytree(SHIPPED_ROUTING, d)
     (d / "routing.toml").write_text("[[rule]]\nname = 'x'\nkind = 'carrier'\n", encoding="utf-8")
-    proc = stages("execute", ORDERQ_RULES_DIR=d)
+    proc = stages("execute", ORDERQ_ROUTING_DIR=d)
     assert proc.proc is not None
     assert proc.proc.wait(20) == 2
-    assert "ORDERQ_RULES_DIR" in proc.log() and "carrier rule needs provinces" in proc.log()
+    assert "ORDERQ_ROUTING_DIR" in proc.log() and "carrier rule needs provinces" in proc.log()
 
 
 async def test_an_approved_order_stays_approved_through_a_region_hold(rr: oq_client.Redis) -> None:
@@ -444,7 +446,7 @@ async def route_as_a_dead_executor(r: oq_client.Redis, key: str) -> list[str]:
     for lane in p.lanes:
         for _id, f in await r.client.xrange(lane):
             if f[b"k"] == key.encode():
-                router = Router(r.settings.rules_dir)
+                router = Router(r.settings.routing_dir)
                 whs = await warehouses.get_all(r)
                 approved, accepted_us = f.get(b"ap") == b"1", int(f[b"ta"])
                 (d,) = await router.route(r, whs, [unpack_order(f[b"d"])], [approved], [accepted_us])
@@ -524,7 +526,7 @@ async def test_order_routed_then_held_past_the_record_ttl_allocates_once(
     await drain(rr)
     assert (await status(rr, key))["status"] == "held"
     await asyncio.sleep(1.5)  # the hold outlasts the bucket
-    assert await Router(rr.settings.rules_dir).open.sweep(rr, force=True) == 0  # held: kept open
+    assert await Router(rr.settings.routing_dir).open.sweep(rr, force=True) == 0  # held: kept open
     await holds.delete_hold(rr, SUZHOU["province"])
     await drain(rr)
     st = await status(rr, key)
@@ -532,7 +534,7 @@ async def test_order_routed_then_held_past_the_record_ttl_allocates_once(
     assert await allocated(rr, "SOFA") == (2, {"SH": 2, "GZ": 0})
     assert len(await picks(rr, key)) == 1
     # executed: its record is closed (the drained executor stopped before its next call: the sweep)
-    assert await Router(rr.settings.rules_dir).open.sweep(rr, force=True) == 1
+    assert await Router(rr.settings.routing_dir).open.sweep(rr, force=True) == 1
     assert await rr.client.hlen(keys.ROUTED_OPEN_KEY) == 0
 
 
@@ -567,7 +569,7 @@ async def test_records_kept_open_are_closed_batch_by_batch(rr: oq_client.Redis) 
     """Every decision and route is kept open until its order moves on, and each worker closes
     what it handed off or executed with its next script call: what stays open after a stream
     of batches is the last batch of each, not every order (and a sweep closes those)."""
-    from validate.rules import open_decisions
+    from validate.checks import open_decisions
     from validate.worker import ValidateWorker
 
     await counts(rr, {("MUG", "SH"): 100})
@@ -586,7 +588,7 @@ async def test_records_kept_open_are_closed_batch_by_batch(rr: oq_client.Redis) 
         await control.stop()
     assert [(await status(rr, k))["status"] for k in ks] == ["executed"] * len(ks)
     await open_decisions().sweep(rr, force=True)
-    await Router(rr.settings.rules_dir).open.sweep(rr, force=True)
+    await Router(rr.settings.routing_dir).open.sweep(rr, force=True)
     assert await rr.client.hlen(keys.DECIDED_OPEN_KEY) == 0 and await rr.client.hlen(keys.ROUTED_OPEN_KEY) == 0
 
 
@@ -675,7 +677,7 @@ async def test_an_executor_with_an_old_warehouse_list_never_picks_a_removed_one(
     old = await warehouses.get_all(rr)
     await warehouses.put(rr, [GUANGZHOU, BEIJING])
     raw = msgspec.json.encode(order(ship_to=SUZHOU, lines=[line("MUG", 1, "99.00", "99.00")]))
-    (d,) = await Router(rr.settings.rules_dir).route(
+    (d,) = await Router(rr.settings.routing_dir).route(
         rr, old, [normalise(order_decoder.decode(raw), raw)], [True], [int(time.time() * 1e6)]
     )  # (approved: no freight limit)
     assert d.outcome == "s" and d.picks and "SH" not in d.picks, d

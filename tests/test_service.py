@@ -361,7 +361,7 @@ def test_a_stage_process_exits_although_a_leftover_task_swallows_its_cancel(tmp_
         "from orderq import runner\n" + STUBBORN + "async def stage():\n"
         "    asyncio.create_task(stubborn())\n"
         "    await asyncio.sleep(0.05)\n"
-        "    runner.exit_watchdog('validate', 0)  # as run_worker does once its stage stopped\n"
+        "    runner.exit_watchdog('validate', 0)  # as runner.serve does once its stage stopped\n"
         "t0 = time.monotonic()\n"
         "runner.run(stage())\n"
         "print(f'exited after {time.monotonic() - t0:.2f}s', flush=True)\n"

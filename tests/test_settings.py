@@ -12,7 +12,7 @@ import pytest
 
 from orderq.errors import ConfigError
 from orderq.server import EmbeddedServer, free_port
-from orderq.settings import Settings
+from orderq.settings import DECLARED, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,6 +80,72 @@ def test_bad_value_in_dotenv_file_is_refused_too(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("# local overrides\nORDERQ_BREAKER_MODE=sometimes\n", encoding="utf-8")
     proc = run_orderq(["audit"], {}, tmp_path)
     assert_config_exit(proc, "ORDERQ_BREAKER_MODE", "sometimes")
+
+
+def test_readme_environment_table_is_the_declaration() -> None:
+    """README.md's table under "## Environment" lists every declared setting once, with its
+    default as declared; every declaration says what it means."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Environment\n", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split(" | ")] if row.startswith("| `ORDERQ_") else []
+        if not cells:
+            continue
+        sep = " · " if " · " in cells[0] else " / "
+        names, defaults = cells[0].split(sep), cells[1].split(sep)
+        assert len(names) == len(defaults), row
+        for name, default in zip(names, defaults, strict=True):
+            assert name.strip("`") not in documented, f"{name} twice"
+            documented[name.strip("`")] = default.replace("`", "")
+    declared = {s.variable: s.shown_default for s in DECLARED}
+    assert documented == declared
+    assert all(s.meaning for s in DECLARED), [s.variable for s in DECLARED if not s.meaning]
+
+
+def test_former_names_are_refused_naming_the_new_one() -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_mapping({"ORDERQ_RULES_DIR": "/tmp"})
+    assert err.value.variable == "ORDERQ_RULES_DIR" and "ORDERQ_ROUTING_DIR" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "word"),
+    [
+        ("ORDERQ_SOURCE_TOKENS", "ups=t1", "ups"),
+        ("ORDERQ_SOURCE_TRUST", "wms,carrier", "each of"),
+        ("ORDERQ_CONNECTORS_DIR", "/no/such/dir", "not a directory"),
+        ("ORDERQ_IMPORT_DIR", "/no/such/dir", "not a directory"),
+        ("ORDERQ_ALERT_SHIP_LAG_S", "0", ">= 0.001"),
+        ("ORDERQ_LOG_LEVEL", "loud", "debug"),
+    ],
+)
+def test_settings_of_events_and_imports_are_checked(variable: str, value: str, word: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_mapping({variable: value})
+    assert err.value.variable == variable and word in str(err.value)
+
+
+def test_settings_of_events_and_imports_are_read(tmp_path: Path) -> None:
+    s = Settings.from_mapping({})
+    assert (s.source_tokens, s.source_trust, s.connectors_dir, s.import_dir) == (
+        {},
+        ("carrier", "wms", "erp", "channel"),
+        None,
+        None,
+    )
+    assert s.alert_ship_lag_s == 7200
+    s = Settings.from_mapping(
+        {
+            "ORDERQ_SOURCE_TOKENS": "wms=w1,carrier=c1",
+            "ORDERQ_SOURCE_TRUST": "WMS, carrier, erp, channel",
+            "ORDERQ_CONNECTORS_DIR": str(tmp_path),
+            "ORDERQ_IMPORT_DIR": str(tmp_path),
+        }
+    )
+    assert dict(s.source_tokens) == {"wms": "w1", "carrier": "c1"}
+    assert s.source_trust == ("wms", "carrier", "erp", "channel")
+    assert s.connectors_dir == s.import_dir == tmp_path
 
 
 def test_no_server_found_is_a_configuration_error(tmp_path: Path) -> None:

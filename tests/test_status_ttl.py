@@ -20,7 +20,7 @@ from orderq import client as oq_client
 from orderq import keys
 from orderq.control import Control
 from orderq.settings import Settings
-from orderq.status import FINAL, WAITING
+from orderq.wire import TERMINAL_STATUSES, WAITING_STATUSES
 from tests.conftest import ADMIN, auth, drain, make_order, unique
 from tests.test_review_holds import JIANGSU, ZHEJIANG, get, half_price, post, reserved, set_stock, to
 from tests.test_validate_rules import RULES_ON, accept, line, order, status
@@ -131,8 +131,8 @@ async def test_waiting_orders_keep_their_record_final_ones_expire(api):
     got = {k: (await get(c, k))["status"] for k in (review_id, reject_id, held_id, oos_id, done_id)}
     assert list(got.values()) == ["review", "review", "held", "rejected", "executed"]
     for k, st in got.items():
-        assert (await ttl_of(r, key_of(k)) == -1) == (st in WAITING), (k, st)
-        assert (0 < await ttl_of(r, key_of(k)) <= TTL) == (st in FINAL), (k, st)
+        assert (await ttl_of(r, key_of(k)) == -1) == (st in WAITING_STATUSES), (k, st)
+        assert (0 < await ttl_of(r, key_of(k)) <= TTL) == (st in TERMINAL_STATUSES), (k, st)
     assert await reserved(c, "SOFA") == 3
 
     await asyncio.sleep(TTL + 1.5)

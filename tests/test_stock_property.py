@@ -14,11 +14,12 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orderq import keys
+from orderq import keys, wire
 from orderq.client import load_lua
+from orderq.ledger import stock
 from orderq.server import EmbeddedServer
 from orderq.settings import Settings
-from validate import rules
+from validate import checks
 
 SKUS = ("A", "B", "C")
 ORDERS = 12
@@ -37,7 +38,7 @@ ops = st.lists(st.one_of(reserve, reserve, release, execute, count), min_size=1,
 @pytest.fixture(scope="module")
 def sync(valkey: EmbeddedServer) -> Any:
     c = redis.Redis.from_url(valkey.url)
-    shas = {name: c.script_load(load_lua(name)) for name in ("rules", "release", "restock")}
+    shas = {name: c.script_load(load_lua(name)) for name in ("checks", "release", "restock")}
     yield c, shas
     c.close()
 
@@ -56,7 +57,7 @@ def test_reserved_never_exceeds_buffered_physical(sync: Any, ops: list[Any], buf
     c, shas = sync
     c.flushall()
     settings_ = Settings(stock_buffer=float(buffer), unknown_sku="reject", dup_window_s=0)
-    head = rules.ledger_args(settings_)
+    head = checks.ledger_args(settings_)
     physical: dict[str, int] = {}
     decided: dict[str, bool] = {}  # order key -> it holds (not rejected)
     holds: dict[str, dict[str, int]] = {}  # live holdings: order key -> sku -> units
@@ -70,10 +71,23 @@ def test_reserved_never_exceeds_buffered_physical(sync: Any, ops: list[Any], buf
             for sku, qty in op[2]:
                 want[sku] = want.get(sku, 0) + qty
             before = {sku: _reserved(c, sku) for sku in SKUS}
-            lines = [x for sku, qty in want.items() for x in (sku, qty)]
             # base score 80: each order goes to review, which keeps its stock and may release it
-            batch = rules.msgpack_encode([[key, "t", "t:c", 1, 80, 0, "", "", 0, 0, 0, lines, [], "1"]])
-            ((outcome, *_),) = msgspec.msgpack.decode(c.evalsha(shas["rules"], 1, keys.RULES_PREFIX, *head, batch))
+            ks = checks.LedgerKeys()
+            lines = [x for sku, qty in want.items() for x in (sku, qty, ks.sku(sku))]
+            row = wire.DecisionRow(
+                *(key, "t", "t:c", 1, 80, 0, "", "", 0, 0, 0, lines, [], "1", 0),
+                decided_key=ks.of(keys.decided_key(0)),
+                customer_key=ks.of(keys.customer_key("t", "c")),
+                hold_key=ks.of(keys.ledger_key(key)),
+                ip_key=0,
+                ip_prev_key=0,
+                dup_key=0,
+                dup_prev_key=0,
+                subsidy_key=ks.of(keys.subsidy_key(0)),
+            )
+            batch = wire.decision_rows([row])
+            reply = c.evalsha(shas["checks"], len(ks.names), *ks.names, *head, batch)
+            ((outcome, *_),) = msgspec.msgpack.decode(reply)
             if key in decided:  # a replay: nothing changes
                 assert {sku: _reserved(c, sku) for sku in SKUS} == before
                 continue
@@ -88,7 +102,8 @@ def test_reserved_never_exceeds_buffered_physical(sync: Any, ops: list[Any], buf
             key = f"t:O{op[1]}"
             if key in executed:
                 continue  # an executed order is never released (the review API refuses it)
-            n = c.evalsha(shas["release"], 1, keys.RULES_PREFIX, keys.RULES_PREFIX, key)
+            ks, args = stock.release_call([(key, c.get(keys.ledger_key(key)))])
+            n = c.evalsha(shas["release"], len(ks), *ks, *args) if args else 0
             first = decided.get(key) is True and key not in released
             assert n == (1 if first else 0)
             if first:
@@ -101,7 +116,8 @@ def test_reserved_never_exceeds_buffered_physical(sync: Any, ops: list[Any], buf
         else:
             _, sku, units = op
             settle = [k for k in executed if sku in holds.get(k, {})]
-            c.evalsha(shas["restock"], 1, keys.RULES_PREFIX, keys.RULES_PREFIX, sku, "", units, len(settle), *settle)
+            ks, args = stock.restock_call([[sku, "", units, len(settle), *settle]])
+            c.evalsha(shas["restock"], len(ks), *ks, *args)
             physical[sku] = units
             for k in settle:
                 del holds[k][sku]

@@ -15,11 +15,12 @@ import pytest
 
 from orderq import client as oq_client
 from orderq import keys
+from orderq.ledger import coupons, stock
 from orderq.schema import normalise, order_decoder, pack
 from orderq.settings import Settings
 from orderq.status import render
 from tests.conftest import ADMIN, auth, drain, make_order
-from validate import coupons, rules, stock
+from validate import checks
 
 # The rules as the contract's defaults have them (conftest turns two of them off).
 RULES_ON = {"ORDERQ_UNKNOWN_SKU": "review", "ORDERQ_DUP_WINDOW_S": "180"}
@@ -162,9 +163,9 @@ async def test_redelivered_batch_reserves_once(rr):
     ]
     parsed = [order_decoder.decode(msgspec.json.encode(o)) for o in raw]
     ta = [time.time_ns() // 1000 + i for i in range(3)]
-    first = await rules.decide(rr, parsed, ta)
+    first = await checks.decide(rr, parsed, ta)
     await rr.client.hset(keys.stock_key("DESK"), "p", 100)  # a replay must not decide anew
-    again = await rules.decide(rr, parsed, ta)
+    again = await checks.decide(rr, parsed, ta)
     await rr.client.hset(keys.stock_key("DESK"), "p", 4)
     assert [d.outcome for d in first] == [d.outcome for d in again] == ["v", "v", "r"]
     assert first[2].reasons == ["out_of_stock:DESK", "unknown_sku:SOFA-OAK-3"]
@@ -175,7 +176,7 @@ async def test_redelivered_batch_reserves_once(rr):
     assert (await coupons.get_coupon(rr, "ONE"))["used_by"] == parsed[0].key  # type: ignore[index]
     # even a replay older than its record holds no unit twice (the holder list says so)
     await rr.client.delete(keys.decided_key(ta[0] // 1000 // 3_600_000))
-    late = await rules.decide(rr, parsed[:2], ta[:2])
+    late = await checks.decide(rr, parsed[:2], ta[:2])
     assert [d.outcome for d in late] == ["v", "v"]
     assert (await stock_of(rr, "DESK"))["reserved"] == 3
 
@@ -200,7 +201,7 @@ async def test_order_decided_then_waiting_past_the_record_ttl_gets_its_first_dec
     with contextlib.suppress(ResponseError):  # (BUSYGROUP: a worker made it already)
         await rr.client.xgroup_create(p.intake, keys.GROUP_VALIDATE, id="0")
     ((_stream, [(_id, f)]),) = await rr.client.xreadgroup(keys.GROUP_VALIDATE, "dead-validator", {p.intake: ">"})
-    (first,) = await rules.decide(rr, [unpack_order(f[b"d"])], [int(f[b"ta"])])
+    (first,) = await checks.decide(rr, [unpack_order(f[b"d"])], [int(f[b"ta"])])
     assert first.outcome == "v" and (await stock_of(rr, "TWIN"))["reserved"] == 1
     (kb,) = await accept(rr, b)
     await drain(rr)  # the look-alike (the first entry is not idle long enough to be reclaimed)
@@ -212,7 +213,7 @@ async def test_order_decided_then_waiting_past_the_record_ttl_gets_its_first_dec
     assert (await stock_of(rr, "TWIN"))["reserved"] == 2  # one unit each, none twice
     # both handed off: nothing kept open (each drained validator stopped before the next call that
     # would have closed its last batch's: a sweep does, as a validator's first call does)
-    await rules.open_decisions().sweep(rr, force=True)
+    await checks.open_decisions().sweep(rr, force=True)
     assert await rr.client.hlen(keys.DECIDED_OPEN_KEY) == 0
 
 
@@ -290,7 +291,7 @@ async def test_single_use_coupon_raced_by_two_validate_processes(rr, stages):
     env = {**RULES_ON, "ORDERQ_WORKER_BATCH": 1}
     procs = await _started([stages("validate", **env) for _ in range(2)])
     for _round in range(3):  # a few races, each a fresh coupon use
-        await rr.client.hdel("oq:{rules}:cpn:RACE", "u")
+        await rr.client.hdel("oq:{ledger}:cpn:RACE", "u")
         ks = await accept(rr, *(order(coupons=[cpn("RACE")]) for _ in range(2)))
         docs = await _settled(rr, ks)
         assert sorted(d["status"] for d in docs) == ["rejected", "validated"], docs
@@ -361,8 +362,8 @@ async def test_windows_follow_the_accept_time(rr):
     minute = 60_000_000  # µs
     t = (time.time_ns() // 1000 // (60 * minute) + 1) * 60 * minute  # the next full hour
 
-    async def one(o: dict[str, Any], at: int) -> rules.Decision:
-        (d,) = await rules.decide(rr, [order_decoder.decode(msgspec.json.encode(o))], [at])
+    async def one(o: dict[str, Any], at: int) -> checks.Decision:
+        (d,) = await checks.decide(rr, [order_decoder.decode(msgspec.json.encode(o))], [at])
         return d
 
     def from_ip() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Risk signals that need only the order itself, the weights table, and the duplicate
 fingerprint. The windows that need history (IP burst, duplicates) are counted in the
-ledger script (orderq/lua/rules.lua); their weights live here too.
+ledger script (orderq/lua/checks.lua); their weights live here too.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Validate worker: reads intake batches, decides, hands off in one script call per partition.
 
 Round trips per batch: the read, one pipeline for the decisions (priorities + the
-ledger script, validate/rules.py), one pipeline for the hand-off (one ``handoff`` call
+ledger script, validate/checks.py), one pipeline for the hand-off (one ``handoff`` call
 per partition, plus the reason counters). Each process also sweeps region holds that
-were lifted (validate/holds.py) every few seconds.
+were lifted (orderq/ledger/holds.py) every few seconds.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import Any
 
 import msgspec
 
-from orderq import keys, metrics
+from orderq import keys, lifecycle
+from orderq.commands import Value
 from orderq.control import cancel_and_wait
+from orderq.ledger import holds
 from orderq.schema import Order, json_encoder, unpack_order
+from orderq.wire import Decided
 from orderq.worker import BatchResult, Entry, StreamWorker, clear_errors, parse_read
-from validate import holds
-from validate.rules import Decision, decide, open_decisions
+from validate.checks import Decision, decide, open_decisions
 
 SPLIT_AT = 64  # batches this large are decided in two overlapping halves
 PAST_LEDGER_MAX = 100_000  # entries remembered as "decided, not handed off" (see give_up)
@@ -37,6 +39,7 @@ class ValidateWorker(StreamWorker):
         # entries whose batch got past the ledger script and then failed: they may hold stock
         self._past_ledger: set[tuple[str, str]] = set()
         self._open = open_decisions()  # decisions kept open until handed off (orderq/openrecords.py)
+        self._owed = lifecycle.OwedSweep()  # ledger releases of cancelled orders (orderq/lifecycle.py)
 
     def streams_of(self, p: keys.Partition) -> list[tuple[str, int]]:
         return [(p.intake, 0)]
@@ -138,8 +141,8 @@ class ValidateWorker(StreamWorker):
 
         def build(pipe: Any) -> None:
             for p, items in by_part.items():
-                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors]
-                args: list[object] = [self.group, ttl, clear_errors([e for e, _ in items])]
+                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors, p.cancel_owed]
+                args: list[Value] = [self.group, ttl, clear_errors([e for e, _ in items])]
                 for e, d in items:
                     ks.append(p.status(d.order.key))
                     ta = e.get(b"ta").decode()
@@ -148,7 +151,7 @@ class ValidateWorker(StreamWorker):
                     args += [head, e.get(b"d")]
                 self.r.script(pipe, "handoff", ks, args)
             for reason, n in reasons.items():
-                pipe.hincrby(metrics.REASONS_KEY, reason, n)
+                pipe.hincrby(keys.REASONS_KEY, reason, n)
             for sku, (op, n) in streaks.items():
                 if op == "del":
                     pipe.hdel(keys.OOS_STREAK_KEY, sku)
@@ -158,10 +161,16 @@ class ValidateWorker(StreamWorker):
                     pipe.hincrby(keys.OOS_STREAK_KEY, sku, n)
 
         totals = {"validated": 0, "rejected": 0, "review": 0}
-        for res in (await self.r.run(build))[: len(by_part)] if by_part else []:
+        owing: list[keys.Partition] = []  # partitions where cancelled orders now owe a ledger release
+        for p, res in zip(by_part, (await self.r.run(build))[: len(by_part)] if by_part else [], strict=True):
             totals["validated"] += int(res[0])
             totals["rejected"] += int(res[1])
             totals["review"] += int(res[2])
+            if int(res[3]):
+                owing.append(p)
+        if owing:
+            await lifecycle.settle_quietly(self.r, owing)
+        await self._owed.maybe(self.r)  # what a stopped process left owed
         result.counts = totals
         self._past_ledger.difference_update(past)
         self._open.done(d.order.key for d in decisions)  # handed off: closed with the next decision call
@@ -192,15 +201,15 @@ class ValidateWorker(StreamWorker):
 
         def build(pipe: Any) -> None:
             for p, items in by_part.items():
-                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors]
-                args: list[object] = [self.group, ttl, clear_errors([e for e, _, _ in items])]
+                ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors, p.cancel_owed]
+                args: list[Value] = [self.group, ttl, clear_errors([e for e, _, _ in items])]
                 for e, key, error in items:
                     ks.append(p.status(key))
                     ta = (e.get(b"ta") or b"0").decode(errors="replace")
                     ta = ta if ta.isdigit() else "0"
                     args += [f"{e.id}\tx\t\t{key}\t{ta}\t0\t{why}", error[:500]]
                 self.r.script(pipe, "handoff", ks, args)
-            pipe.hincrby(metrics.REASONS_KEY, "unprocessable", sum(len(v) for v in by_part.values()))
+            pipe.hincrby(keys.REASONS_KEY, "unprocessable", sum(len(v) for v in by_part.values()))
 
         if by_part:
             await self.r.run(build)
@@ -219,7 +228,7 @@ def oos_streaks(decisions: list[Decision], accepted_us: list[int]) -> dict[str, 
         for sku in short:
             op, n = out.get(sku, ("incr", 0))
             out[sku] = (op if op != "del" else "set", n + 1)
-        if d.outcome != "r":
+        if d.outcome != Decided.REJECTED:
             unknown = {r.partition(":")[2] for r in d.reasons if r.startswith("unknown_sku:")}
             for line in d.order.lines:
                 if line.sku not in unknown:

@@ -6,6 +6,7 @@
 --   what a review or held order has of its place (0 not in its set, 1 in it without parked
 --   payload, 2 both; 2 for every other status); the fields are those of the effect ledger
 --   the duplicate check reads: x:wms.pick*, xn:<action> (apply counts) and rt (the route)
+local PICK = F.action .. 'wms.pick'
 local out = {}
 for i = 4, #KEYS do
   local h = redis.call('HGETALL', KEYS[i])
@@ -15,9 +16,9 @@ for i = 4, #KEYS do
     rec[1], rec[2] = st, 2
     for j = 1, #h, 2 do
       local f = h[j]
-      if f == 's' then
+      if f == F.status then
         st = h[j + 1]
-      elseif f == 'rt' or string.sub(f, 1, 10) == 'x:wms.pick' or string.sub(f, 1, 3) == 'xn:' then
+      elseif f == F.route or string.sub(f, 1, #PICK) == PICK or string.sub(f, 1, #F.applied) == F.applied then
         rec[#rec + 1] = f
         rec[#rec + 1] = h[j + 1]
       end

@@ -2,21 +2,29 @@
 -- Each (order, action) is applied once in effect: the ledger field x:<action> is set
 -- with HSETNX in the same script that appends the outbox entry, so a redelivered
 -- batch re-runs harmlessly.
--- A routed order (issue 9) has one pick per warehouse: action wms.pick@<warehouse>, ledger
+-- A routed order has one pick per warehouse: action wms.pick@<warehouse>, ledger
 -- field x:wms.pick@<warehouse>, an outbox entry naming the warehouse ('w') and carrying its
 -- parcel of the route ('r'); a split order's picks get fulfilment id <id>-<warehouse>.
+-- The order itself is stored once (KEYS[16], order key -> payload), not once per action: each
+-- outbox and deferred entry references it ('o') and is counted in KEYS[17]; the scripts that
+-- remove such entries count down and delete the copy with the last (orderq/ordercopies.py).
 -- KEYS[1] counters, KEYS[2..4] lanes vip/new/regular, KEYS[5] deferred stream,
 -- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8] review zset, KEYS[9..13] outbox
--- streams (ACTIONS order), KEYS[14] errors hash (field "<stream>|<id>"), KEYS[15..] status
--- record per order
+-- streams (ACTIONS order), KEYS[14] errors hash (field "<stream>|<id>"), KEYS[15] releases
+-- owed by cancelled orders (hash, orderq/lifecycle.py), KEYS[16] order copies (hash),
+-- KEYS[17] their reference counts (hash), KEYS[18..] status record per order
+-- An order cancelled while it waited in its lane (cancel.lua) is skipped and acknowledged: it
+-- never executes; what validation (and routing, just before this call) held for it is owed back.
 -- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
---   trimmed, the dispatcher deletes what it delivered), ARGV[3] status TTL (s; counted
+--   trimmed, the dispatcher deletes what it delivered; else the oldest go, each counting its
+--   copy down), ARGV[3] status TTL (s; counted
 --   from 'executed'; none while held, in review or owed a deferred sync), ARGV[4] entries
 --   delivered before, whose error record goes now ("<lane>:<id> ..."; '' on a first
 --   delivery: nothing to do), then per order 2
---   values: its head "<lane 1..3>\t<entry id>\t<order key>\t<outcome: e executed | h held |
---   w review (freight over the limit)>\t<fulfilment id>\t<actions: name=state,...>\t<route: compact text, see
---   route.lua; '' none>\t<reasons to add: JSON array; '' none>" (none of them holds a tab),
+--   values: its head "<lane 1..3>\t<entry id>\t<order key>\t<outcome: wire.Executed, e executed
+--   | h held | w review (freight over the limit)>\t<fulfilment id>\t<actions: name=state,...>\t<route:
+--   wire.RouteParcel texts joined by ';'; '' none>\t<reasons to add: JSON array; '' none>" (none
+--   of them holds a tab),
 --   and its payload
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -25,11 +33,37 @@ local outbox = {['wms.pick'] = KEYS[9], ['notify.sms'] = KEYS[10], ['invoice.req
 local prio_names = {'vip', 'new', 'regular'}
 local trim = {}
 for name, n in string.gmatch(ARGV[2], '([^=,]+)=(%d+)') do
-  if n ~= '0' then trim[name] = n end
+  if n ~= '0' then trim[name] = tonumber(n) end
 end
-local function to_outbox(name, key, fid, payload, route, split)
+local copies, refs = KEYS[16], KEYS[17]
+local function unref(key)  -- one entry fewer references the order's copy; the last deletes it
+  if redis.call('HINCRBY', refs, key, -1) <= 0 then
+    redis.call('HDEL', refs, key)
+    redis.call('HDEL', copies, key)
+  end
+end
+-- A trimmed outbox (an action without a dispatcher) keeps its newest entries: the oldest go
+-- once it is a stream node's worth (SLACK) over, each counting its copy's references down
+-- (XADD MAXLEN would drop them without), at most EVICT per call.
+local SLACK, EVICT = 100, 1000
+local function evict(action)
+  local over = redis.call('XLEN', outbox[action]) - trim[action]
+  if over <= SLACK then return end
+  local ids = {}
+  for _, e in ipairs(redis.call('XRANGE', outbox[action], '-', '+', 'COUNT', math.min(over, EVICT))) do
+    ids[#ids + 1] = e[1]
+    local f, key, ref = e[2], nil, false
+    for j = 1, #f, 2 do
+      if f[j] == 'k' then key = f[j + 1] elseif f[j] == 'o' then ref = true end
+    end
+    if ref and key then unref(key) end
+  end
+  redis.call('XDEL', outbox[action], unpack(ids))
+end
+local touched = {}  -- trimmed outboxes appended to
+local function to_outbox(name, key, fid, route, split)
   local base, wh = string.match(name, '^([^@]+)@?(.*)$')
-  local entry = {'*', 'k', key, 'f', fid, 'd', payload}
+  local entry = {'*', 'k', key, 'f', fid, 'o', '1'}
   if wh ~= '' then
     if split then entry[5] = fid .. '-' .. wh end
     entry[#entry + 1] = 'w'
@@ -38,14 +72,11 @@ local function to_outbox(name, key, fid, payload, route, split)
     local pattern = ';(' .. (string.gsub(wh, '%-', '%%-')) .. '|[^;]*)'  -- ('-' is magic in patterns)
     entry[#entry + 1] = string.match(';' .. route, pattern) or ''
   end
-  if trim[base] then
-    redis.call('XADD', outbox[base], 'MAXLEN', '~', trim[base], unpack(entry))
-  else
-    redis.call('XADD', outbox[base], unpack(entry))
-  end
+  redis.call('XADD', outbox[base], unpack(entry))
+  if trim[base] then touched[base] = true end
 end
 local function with_reasons(status, more)  -- the record's reasons JSON plus more (JSON)
-  local have = redis.call('HGET', status, 'r')
+  local have = redis.call('HGET', status, F.reasons)
   local list = (have and have ~= '') and cjson.decode(have) or {}
   for _, r in ipairs(cjson.decode(more)) do list[#list + 1] = r end
   if #list == 0 then return '[]' end
@@ -60,64 +91,80 @@ local n = {executed = 0, held = 0, deferred = 0, dropped = 0, executed_vip = 0,
 for lane, id in string.gmatch(ARGV[4], '(%d):(%S+)') do
   redis.call('HDEL', KEYS[14], KEYS[tonumber(lane) + 1] .. '|' .. id)
 end
-for i = 15, #KEYS do
-  local a = 5 + (i - 15) * 2
+local owed = 0
+for i = 18, #KEYS do
+  local a = 5 + (i - 18) * 2
   local lane, id, key, outcome, fid, actions, route, more = string.match(ARGV[a], HEAD)
   local payload = ARGV[a + 1]
   lane = tonumber(lane)
   local status = KEYS[i]
   local ids = acks[lane]
-  local st = redis.call('HGET', status, 's')
+  local st = redis.call('HGET', status, F.status)
   if st then
     ids[#ids + 1] = id
   else
     -- No record: the order's effect ledger is gone (a final state's TTL ran out, or it was
     -- deleted by hand). Executing could repeat effects; acknowledging would lose it without
     -- a trace: the entry stays pending, reported to the worker, which fails it (a dead letter).
-    missing[#missing + 1] = i - 14
+    missing[#missing + 1] = i - 17
   end
-  if st == 'validated' then
+  if st == 'cancelled' then
+    local seq = redis.call('HINCRBY', KEYS[1], 'cancel_seq', 1)
+    local ta = redis.call('HGET', status, F.accepted_at) or '0'
+    redis.call('HSET', KEYS[15], key, seq .. '|' .. ta .. '|' .. payload)
+    redis.call('EXPIRE', status, ARGV[3])  -- its entry is gone with this call: final from now
+    owed = owed + 1
+  elseif st == 'validated' then
     if outcome == 'h' then
-      redis.call('HSET', status, 's', 'held', 'th', now_us)
+      redis.call('HSET', status, F.status, 'held', F.held_at, now_us)
       redis.call('PERSIST', status)
       redis.call('ZADD', KEYS[6], now_us, key)
       redis.call('HSET', KEYS[7], key, payload)
       n.held = n.held + 1
     elseif outcome == 'w' then
-      redis.call('HSET', status, 's', 'review', 'tw', now_us, 'r', with_reasons(status, more))
+      redis.call('HSET', status, F.status, 'review', F.review_at, now_us, F.reasons, with_reasons(status, more))
       redis.call('PERSIST', status)
       redis.call('ZADD', KEYS[8], now_us, key)
       redis.call('HSET', KEYS[7], key, payload)
       n.review = n.review + 1
     else
       local _, picks = string.gsub(actions, 'wms%.pick@', '')
+      local n_refs = 0  -- entries referencing the order's copy
       for name, state in string.gmatch(actions, '([^=,]+)=([^,]+)') do
-        if redis.call('HSETNX', status, 'x:' .. name, state) == 1 then
+        if redis.call('HSETNX', status, F.action .. name, state) == 1 then
           if state == 'done' then
-            to_outbox(name, key, fid, payload, route, picks > 1)
-            redis.call('HINCRBY', status, 'xn:' .. name, 1)  -- apply count: the audit's duplicate check
+            to_outbox(name, key, fid, route, picks > 1)
+            n_refs = n_refs + 1
+            redis.call('HINCRBY', status, F.applied .. name, 1)  -- apply count: the audit's duplicate check
           elseif state == 'deferred' then
-            redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'd', payload)
+            redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'o', '1')
+            n_refs = n_refs + 1
             n.deferred = n.deferred + 1
           elseif state == 'dropped' then
             n.dropped = n.dropped + 1
           end
         end
       end
-      redis.call('HSET', status, 's', 'executed', 'te', now_us, 'f', fid)
+      if n_refs > 0 then
+        redis.call('HSET', copies, key, payload)
+        redis.call('HINCRBY', refs, key, n_refs)
+      end
+      redis.call('HSET', status, F.status, 'executed', F.executed_at, now_us, F.fulfilment_id, fid)
+      redis.call('HSET', status, F.payload, payload)  -- what an intercept, a shipment, a return carry later
       if string.find(actions, '=deferred', 1, true) then
         redis.call('PERSIST', status)  -- a deferred sync is owed: replay.lua starts the TTL
       else
         redis.call('EXPIRE', status, ARGV[3])
       end
-      if route ~= '' then redis.call('HSET', status, 'rt', route) end
-      if more ~= '' then redis.call('HSET', status, 'r', with_reasons(status, more)) end
+      if route ~= '' then redis.call('HSET', status, F.route, route) end
+      if more ~= '' then redis.call('HSET', status, F.reasons, with_reasons(status, more)) end
       n.executed = n.executed + 1
       local pn = 'executed_' .. prio_names[lane]
       n[pn] = n[pn] + 1
     end
   end
 end
+for base in pairs(touched) do evict(base) end
 for lane = 1, 3 do
   local ids = acks[lane]
   if #ids > 0 then
@@ -128,4 +175,4 @@ end
 for name, count in pairs(n) do
   if count > 0 then redis.call('HINCRBY', KEYS[1], name, count) end
 end
-return {n.executed, n.held, n.deferred, n.dropped, now_us, n.review, missing}
+return {n.executed, n.held, n.deferred, n.dropped, now_us, n.review, missing, owed}

@@ -2,20 +2,20 @@
 -- that no longer need them: executed orders (their goods left with the pick, so the new
 -- count no longer contains them) and orders gone or rejected. A holder settled here is
 -- removed from its holders hash, so a later release cannot return its units twice.
--- Per warehouse (issue 9): sku:<sku> w:<wh> is a warehouse's count and p their sum (the
+-- Per warehouse: a SKU's stock hash holds w:<wh>, a warehouse's count, and p their sum (the
 -- sellable total stays one number); units the execute stage allocated in a warehouse
--- (a:<wh>, holders sku:<sku>:h:<wh>) are settled by that warehouse's count.
--- KEYS[1] a key of the ledger slot (routing); ARGV[1] ledger prefix, then per step:
---   sku, warehouse ('' the total), physical ('-': leave it), n, order key x n (holders to
---   settle: of sku:<sku>:h, or of sku:<sku>:h:<warehouse>)
+-- (a:<wh>, its warehouse holders hash) are settled by that warehouse's count.
+-- Every key comes in KEYS, built by orderq/ledger/stock.py (restock_call): per step its SKU's
+-- stock hash, the holders hash it settles (the SKU's, or the SKU's in the warehouse), and for a
+-- warehouse's count that warehouse's SKU set (what its removal checks, retire.lua).
+-- ARGV per step: sku, warehouse ('' the total), physical ('-': leave it), n, order key x n
+--   (holders to settle)
 -- Returns per step {physical, reserved} (totals)
-local P = ARGV[1]
 local out = {}
-local a = 2
+local a, k = 1, 1
 while a <= #ARGV do
   local sku, wh, physical, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  local skey = P .. 'sku:' .. sku
-  local hkey = wh == '' and skey .. ':h' or skey .. ':h:' .. wh
+  local skey, hkey = KEYS[k], KEYS[k + 1]
   for i = a + 4, a + 3 + n do
     local qty = redis.call('HGET', hkey, ARGV[i])
     if qty then
@@ -29,7 +29,7 @@ while a <= #ARGV do
       redis.call('HSET', skey, 'p', physical)
     else
       redis.call('HSET', skey, 'w:' .. wh, physical)
-      redis.call('SADD', P .. 'wh:' .. wh .. ':skus', sku)  -- (what its removal checks, retire.lua)
+      redis.call('SADD', KEYS[k + 2], sku)
       local all = redis.call('HGETALL', skey)
       local total = 0
       for i = 1, #all, 2 do
@@ -41,5 +41,6 @@ while a <= #ARGV do
   local v = redis.call('HMGET', skey, 'p', 'r')
   out[#out + 1] = {tonumber(v[1] or 0), tonumber(v[2] or 0)}
   a = a + 4 + n
+  k = k + (wh == '' and 2 or 3)
 end
 return out

@@ -1,8 +1,12 @@
--- Fulfilment routing for a batch of ready orders (issue 9): which warehouse ships each line,
+-- Fulfilment routing for a batch of ready orders: which warehouse ships each line,
 -- each gift from its main line's warehouse, the freight estimate and its limit, and the
 -- per-warehouse allocation, atomically per order. Python ranked each order's candidate
 -- warehouses by the routing rules (execute/routing.py); here stock decides among them.
--- Every key lies under ARGV[1]'s hash tag (the ledger slot; KEYS[1] names it for routing).
+-- Every key it touches comes in KEYS (all in the ledger's slot), built by orderq/keys.py:
+-- KEYS[1] rt:open, [2] wh:retired, [3] gift_oos, [3 + i] wh:<i-th warehouse>:skus, then each
+-- distinct rt:<hour> of the batch (a row names its own by index), then per SKU of the batch
+-- (ARGV[8] gives where): sku:<sku>, sku:<sku>:h, and sku:<sku>:h:<wh> for each warehouse of the
+-- candidate lists of its orders (the only places it may be allocated).
 -- Stock: sku:<sku> holds p (total physical), r (total reserved), w:<wh> physical in a
 -- warehouse and a:<wh> units allocated there; a SKU with no w:<wh> field is not counted
 -- per warehouse (any warehouse may ship it, nothing is allocated). Units an order holds in
@@ -19,31 +23,43 @@
 -- An order may wait much longer than its hour's bucket lives between this script and its
 -- execution (held, a dead letter replayed next week, the stage down after a crash): each route
 -- is also kept in rt:open, without a TTL, where an order accepted longer ago than half the
--- buckets' TTL is looked up, until the worker reports it executed (ARGV[8], closed here;
+-- buckets' TTL is looked up, until the worker reports it executed (ARGV[7], closed here;
 -- orderq/openrecords.py sweeps the rest).
 -- Removed warehouses (wh:retired, orderq/warehouses.py) are never picked, even by an executor
 -- whose warehouse list is a moment old; a SKU allocated where it has no count of its own (a
 -- backorder) is listed under wh:<wh>:skus, so the warehouse's removal sees it.
--- ARGV[1] prefix, [2] stock buffer (ppm), [3] route record TTL (s), [4] msgpack:
---   {warehouse ids...} (every warehouse a candidate may name), [5] msgpack: candidate lists
+-- ARGV[1] stock buffer (ppm), [2] route record TTL (s), [3] msgpack:
+--   {warehouse ids...} (every warehouse a candidate may name), [4] msgpack: candidate lists
 --   (orders to one place share theirs), each {{warehouse index, distance (km), base (cents),
---   per km (cents/1000), per unit (cents), route entry up to the freight, the same for a
---   split}, ...} best first, [6] msgpack array of orders, each {key, {sku, qty, ...}
+--   per km (cents/1000), per unit (cents), parcel text up to the freight, the same for a
+--   split}, ...} best first, [5] msgpack array of orders, each {key, {sku, qty, ...}
 --   lines (first: the main line), {sku, qty, ...} gifts, candidate list index, goods
 --   (cents), freight limit (basis points of goods, 0: none), accept hour (ms // 3600000),
---   lines and gifts as route text}
---   [7] '1': warehouses are configured (render the route), else gifts only
---   [8] msgpack array of order keys executed since the last call, whose open route goes ('' none)
+--   lines and gifts as route text, index of its rt:<accept hour> in KEYS}
+--   [6] '1': warehouses are configured (render the route), else gifts only
+--   [7] msgpack array of order keys executed since the last call, whose open route goes ('' none)
+--   [8] msgpack: per SKU of the batch {sku, index of sku:<sku> in KEYS, {warehouse index, ...}}:
+--   sku:<sku>:h is next, then sku:<sku>:h:<wh> of each warehouse listed, in that order
 -- Returns msgpack: per order its record "<s|w>\t<freight cents>\t<picks: SH,GZ>\t<gifts out
 --   of stock: SKU,...>\t<route>" (picks and route empty when not routed or in review)
-local P = ARGV[1]
-local ppm, ttl = tonumber(ARGV[2]), ARGV[3]
-local whs = cmsgpack.unpack(ARGV[4])
-local cand_lists = cmsgpack.unpack(ARGV[5])
-local orders = cmsgpack.unpack(ARGV[6])
-local routing = ARGV[7] == '1'  -- warehouses configured: the route is rendered for the status record
-local closing = (ARGV[8] and ARGV[8] ~= '') and cmsgpack.unpack(ARGV[8]) or {}
-local OPEN = P .. 'rt:open'
+local ppm, ttl = tonumber(ARGV[1]), ARGV[2]
+local whs = cmsgpack.unpack(ARGV[3])
+local cand_lists = cmsgpack.unpack(ARGV[4])
+local orders = cmsgpack.unpack(ARGV[5])
+local routing = ARGV[6] == '1'  -- warehouses configured: the route is rendered for the status record
+local closing = (ARGV[7] and ARGV[7] ~= '') and cmsgpack.unpack(ARGV[7]) or {}
+local OPEN = KEYS[1]
+local wh_index = {}  -- warehouse id -> its index (its wh:<wh>:skus is KEYS[3 + index])
+for i, wh in ipairs(whs) do wh_index[wh] = i end
+local sku_keys = {}  -- sku -> {index of sku:<sku> (sku:<sku>:h next), {warehouse id -> index of sku:<sku>:h:<wh>}}
+do
+  local layout = cmsgpack.unpack(ARGV[8])
+  for i = 1, #layout, 3 do
+    local k, at = layout[i + 1], {}
+    for j, w in ipairs(layout[i + 2]) do at[whs[w]] = k + 1 + j end
+    sku_keys[layout[i]] = {k, at}
+  end
+end
 
 local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 local function chunked(cmd, key, names)  -- HMGET key names / MGET names (key nil), chunked
@@ -63,7 +79,7 @@ end
 
 -- 0. warehouses removed since the executor read its list: left out of every candidate list
 if routing then
-  local gone = redis.call('SMISMEMBER', P .. 'wh:retired', unpack(whs))
+  local gone = redis.call('SMISMEMBER', KEYS[2], unpack(whs))
   local dead = {}
   for i, g in ipairs(gone) do
     if g == 1 then dead[i] = true end
@@ -83,10 +99,10 @@ if routing then
 end
 
 -- 1. orders routed already (any order may have been, see above), and the stock the others need
-local buckets = {}  -- rt:<hour> -> {order key, ...}
+local buckets = {}  -- rt:<hour>'s index -> {order key, ...}
 local bucket_of = {}
 for n, o in ipairs(orders) do
-  local b = P .. 'rt:' .. o[7]
+  local b = o[10]
   bucket_of[n] = b
   buckets[b] = buckets[b] or {}
   local list = buckets[b]
@@ -94,7 +110,7 @@ for n, o in ipairs(orders) do
 end
 local recorded = {}  -- bucket -> {order key -> record}
 for b, list in pairs(buckets) do
-  local v = chunked('HMGET', b, list)
+  local v = chunked('HMGET', KEYS[b], list)
   local m = {}
   for i, key in ipairs(list) do m[key] = v[i] end
   recorded[b] = m
@@ -124,7 +140,7 @@ end
 local holders = {}  -- sku -> {key, ...}
 local function need(sku, key)
   if not stock[sku] then
-    local v = redis.call('HMGET', P .. 'sku:' .. sku, unpack(fields))
+    local v = redis.call('HMGET', KEYS[sku_keys[sku][1]], unpack(fields))
     local s = {p = v[1] and tonumber(v[1]), r = tonumber(v[2] or 0), dr = 0, tracked = false,
                avail = {}, counted = {}, da = {}, h = {}, hw = {}}
     for i, wh in ipairs(whs) do
@@ -148,7 +164,7 @@ for n, o in ipairs(orders) do
   end
 end
 for sku, keys in pairs(holders) do
-  local v = chunked('HMGET', P .. 'sku:' .. sku .. ':h', keys)
+  local v = chunked('HMGET', KEYS[sku_keys[sku][1] + 1], keys)
   local s = stock[sku]
   s.h0 = {}  -- as read: only what changed is written back
   for i, key in ipairs(keys) do
@@ -162,7 +178,7 @@ local function can(sku, wh, qty)  -- whether warehouse wh can ship qty of sku
   return not s.p or not s.tracked or s.avail[wh] >= qty
 end
 local function sellable(s)  -- units of a SKU nobody holds yet, in total
-  return math.floor(s.p * ppm / 1000000) - s.r - s.dr
+  return Ledger.sellable(s.p, s.r + s.dr, ppm)
 end
 local function allocate(sku, wh, key, qty, reserved)  -- qty of sku shipped by wh for key
   local s = stock[sku]
@@ -189,10 +205,9 @@ local function allocate(sku, wh, key, qty, reserved)  -- qty of sku shipped by w
 end
 
 -- 2. route, order by order. A candidate is {warehouse index, distance (km), base (cents),
--- per km (cents/1000), per unit (cents), its route entry up to the freight, the same for a
--- split}. A route is compact text (orderq/status.py renders it): per parcel
--- "<warehouse>|<carrier>|<rule>|<carrier rule>|<km>|<freight cents>|<sku>:<qty>,...|<gift
--- sku>:<qty>,...", parcels joined by ';' (SKUs and names hold none of these separators).
+-- per km (cents/1000), per unit (cents), its parcel's text up to the freight, the same for a
+-- split}. A route is text, its parcels joined by ';', each a wire.RouteParcel (orderq/wire.py
+-- names its fields and parses it): "<head>|<freight cents>|<sku>:<qty>,...|<gift sku>:<qty>,...".
 local function items(flat)
   local parts = {}
   for i = 1, #flat, 2 do parts[#parts + 1] = flat[i] .. ':' .. flat[i + 1] end
@@ -302,7 +317,7 @@ for n, o in ipairs(orders) do
           given[#given + 1] = qty
         else
           oos[#oos + 1] = sku
-          redis.call('HINCRBY', P .. 'gift_oos', sku, 1)
+          redis.call('HINCRBY', KEYS[3], sku, 1)
         end
       end
       -- the record: outcome, freight, picks, gifts out of stock, route JSON (tab-separated)
@@ -331,11 +346,11 @@ end
 
 -- 3. write back, once per key
 for sku, s in pairs(stock) do
-  local skey = P .. 'sku:' .. sku
-  if s.dr ~= 0 then redis.call('HINCRBY', skey, 'r', s.dr) end
+  local k, at = sku_keys[sku][1], sku_keys[sku][2]
+  if s.dr ~= 0 then redis.call('HINCRBY', KEYS[k], 'r', s.dr) end
   for wh, q in pairs(s.da) do
-    redis.call('HINCRBY', skey, 'a:' .. wh, q)
-    if not s.counted[wh] then redis.call('SADD', P .. 'wh:' .. wh .. ':skus', sku) end  -- (a count lists it)
+    redis.call('HINCRBY', KEYS[k], 'a:' .. wh, q)
+    if not s.counted[wh] then redis.call('SADD', KEYS[3 + wh_index[wh]], sku) end  -- (a count lists it)
   end
   local set, del = {}, {}
   for _, key in ipairs(holders[sku]) do
@@ -350,21 +365,21 @@ for sku, s in pairs(stock) do
       end
     end
   end
-  write('HSET', skey .. ':h', set, 2)
-  write('HDEL', skey .. ':h', del, 1)
+  write('HSET', KEYS[k + 1], set, 2)
+  write('HDEL', KEYS[k + 1], del, 1)
   for wh, m in pairs(s.hw) do
     local flat = {}
     for key, q in pairs(m) do
       flat[#flat + 1] = key
       flat[#flat + 1] = q
     end
-    write('HSET', skey .. ':h:' .. wh, flat, 2)
+    write('HSET', KEYS[at[wh]], flat, 2)
   end
 end
 local open_new = {}  -- every new route, kept open until its order is executed
 for b, flat in pairs(new_recs) do
-  write('HSET', b, flat, 2)
-  redis.call('EXPIRE', b, ttl)
+  write('HSET', KEYS[b], flat, 2)
+  redis.call('EXPIRE', KEYS[b], ttl)
   for i = 1, #flat do open_new[#open_new + 1] = flat[i] end
 end
 write('HSET', OPEN, open_new, 2)

@@ -16,23 +16,25 @@ local now_us = t[1] * 1000000 + t[2]
 local n, recreated = 0, 0
 for i = 7, #KEYS do
   local key, status = ARGV[i - 6], KEYS[i]
-  local st = redis.call('HGET', status, 's')
+  local st = redis.call('HGET', status, F.status)
   local payload = redis.call('HGET', KEYS[2], key)
   local since = not st and payload and redis.call('ZSCORE', KEYS[1], key)
   if since then  -- (its accept time went with the record: only the time it was held is known)
-    redis.call('HSET', status, 's', 'held', 'th', string.format('%.0f', tonumber(since)))
+    redis.call('HSET', status, F.status, 'held', F.held_at, string.format('%.0f', tonumber(since)))
     recreated = recreated + 1
     st = 'held'
   end
   if st == 'held' and payload then
-    local v = redis.call('HMGET', status, 'p', 'ta', 'ap')
+    local v = redis.call('HMGET', status, F.priority, F.accepted_at, F.approved)
     local lane = lanes[v[1]] or KEYS[5]
+    local rid
     if v[3] then  -- approved by a person before it was held: it stays approved
-      redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', v[2] or now_us, 'ap', v[3])
+      rid = redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', v[2] or now_us, 'ap', v[3])
     else
-      redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', v[2] or now_us)
+      rid = redis.call('XADD', lane, '*', 'k', key, 'd', payload, 'ta', v[2] or now_us)
     end
-    redis.call('HSET', status, 's', 'validated')
+    local lane_no = ({vip = '1', new = '2'})[v[1]] or '3'  -- F.ready_entry: where a cancel finds the entry
+    redis.call('HSET', status, F.status, 'validated', F.ready_entry, lane_no .. '|' .. rid)
     redis.call('PERSIST', status)  -- waiting again (a record from before may carry a TTL)
     redis.call('ZREM', KEYS[1], key)
     redis.call('HDEL', KEYS[2], key)

@@ -1,0 +1,232 @@
+"""Pull connectors against the platform simulators (loadtest/platforms), each a real local HTTP
+server, polled by real ``orderq connect`` processes on the private Valkey: orders modified while
+their window is read, late writes inside the overlap, throttling and 5xx bursts, all arrive once
+(the intake streams hold each order key exactly once; cancelled orders are recorded, not queued);
+a connect process SIGKILLed mid-run and restarted skips nothing and doubles nothing; of two
+processes on one connector one polls, and the other takes over within the lease."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from loadtest.platforms import Faults, Simulator, simulator
+from loadtest.platforms.base import SECRETS
+from orderq import keys
+from orderq.wire import Field
+from tests.conftest import StageProcess
+
+CREDENTIALS = {
+    "taobao": ("app_key", "app_secret", "session"),
+    "jd": ("app_key", "app_secret", "access_token"),
+    "douyin": ("app_key", "app_secret", "access_token"),
+    "pdd": ("client_id", "client_secret", "access_token"),
+    "shopify": ("access_token",),
+}
+PATHS = {"taobao": "/router/rest", "jd": "/routerjson", "pdd": "/api/router", "douyin": "", "shopify": ""}
+CHANNEL = {"taobao": "tmall", "jd": "jd", "douyin": "douyin", "pdd": "pdd", "shopify": "shopify"}
+SECRET_ENV = {f"SIM_{k.upper()}": v for k, v in SECRETS.items()}
+PDD_LAG_S = 2  # the simulator and the connector agree on a short lag (Pinduoduo's is 180 s) to keep tests short
+OVERLAP_S = 6
+LATE_S = 3  # late writes show up at most this long after their modification time (inside the overlap)
+DETAIL_CALLS = ("taobao", "douyin")
+PLATFORMS = ["taobao", "jd", "douyin", "pdd", "shopify"]
+pytestmark = pytest.mark.timeout(300)
+
+
+def faults(platform: str) -> Faults:
+    """Throttling and 5xx bursts every few calls: a list-only platform makes few calls per order."""
+    every = (40, 90) if platform in DETAIL_CALLS else (9, 23)
+    return Faults(throttle_every=every[0], burst_every=every[1], burst_len=2, touch_per_page=3, close_share=0.25)
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Callable[[str], Simulator]]:
+    started: list[Simulator] = []
+
+    def start(platform: str) -> Simulator:
+        s = simulator(platform, faults(platform), seed=7, lag_s=PDD_LAG_S if platform == "pdd" else 0).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def connector_file(directory: Path, platform: str, sim: Simulator, start: int, **over: Any) -> str:
+    name = f"{platform}-flagship"
+    opts = {
+        "every_s": 0.5,
+        "overlap_s": OVERLAP_S,
+        "window_s": 600,
+        "lease_s": 3,
+        **({"lag_s": PDD_LAG_S} if platform == "pdd" else {}),
+        **over,
+    }
+    lines = [f'platform = "{platform}"', 'shop = "flagship"', f'url = "{sim.url}{PATHS[platform]}"']
+    lines += [f"{k} = {v}" for k, v in opts.items()]
+    lines.append(f'start = "{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))}"')
+    lines.append("[credentials]")
+    lines += [f'{f} = "SIM_{f.upper()}"' for f in CREDENTIALS[platform]]
+    directory.mkdir(exist_ok=True)
+    (directory / f"{name}.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return name
+
+
+def intake_keys(url: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with redis.Redis.from_url(url) as c:
+        for p in keys.partitions(4):
+            for _, fields in c.xrange(p.intake):
+                k = fields[b"k"].decode()
+                counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def closed_keys(url: str, name: str) -> set[str]:
+    with redis.Redis.from_url(url) as c:
+        return {k.decode() for k in c.hkeys(keys.connector_key(name, "closed"))}
+
+
+def missing(url: str, sim: Simulator, platform: str, name: str) -> list[str]:
+    """Orders of the platform not where they belong: an open order not queued, or a cancelled
+    one neither queued before nor recorded as closed."""
+    queued, closed = intake_keys(url), closed_keys(url, name)
+    out = []
+    for oid, is_closed in sim.platform.truth().items():
+        key = f"{CHANNEL[platform]}:{oid}"
+        if key not in queued and (not is_closed or key not in closed):
+            out.append(key)
+    return out
+
+
+def wait_all(url: str, sim: Simulator, platform: str, name: str, procs: list[StageProcess], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = missing(url, sim, platform, name)
+        if not left:
+            return
+        live = [p for p in procs if p.proc is not None and p.proc.poll() is None]
+        assert live, "every connect process exited:\n" + "\n".join(p.log()[-3000:] for p in procs)
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.log()[-4000:] for p in procs)
+            raise AssertionError(f"{len(left)} orders never arrived (e.g. {left[:5]}); {sim.platform.stats}\n{logs}")
+        time.sleep(0.3)
+
+
+def assert_once(url: str, sim: Simulator, platform: str, name: str) -> None:
+    queued = intake_keys(url)
+    assert not [k for k, n in queued.items() if n > 1], "an order was queued twice"
+    truth = sim.platform.truth()
+    ours = {f"{CHANNEL[platform]}:{oid}" for oid in truth}
+    assert set(queued) <= ours
+    closed = closed_keys(url, name)
+    cancelled = {f"{CHANNEL[platform]}:{oid}" for oid, c in truth.items() if c}
+    assert cancelled <= closed | set(queued)
+    assert not (closed & ours) - cancelled  # only cancelled orders are recorded closed
+    # a closed order queued before went the cancellation path (no stage runs here: it was waiting)
+    with redis.Redis.from_url(url) as c:
+        for k in closed & set(queued):
+            status = c.hget(keys.partitions(4)[keys.partition_of(k, 4)].status(k), Field.STATUS)
+            assert status == b"cancelled", (k, status)
+    stats = sim.platform.stats
+    assert stats.touched > 0 and stats.throttled + stats.errors_5xx > 0, stats
+
+
+def _sale(platform: str, history: int, live: int, flushed: Any, stages: Any, sim_factory: Any, tmp: Path) -> None:
+    sim = sim_factory(platform)
+    now = int(time.time())
+    sim.platform.populate(history, now - 1800, now - 20)  # the sale's first half, not read yet
+    name = connector_file(tmp / "connectors", platform, sim, now - 1900)
+    proc = stages("connect", ORDERQ_CONNECTORS_DIR=tmp / "connectors", **SECRET_ENV)
+    feeder = sim.platform.feed(live, 6, late_share=0.2, late_s=LATE_S)  # the rest while it polls
+    feeder.join()
+    wait_all(flushed.url, sim, platform, name, [proc], 900 if history + live > 5000 else 240)
+    assert_once(flushed.url, sim, platform, name)
+    time.sleep(1)  # the window's counters are written just after its orders are queued
+    with redis.Redis.from_url(flushed.url) as c:
+        state = c.hgetall(keys.connector_key(name, "state"))
+    assert int(state[b"n:accepted"]) == len(intake_keys(flushed.url))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_sale_arrives_once(
+    platform: str, flushed: Any, stages: Callable[..., StageProcess], sim_factory: Any, tmp_path: Path
+) -> None:
+    # Taobao and Douyin cost a detail call per order: fewer of them in the short version
+    history, live = (500, 150) if platform in DETAIL_CALLS else (1500, 500)
+    _sale(platform, history, live, flushed, stages, sim_factory, tmp_path)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_sale_10000_arrives_once(
+    platform: str, flushed: Any, stages: Callable[..., StageProcess], sim_factory: Any, tmp_path: Path
+) -> None:
+    _sale(platform, 8000, 2000, flushed, stages, sim_factory, tmp_path)
+
+
+def test_sigkill_mid_run_skips_nothing(
+    flushed: Any, stages: Callable[..., StageProcess], sim_factory: Any, tmp_path: Path
+) -> None:
+    platform = "taobao"  # list, detail calls and pages read backwards: the most to interrupt
+    sim = sim_factory(platform)
+    now = int(time.time())
+    sim.platform.populate(600, now - 3600, now - 20)
+    name = connector_file(tmp_path / "connectors", platform, sim, now - 3700, window_s=300)
+    env = {"ORDERQ_CONNECTORS_DIR": tmp_path / "connectors", **SECRET_ENV}
+    procs = [stages("connect", **env)]
+    feeder = sim.platform.feed(200, 8, late_share=0.2, late_s=LATE_S)
+    rng = random.Random(3)
+    for _ in range(3):
+        time.sleep(rng.uniform(1.0, 3.0))
+        procs[-1].signal(signal.SIGKILL)
+        assert procs[-1].proc is not None
+        procs[-1].proc.wait()
+        procs.append(stages("connect", **env))
+    feeder.join()
+    wait_all(flushed.url, sim, platform, name, procs, 240)
+    assert_once(flushed.url, sim, platform, name)
+
+
+def _owner(url: str, name: str) -> str | None:
+    with redis.Redis.from_url(url) as c:
+        raw = c.get(keys.connector_key(name, "lease"))
+    return raw.decode().partition("|")[0] if raw else None
+
+
+def test_two_processes_one_polls_other_takes_over(
+    flushed: Any, stages: Callable[..., StageProcess], sim_factory: Any, tmp_path: Path
+) -> None:
+    platform = "jd"
+    sim = sim_factory(platform)
+    now = int(time.time())
+    sim.platform.populate(300, now - 600, now - 20)
+    name = connector_file(tmp_path / "connectors", platform, sim, now - 700)
+    env = {"ORDERQ_CONNECTORS_DIR": tmp_path / "connectors", **SECRET_ENV}
+    a, b = stages("connect", **env), stages("connect", **env)
+    wait_all(flushed.url, sim, platform, name, [a, b], 60)
+    owner = _owner(flushed.url, name)
+    by_pid = {str(p.proc.pid): p for p in (a, b) if p.proc is not None}
+    assert owner is not None and owner.rpartition(":")[2] in by_pid
+    polling, other = (a, b) if owner.endswith(f":{a.proc.pid if a.proc else 0}") else (b, a)
+    time.sleep(2)
+    assert '"connect.window"' in polling.log() and '"connect.window"' not in other.log()
+    polling.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    sim.platform.feed(200, 2)
+    while _owner(flushed.url, name) in (None, owner):
+        assert time.monotonic() - killed < 3 + 5, "the second process did not take over within the lease"
+        time.sleep(0.1)
+    wait_all(flushed.url, sim, platform, name, [other], 60)
+    assert '"connect.window"' in other.log()
+    assert_once(flushed.url, sim, platform, name)

@@ -38,7 +38,9 @@ OVERLAP_S = 6
 LATE_S = 3  # late writes show up at most this long after their modification time (inside the overlap)
 DETAIL_CALLS = ("taobao", "douyin")
 PLATFORMS = ["taobao", "jd", "douyin", "pdd", "shopify"]
-pytestmark = pytest.mark.timeout(300)
+# Real connect processes against each simulator for 10-60 s each: run by `make reliability`, which
+# keeps `make test` within its 10 minutes (tests/test_connect_lease.py and test_import*.py stay).
+pytestmark = [pytest.mark.timeout(300), pytest.mark.long]
 
 
 def faults(platform: str) -> Faults:
@@ -157,11 +159,7 @@ def _sale(platform: str, history: int, live: int, flushed: Any, stages: Any, sim
     assert int(state[b"n:accepted"]) == len(intake_keys(flushed.url))
 
 
-# Taobao (detail calls, pages read backwards) in `make test`; every platform in `make reliability`,
-# which keeps `make test` within its 10 minutes.
-@pytest.mark.parametrize(
-    "platform", [p if p == "taobao" else pytest.param(p, marks=pytest.mark.long) for p in PLATFORMS]
-)
+@pytest.mark.parametrize("platform", PLATFORMS)
 def test_sale_arrives_once(
     platform: str, flushed: Any, stages: Callable[..., StageProcess], sim_factory: Any, tmp_path: Path
 ) -> None:

@@ -32,8 +32,12 @@ prometheus:
 test: $(VENV)/.installed-test browser prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not long"
+	@# The type check (one core, ~1 min on a fresh clone) runs beside the tests, which keep about
+	@# one of this machine's two cores busy; its report is printed after theirs, and either fails make.
+	@out=$$(mktemp); $(BIN)/mypy > $$out 2>&1 & mypy=$$!; \
+	$(BIN)/python -m pytest -q -m "not long"; tests=$$?; \
+	wait $$mypy; types=$$?; echo "mypy: $$(tail -1 $$out)"; [ $$types -eq 0 ] || cat $$out; rm -f $$out; \
+	[ $$tests -eq 0 ] && [ $$types -eq 0 ]
 
 # The long version of the fault and hostile-input tests (longer loads, more kills); the
 # figures of each fault go to test-artifacts/reliability-report.jsonl (see RELIABILITY.md).

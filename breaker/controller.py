@@ -178,7 +178,7 @@ class Breaker(Stage):
                 ks = [p.deferred, p.counters, *(p.outbox(a) for a in keys.ACTIONS), p.order_copies, p.copy_refs]
                 args: list[bytes | str | int | float] = [self.settings.outbox_trim, self.settings.status_ttl_s]
                 for entry_id, f in entries:  # (the script reads each entry's fields itself)
-                    ks.append(p.status(f[b"k"].decode()))
+                    ks += [p.status(f[b"k"].decode()), p.payload(f[b"k"].decode())]
                     args.append(entry_id)
                 self.r.script(pipe, "replay", ks, args)
 

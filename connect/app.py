@@ -14,6 +14,7 @@ import structlog
 from connect.config import directories, load_all
 from connect.folder import Folder
 from connect.poller import Poller
+from connect.state import configured as list_configured
 from orderq.client import Redis
 from orderq.committer import Committer
 from orderq.control import Control
@@ -55,6 +56,9 @@ class ConnectStage(Stage):
     async def run(self, drain: bool = False) -> int:
         """Poll until stopped (``drain`` does not apply: a platform never runs out of time)."""
         channels = self.settings.channels
+        gone = await list_configured(self.r.client, [c.name for c in self.connectors])
+        if gone:
+            log.info("connect.unlisted", connectors=gone)  # files removed or renamed since the last start
         jobs = [Poller(c, self.intake, channels, self.stopping).run() for c in self.connectors]
         if self.import_dir is not None:
             jobs.append(Folder(self.import_dir, self.intake, channels, self.stopping).run())

@@ -71,11 +71,15 @@ class Poller:
                 adapter = self.cls(self.c, http)
                 adapter.stopping = self.stopping
                 self.known = adapter.known
+                listed = time.monotonic()
                 while not self.stopping.is_set():
                     if not self.lease.held:  # another process polls this connector; take over when it stops
                         await self._sleep(self.lease.ttl_ms / 3000)
                         continue
                     try:
+                        if time.monotonic() - listed > self.lease.ttl_ms / 1000:
+                            await self.state.listed()  # its holder keeps it listed (state.configured)
+                            listed = time.monotonic()
                         caught_up = await self.poll(adapter)
                         errors = 0
                     except GiveUp as exc:

@@ -17,35 +17,19 @@ import structlog
 
 from orderq import connectors as view
 from orderq import keys
+from orderq.client import load_lua
 
 log = structlog.get_logger("orderq.connect")
 
-# Take the lease when free, or renew it when ours: one script, no check-then-write across trips.
-_TAKE = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if cur == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# Move the cursor forward (never back) while holding the lease.
-_ADVANCE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-local new = tonumber(ARGV[2])
-if new > cur then redis.call('SET', KEYS[2], ARGV[2]) end
-redis.call('HSET', KEYS[3], 'polled_ms', ARGV[3], 'ok_ms', ARGV[3])
-return 1
-"""
+# The scripts are orderq/lua/connect_*.lua, loaded with every other script at connect
+# (orderq.client.SCRIPT_NAMES); redis-py's Script runs them by EVALSHA and loads one again
+# when a restarted or promoted server lost its script cache.
+TAKE, RELEASE, ADVANCE, CONFIGURED = (
+    "connect_lease_take",
+    "connect_lease_release",
+    "connect_advance",
+    "connect_configured",
+)
 
 
 def now_ms() -> int:
@@ -63,8 +47,8 @@ class Lease:
         self.token = f"{socket.gethostname()}:{os.getpid()}|{uuid.uuid4().hex[:12]}"
         self.held = False
         self._valid_until = 0.0
-        self._take = client.register_script(_TAKE)
-        self._release = client.register_script(_RELEASE)
+        self._take = client.register_script(load_lua(TAKE))
+        self._release = client.register_script(load_lua(RELEASE))
 
     async def take(self) -> bool:
         """Take or renew; False when another process holds it."""
@@ -110,13 +94,18 @@ class ConnectorState:
         self.cursor_key = keys.connector_key(name, "cursor")
         self.state_key = keys.connector_key(name, "state")
         self.closed_key = keys.connector_key(name, "closed")
-        self._advance = client.register_script(_ADVANCE)
+        self._advance = client.register_script(load_lua(ADVANCE))
 
     async def register(self, platform: str, shop: str, channel: str) -> None:
-        await self.client.sadd(keys.CONNECTORS_KEY, self.name)
         await self.client.hset(
             self.state_key, mapping={view.PLATFORM: platform, view.SHOP: shop, view.CHANNEL: channel}
         )
+        await self.listed()
+
+    async def listed(self) -> None:
+        """Keep this connector in the operators' list: repeated while it runs, so a process
+        started with other connector files (:func:`configured`) does not hide one still polled."""
+        await self.client.sadd(keys.CONNECTORS_KEY, self.name)
 
     async def cursor(self) -> int | None:
         raw = await self.client.get(self.cursor_key)
@@ -125,7 +114,8 @@ class ConnectorState:
     async def advance(self, lease: Lease, cursor_ms: int) -> bool:
         """Move the cursor to ``cursor_ms`` (never back); False when the lease is no longer ours."""
         keys_ = [self.lease_key, self.cursor_key, self.state_key]
-        return int(await self._advance(keys=keys_, args=[lease.token, cursor_ms, now_ms()])) == 1
+        args = [lease.token, cursor_ms, now_ms(), view.POLLED_MS, view.CLEAR_MS]
+        return int(await self._advance(keys=keys_, args=args)) == 1
 
     async def count(self, **counts: int) -> None:
         counts = {k: v for k, v in counts.items() if v}
@@ -153,3 +143,12 @@ class ConnectorState:
         for key, status in statuses.items():
             pipe.hset(self.closed_key, key, status)
         return sum(int(n) for n in await pipe.execute())
+
+
+async def configured(client: Any, names: list[str]) -> int:
+    """At a connect process's start: list exactly its connector files' connectors, so a removed
+    or renamed one leaves ``GET /v1/admin/connectors``, the dashboard and ``/metrics``. Its
+    cursor stays in Redis: added back under its name, it resumes there. Returns how many names
+    left the list."""
+    script = client.register_script(load_lua(CONFIGURED))
+    return int(await script(keys=[keys.CONNECTORS_KEY], args=names))

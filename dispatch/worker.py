@@ -236,13 +236,27 @@ class Target:
         # A claim counts a delivery in Redis, but it is no failed attempt (a restart, a stall):
         # reclaim.lua dead-letters nothing here; the attempts that failed are counted in settle().
 
+        # Entries this target holds (waiting for their attempt, or in a long request) are not
+        # claimed again: reclaim.lua skips the ids it is given.
+        mine: dict[str, list[str]] = {}
+        for stream, entry_id in self.held:
+            mine.setdefault(stream, []).append(entry_id)
+
         def build(pipe: Any) -> None:
             for stream, p in targets:
                 r.script(
                     pipe,
                     "reclaim",
                     [stream, keys.dispatch_dead(p), p.counters, p.errors],
-                    [keys.GROUP_DISPATCH, self.d.consumer, s.claim_idle_ms, NEVER, RECLAIM_LIMIT, NEVER],
+                    [
+                        keys.GROUP_DISPATCH,
+                        self.d.consumer,
+                        s.claim_idle_ms,
+                        NEVER,
+                        RECLAIM_LIMIT,
+                        NEVER,
+                        *mine.get(stream, ()),
+                    ],
                 )
 
         results = await r.run(build)
@@ -254,7 +268,7 @@ class Target:
                 it = iter(flat)
                 fields = dict(zip(it, it, strict=True))
                 slot = (stream, entry_id.decode())
-                if slot in self.held:  # our own, idle during a long request
+                if slot in self.held:  # (held since the ids were read: another sweep's)
                     continue
                 h = self.held[slot] = held_from(p, stream, slot[1], fields, now)
                 fresh.append(h)
@@ -316,7 +330,8 @@ class Target:
                     args += [h.id, h.key, h.fid, h.payload, h.attempts, h.error[:500], h.warehouse, h.route]
                     args += [h.kind, h.shipment, h.cancel_reason]
                 ks = [stream, keys.dispatch_dead(p), p.counters, p.order_copies, p.copy_refs]
-                r.script(pipe, "dispatched", [*ks, *(p.status(h.key) for h in gone)], args)
+                ks += [k for h in gone for k in (p.status(h.key), p.payload(h.key))]
+                r.script(pipe, "dispatched", ks, args)
 
         await r.run(build)
 

@@ -156,7 +156,7 @@ class ExecuteWorker(StreamWorker):
                 again = " ".join(f"{e.lane}:{e.id}" for e, *_ in rows if e.delivered_again)
                 args: list[Value] = [self.group, self.settings.outbox_trim, ttl, again]
                 for e, key, outcome, fid, acts, route, more in rows:
-                    ks.append(p.status(key))
+                    ks += [p.status(key), p.payload(key)]
                     args += [f"{e.lane}\t{e.id}\t{key}\t{outcome}\t{fid}\t{acts}\t{route}\t{more}", e.get(b"d")]
                 self.r.script(pipe, "execute", ks, args)
             # what an order sent to review for its freight holds from validation: a reviewer's

@@ -413,7 +413,7 @@ class DeadLetterSummary(Struct):
 
 
 class Connectors(Struct):
-    """``GET /v1/admin/connectors``: every pull connector that ever ran, by name."""
+    """``GET /v1/admin/connectors``: every configured pull connector, by name."""
 
     connectors: list[ConnectorView]
 

@@ -3,6 +3,10 @@
 mapping (:mod:`orderq.mapping`, files under ``ORDERQ_MAPPINGS_DIR``), then take the path of
 ``POST /v1/orders`` (:mod:`ingress.orders`): the same schema decoding and rules, channel
 token, shedding, rate limit, intake, and the same answers.
+
+A payload the mapping's ``[[cancel]]`` entries recognise is the channel's own cancel or refund
+message (contract §5): it takes the cancel endpoint's path (:func:`orderq.lifecycle.cancel`) and
+answers like it. In a batch it is refused: a batch answers for orders only.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from starlette.routing import Route
 from ingress import responses
 from ingress.admission import ANYONE, NOBODY, VIP_ONLY
 from ingress.http import read_json
+from ingress.lifecycle import answer as cancel_answer
 from ingress.orders import OVERLOADED, Item, Orders, Refused
 from ingress.responses import Refusal
 from ingress.state import IngressState
-from orderq.errors import ConfigError
-from orderq.mapping import Mapping, MappingError, load_dir
+from orderq import lifecycle
+from orderq.client import UNAVAILABLE
+from orderq.errors import ConfigError, ServerUnavailable
+from orderq.mapping import CancelMessage, Mapping, MappingError, load_dir
 from orderq.schema import ErrorDetail, Order, json_encoder
 from orderq.settings import Settings
 
@@ -59,12 +66,32 @@ def map_order(orders: Orders, m: Mapping, payload: Any) -> Order:
         raise
 
 
-def map_item(orders: Orders, m: Mapping, payload: Any) -> Item:
-    """One order of a channel batch: mapped and decoded, or refused."""
+def cancel_of(m: Mapping, payload: Any) -> CancelMessage | None:
+    """The cancel message ``payload`` is (its mapping's ``[[cancel]]``), or None: an order.
+    A recognised message the mapping cannot read is a 422 naming the channel's field."""
     try:
+        return m.cancel_of(payload)
+    except MappingError as exc:
+        raise responses.invalid_order(
+            [ErrorDetail(path=exc.field, message=exc.message)], f"the {m.channel} cancel message cannot be read"
+        ) from None
+
+
+def map_item(orders: Orders, m: Mapping, payload: Any) -> Item:
+    """One order of a channel batch: mapped and decoded, or refused (a cancel message too)."""
+    try:
+        if m.cancels and (msg := cancel_of(m, payload)) is not None:
+            return Refused(f"{m.channel}:{msg.order_id}", _cancel_in_batch(m))
         return map_order(orders, m, payload)
     except Refusal as r:
         return Refused(m.key_hint(payload), r)
+
+
+def _cancel_in_batch(m: Mapping) -> Refusal:
+    """A batch answers for orders only: its cancel message is refused, pointing to the way."""
+    detail = ErrorDetail(path="$", message="a cancel or refund message, not an order")
+    where = f"POST /v1/channels/{m.channel}/orders"
+    return responses.invalid_order([detail], f"a cancel message is not an order: send it alone to {where}")
 
 
 class ChannelHandlers:
@@ -95,7 +122,10 @@ class ChannelHandlers:
         """One order in the channel's own format (contract §7); answers like POST /v1/orders."""
         t0 = time.perf_counter()
         m = self._mapping_for(request)
-        order = map_order(self.orders, m, await read_json(request))
+        payload = await read_json(request)
+        if m.cancels and (msg := cancel_of(m, payload)) is not None:
+            return await self._cancel(m, msg)
+        order = map_order(self.orders, m, payload)
         # Overload (contract §6): the channel's tier is known once mapped; no Redis call yet.
         adm = self.s.admission
         ticket = adm.admit_tier(order.customer.tier == "vip")
@@ -106,6 +136,15 @@ class ChannelHandlers:
         finally:
             adm.leave(ticket)
         return self.orders.answer(order.key, queued, t0)
+
+    async def _cancel(self, m: Mapping, msg: CancelMessage) -> Response:
+        """The channel's cancel message: the cancel endpoint's path and answer (contract §5)."""
+        key = f"{m.channel}:{msg.order_id}"
+        try:
+            outcome = await lifecycle.cancel(self.s.redis, key, msg.reason, msg.note)
+        except UNAVAILABLE as exc:
+            raise ServerUnavailable(f"Redis: {exc}") from None
+        return cancel_answer(key, outcome)
 
     async def post_batch(self, request: Request) -> Response:
         """``{"orders": [...]}`` in the channel's own format; answers like POST /v1/orders/batch."""

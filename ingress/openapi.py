@@ -65,10 +65,14 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "An order's status record", "channel_or_admin", ((200, "the status record", b.StatusRecord),), (*ADMIN, 404)
     ),
     ("POST", "/v1/channels/{channel}/orders"): Op(
-        "Submit one order in the channel's own format (its mapping file says how it reads)",
+        "Submit one order in the channel's own format (its mapping file says how it reads), or the "
+        "channel's own cancel or refund message (its [[cancel]] entries), which cancels like the cancel endpoint",
         "channel",
-        QUEUED,
-        (*ORDER, 404),
+        (
+            (202, "durably queued, or a cancel under way", (b.Accepted, b.Cancelled)),
+            (200, "a replay of a known order key (nothing queued), or cancelled", (b.Accepted, b.Cancelled)),
+        ),
+        (*ORDER, 404, 409),
         AnyJson,
         path={"channel": {"description": CHANNEL_PATH}},
     ),

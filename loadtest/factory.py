@@ -94,6 +94,7 @@ class OrderFactory:
         self.sample: list[str] = []
         self.sample_every = 0
         self.last_class = "regular"  # priority class (vip / new / regular) of the order built last
+        self.gifts: set[int] = set()  # counters of the orders built with a gift: units(), for the stock check
         usable = [c for c in CHANNEL_WEIGHTS if c in channels and (tokens is None or c in tokens)]
         if not usable:
             raise ValueError("no channel with a token to send orders with")
@@ -133,7 +134,11 @@ class OrderFactory:
         else:
             vip, cid = False, f"c{run}-{int(rnd() * REGULAR_POOL)}"
             self.last_class = "regular"
-        tmpl = self.templates[(channel, vip, n & 3, rnd() < REMARK_SHARE, rnd() < GIFT_SHARE)]
+        remark = rnd() < REMARK_SHARE
+        gift = rnd() < GIFT_SHARE
+        if gift:
+            self.gifts.add(n)
+        tmpl = self.templates[(channel, vip, n & 3, remark, gift)]
         oid = f"B{run}-{n:08d}"
         if self.track:
             self._keys.append(f"{channel}:{oid}")
@@ -162,6 +167,15 @@ class OrderFactory:
         channel = self._channel()
         body = b'{"orders":[' + b",".join(self._body(channel) for _ in range(size)) + b"]}"
         return b"%b%d\r\n\r\n%b" % (self.heads[(channel, "/v1/orders/batch")], len(body), body)
+
+    def units(self, key: str) -> dict[str, int]:
+        """The units per SKU that order ``key`` (built here) holds once validated: its one line,
+        and its gift when it has one."""
+        n = int(key.rsplit("-", 1)[1])
+        out = {SKUS[n % len(SKUS)]: 1}
+        if n in self.gifts:
+            out[GIFT_SKU] = 1
+        return out
 
     def take_keys(self) -> list[str]:
         """The order keys of the request built last (with ``track`` on), in request order."""

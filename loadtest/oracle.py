@@ -82,6 +82,7 @@ class Verdict:
     unchecked: int = 0  # keys the check could not look up (an error reading them)
     acked_statuses: Counter[str] = field(default_factory=Counter)  # statuses of the acked keys found
     examples: dict[str, list[str]] = field(default_factory=dict)
+    statuses: dict[str, str] = field(default_factory=dict)  # status of each key found (not in as_dict)
 
     @property
     def ok(self) -> bool:
@@ -165,6 +166,7 @@ class Oracle:
                     v.add("lost", key)
                 continue
             status, dups = rec
+            v.statuses[key] = status
             if flags & ACKED:
                 v.acked_statuses[status] += 1
             if dups:

@@ -6,6 +6,7 @@ a batch's per-order results decoded for it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,7 @@ class Recorder:
     refused_since: list[float] = field(default_factory=list)  # scheduled sends that were refused
     connections: int = 0  # most connections the open loop held
     progress: Progress | None = None  # counts the orders sent, when a person watches
+    on_ack: Callable[[str], None] | None = None  # told each order key sent alone and acknowledged
 
     def add(self, latency: float, status: int, body: bytes, now: float, keys: list[str] | None = None) -> None:
         self.requests += 1
@@ -89,6 +91,8 @@ class Recorder:
                 self.refused += 1
             if keys and self.oracle is not None:
                 self.oracle.record_answer(keys[0], status, body)
+            if keys and self.on_ack is not None and status in (200, 202):
+                self.on_ack(keys[0])
         elif status == 202:
             if keys and self.oracle is not None:
                 ans = _batch_answer.decode(body)

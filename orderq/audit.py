@@ -27,7 +27,8 @@ It checks the state from five sides, and exits 1 when any of them disagrees:
   (``x:wms.pick@<warehouse>``), or a pick from a warehouse the order's route does not name.
 - **Order copies** (orderq/ordercopies.py): each copy's reference count against the outbox,
   deferred and dispatch dead-letter entries that reference it; a copy nothing references, or an
-  entry whose copy is gone, is a **copy mismatch**.
+  entry whose copy is gone, is a **copy mismatch**; so is an executed order's payload key that
+  would outlive its status record, or expire while the record does not.
 
 Cost: one SCAN of the server (of each master on a cluster), COUNT 1000, each step's records
 read by one pipeline of read-only script calls (audit.lua), plus one read of each stream a
@@ -174,6 +175,7 @@ class _Report:
     stale: int = 0
     stale_keys: list[str] = field(default_factory=list)
     unresolved: int = 0
+    payloads: list[tuple[str, str]] = field(default_factory=list)  # (order key, problem) of payload keys
 
     def add_lost(self, category: str, key: str) -> None:
         self.lost[category] += 1
@@ -294,13 +296,18 @@ async def _scan(r: Redis, parts: dict[bytes, _Partition], rep: _Report) -> None:
         cursor = 0
         while True:
             on_node = {} if node is None else {"target_nodes": node}  # a cluster: one master's keys
-            cursors, batch = await r.client.scan(cursor, match=keys.STATUS_PATTERN, count=SCAN_COUNT, **on_node)
+            cursors, batch = await r.client.scan(cursor, match=keys.RECORD_PATTERN, count=SCAN_COUNT, **on_node)
             cursor = int(next(iter(cursors.values()))) if isinstance(cursors, dict) else int(cursors)
             groups: dict[bytes, list[bytes]] = {}
+            payloads: dict[bytes, list[bytes]] = {}  # executed orders' payload keys (":d:")
             for k in batch:
                 if k not in scanned:
                     scanned.add(k)
-                    groups.setdefault(k[skip : k.index(b"}", skip)], []).append(k)
+                    end = k.index(b"}", skip)
+                    kind = payloads if k[end + 2 : end + 4] == b"d:" else groups
+                    kind.setdefault(k[skip:end], []).append(k)
+            mine = [(parts[tag].p, ks) for tag, ks in payloads.items() if tag in parts]
+            rep.payloads += await ordercopies.payload_problems(r, mine)
             order = [(tag, ks) for tag, ks in groups.items() if tag in parts]  # (not the ledger's {ledger})
             found = await read_records(r, [(parts[tag].p, ks) for tag, ks in order])
             for (tag, ks), recs in zip(order, found, strict=True):
@@ -384,7 +391,7 @@ async def run(r: Redis, grace_s: int | None = None) -> dict[str, Any]:
     totals: Counter[str] = Counter()
     for c in after:
         totals.update(c)
-    copies = await ordercopies.check(r)
+    copies = await ordercopies.check(r, rep.payloads)
     lost = sum(rep.lost.values())
     dups = sum(rep.dups.values())
     mismatch = sum(rep.mismatch.values())

@@ -57,6 +57,11 @@ SCRIPT_NAMES = (
     # order events (shipment, delivery, return; trust and conflicts), and a return's units back
     "event",
     "returned",
+    # pull connectors (connect/state.py): leases, the fenced cursor, the configured list
+    "connect_lease_take",
+    "connect_lease_release",
+    "connect_advance",
+    "connect_configured",
 )
 URL_FILE = "redis.url"  # written by the embedded server under ORDERQ_DATA_DIR
 

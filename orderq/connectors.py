@@ -68,7 +68,7 @@ def view(name: str, h: dict[bytes, bytes], cursor: bytes | None, lease: bytes | 
 
 
 async def read_all(client: Any) -> list[ConnectorView]:
-    """Every connector that ever ran, by name. A few commands per connector: a handful exist."""
+    """Every configured connector, by name. A few commands per connector: a handful exist."""
     names = sorted(n.decode() for n in await client.smembers(keys.CONNECTORS_KEY))
     out = []
     for name in names:

@@ -260,6 +260,7 @@ async def _resolve(r: Redis, d: DeadLetter, op: str, reason: str = "", owed: byt
         keys.dead_release(p),
         p.order_copies,
         p.copy_refs,
+        p.payload(d.order_key),
         *_sources(d),
         p.cancel_owed,
     ]

@@ -184,6 +184,13 @@ class Partition:
     def status(self, order_key: str) -> str:  # hash: status record + dedup + effect ledger
         return f"{self.base}:o:{order_key}"
 
+    def payload(self, order_key: str) -> str:  # string: an executed order's payload (msgpack), what
+        # an intercept, a shipment and a return carry later. Beside its status record, not in it:
+        # a value over 64 bytes would turn the record's compact listpack into a hashtable (~1 KB
+        # more per order). It lives exactly as long as the record: every script that sets or
+        # takes the record's TTL does the same to it, in the same call.
+        return f"{self.base}:d:{order_key}"
+
     @property
     def status_pattern(self) -> str:
         return f"{self.base}:o:*"
@@ -203,6 +210,8 @@ class Partition:
 # once, not once per partition); the validation ledger's records (LEDGER_PREFIX + "o:") match
 # it too and are told apart by their tag.
 STATUS_PATTERN = f"{PREFIX}:{{*}}:o:*"
+# ... and the executed orders' payload keys (Partition.payload) with them, in the same SCAN
+RECORD_PATTERN = f"{PREFIX}:{{*}}:[od]:*"
 
 
 @cache
@@ -380,7 +389,7 @@ def dead_release(p: Partition) -> str:
 # --- Pull connectors and the watched import folder (contract §7) ------------------------------
 # Global: read by GET /v1/admin/connectors. Per connector, every key shares one hash tag, so the
 # lease check and the cursor move are one script call in one slot, on a cluster too.
-CONNECTORS_KEY = f"{PREFIX}:connectors"  # set: names of the connectors that ever ran (the admin list)
+CONNECTORS_KEY = f"{PREFIX}:connectors"  # set: names of the configured connectors (the admin list)
 IMPORT_LEASE_KEY = f"{PREFIX}:import:lease"  # SET NX PX: one process imports the watched folder at a time
 
 

@@ -71,7 +71,7 @@ def cancel_call(r: Redis, order_key: str, reason: str, note: str) -> tuple[list[
     p = r.partition_of(order_key)
     s = r.settings
     ks = [p.status(order_key), p.counters, p.cancel_pending, p.cancel_owed, p.review, p.held, p.parked]
-    ks += [p.outbox("wms.intercept"), *p.lanes]
+    ks += [p.outbox("wms.intercept"), *p.lanes, p.payload(order_key)]
     maxlen = 0 if "wms.intercept" in s.webhooks else s.outbox_maxlen
     clean = " ".join(note.split())[:NOTE_MAX]  # one line: the pending mark is tab-separated
     return ks, ["cancel", order_key, reason, clean, s.status_ttl_s, maxlen]
@@ -310,6 +310,7 @@ async def apply_event(r: Redis, order_key: str, ev: OrderEvent) -> EventResult:
         returns_owed_key(p),
         p.cancel_owed,
         unshipped_key(p),
+        p.payload(order_key),
     ]
     (res,) = await r.run(lambda pipe: r.script(pipe, "event", ks, args))
     outcome, status, before, conflict, return_owed, cancel_owed = (
@@ -337,8 +338,15 @@ async def _return_units(r: Redis, p: keys.Partition, order_key: str) -> str:
     lines): each parcel of the order's route from its warehouse (gifts too: the route allocated
     them); an order not routed, its lines from the warehouse its shipments name when they name
     one, else the default warehouse. Read before the event: route and payload never change after
-    execution."""
-    route, payload, shipments = await r.client.hmget(p.status(order_key), [Field.ROUTE, Field.PAYLOAD, Field.SHIPMENTS])
+    execution. (A record written before payloads had their own key keeps its payload in the hash.)"""
+    record, kept = await r.run(
+        lambda pipe: [
+            pipe.hmget(p.status(order_key), [Field.ROUTE, Field.PAYLOAD, Field.SHIPMENTS]),
+            pipe.get(p.payload(order_key)),
+        ]
+    )
+    route, payload, shipments = record
+    payload = kept or payload
     units: dict[tuple[str, str], int] = {}
     if route:
         for parcel in parse_route(route.decode()):

@@ -5,7 +5,8 @@ order field says where its value lives in the channel's own payload and how to c
 it. An operator edits the file; nothing is interpreted per request beyond the closures
 built here at start (a few dict lookups per field).
 
-Field spec — a string is a path; a table holds exactly one source and optional steps::
+Field spec (:mod:`orderq.fieldspec`) — a string is a path; a table holds exactly one source
+and optional steps::
 
     remark     = "buyer_message"                                   # path
     order_id   = { path = "orderId", type = "str" }                 # rename + type
@@ -24,88 +25,49 @@ split, enum, type, money, time; ``default`` stands in when the source is absent 
 one element) and optionally ``keep_if`` / ``drop_if`` = ``{ path = "...", in = [...] }``.
 ``extra`` takes any names. ``channel`` is the file's own name, never mapped;
 ``description`` is free text for the operator.
+
+The channel's own cancel and refund messages (contract §5), posted to the same endpoint as its
+orders, are ``[[cancel]]`` entries, each a kind of message::
+
+    [[cancel]]
+    json     = ["data"]                                    # fields holding JSON text, read as what it encodes
+    when     = { tag = ["206"], "data.aftersale_type" = [2] }   # every path holds one of its values
+    order_id = { path = "data.p_id", type = "str" }
+    reason   = { path = "data.reason_code", enum = { "14" = "out_of_stock" }, default = "refund" }
+    note     = "data.cancel_reason"                        # optional, kept with the cancel
+
+``reason`` must give one of the contract's reasons (:data:`orderq.lifecycle.CancelReason`).
+A payload that no entry's ``when`` recognises is an order.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+import msgspec
 from msgspec import Struct
 
-from orderq.convert import (
-    CENT,
-    MISSING,
-    Bad,
-    amount_of,
-    enum_step,
-    key_of,
-    money_text,
-    split_step,
-    time_step,
-    to_int,
-    to_str,
-)
+from orderq.convert import MISSING, Bad, key_of, to_str
 from orderq.errors import ConfigError
+from orderq.fieldspec import SOURCES, MappingError, SpecError, field_getter, table_of, value_filter
+from orderq.lifecycle import CancelReason
 from orderq.payloadpath import Getter, parse_path, path_getter
-from orderq.schema import Coupon, Customer, Gift, Line, Order, ShipTo
+from orderq.schema import Coupon, Customer, Gift, Line, Order, ShipTo, any_json_decoder
 from orderq.tomlkeys import Key, line_of
 
+__all__ = ["CancelMessage", "Mapping", "MappingError", "SpecError", "compile_mapping", "load_dir", "load_file"]
+
 Context = dict[str, list[int]]  # list target -> source index of each element kept
-
-
-class MappingError(Exception):
-    """A payload the mapping cannot convert; ``field`` is the channel's own field path."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class SpecError(Exception):
-    """A semantic error in a mapping file, at ``key``."""
-
-    def __init__(self, key: Key, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
 
 # Order targets: object fields, list fields (one struct per element), free-form extra.
 OBJECTS: dict[str, type[Struct]] = {"customer": Customer, "ship_to": ShipTo}
 LISTS: dict[str, type[Struct]] = {"lines": Line, "coupons": Coupon, "gifts": Gift}
-FIELD_KEYS = frozenset({"path", "join", "sep", "const", "split", "enum", "default", "type", "money", "per", "time"})
-SOURCES = ("path", "join", "const")
 LIST_KEYS = frozenset({"path", "fields", "keep_if", "drop_if"})
-
-
-# --- conversion steps: orderq/convert.py; only the one needing a quantity lives here --------
-def _per(amount: Callable[[Any], Decimal], count: Getter, count_path: str) -> Callable[[Any, Any], str]:
-    """A line total -> a unit price: divided by the element's quantity, rounded half up to the fen."""
-
-    def step(v: Any, src: Any) -> str:
-        c = count(src)
-        try:
-            n = to_int(c) if c is not MISSING else 0
-        except Bad as exc:
-            raise MappingError(count_path, str(exc)) from None
-        if n <= 0:
-            raise MappingError(count_path, f"cannot divide an amount by a quantity of {c!r}")
-        return money_text((amount(v) / n).quantize(CENT, rounding=ROUND_HALF_UP))
-
-    return step
-
-
-def _money(amount: Callable[[Any], Decimal]) -> Callable[[Any], str]:
-    """A money step: the amount as the schema's money text."""
-    return lambda v: money_text(amount(v))
 
 
 def _without_context(get: Getter) -> Callable[[Any, Context], Any]:
@@ -124,6 +86,16 @@ class Mapping:
     sources: dict[str, str] = field(default_factory=dict)  # order path ("lines[].qty") -> channel field
     lists: dict[str, str] = field(default_factory=dict)  # list target -> channel list path
     order_id: Getter | None = None  # for a best-effort order key of a payload that does not map
+    cancels: tuple[CancelRule, ...] = ()  # the channel's cancel and refund messages, each a kind
+
+    def cancel_of(self, payload: Any) -> CancelMessage | None:
+        """The cancel a payload is (the first entry that recognises it), or None: an order.
+        A recognised message without a usable order id or reason raises :class:`MappingError`."""
+        for rule in self.cancels:
+            msg = rule.match(payload)
+            if msg is not None:
+                return msg
+        return None
 
     def apply(self, payload: Any) -> tuple[dict[str, Any], Context]:
         """The order document (to be decoded as :class:`Order`) and where list elements came
@@ -162,7 +134,7 @@ def compile_mapping(channel: str, doc: dict[str, Any], file: Path) -> Mapping:
     """Compile a parsed mapping file; :class:`SpecError` names the offending key."""
     sources: dict[str, str] = {}
     lists: dict[str, str] = {}
-    allowed = set(Order.__struct_fields__) | {"description"}
+    allowed = set(Order.__struct_fields__) | {"description", "cancel"}
     for name in doc:
         if name == "channel":
             raise SpecError(("channel",), "the channel is the file's name; do not map it")
@@ -171,7 +143,7 @@ def compile_mapping(channel: str, doc: dict[str, Any], file: Path) -> Mapping:
     steps: list[tuple[str, Callable[[Any, Context], Any]]] = []
     order_id: Getter | None = None
     for name, spec in doc.items():
-        if name == "description":
+        if name in ("description", "cancel"):
             continue
         key = (name,)
         if name in OBJECTS:
@@ -181,7 +153,7 @@ def compile_mapping(channel: str, doc: dict[str, Any], file: Path) -> Mapping:
         elif name == "extra":
             steps.append((name, _object(spec, key, None, "extra", sources)))
         else:
-            get, src = _field(spec, key)
+            get, src = field_getter(spec, key)
             sources[name] = src
             steps.append((name, _without_context(get)))
             if name == "order_id":
@@ -195,20 +167,15 @@ def compile_mapping(channel: str, doc: dict[str, Any], file: Path) -> Mapping:
                 out[name] = v
         return out
 
-    return Mapping(channel, file, build, sources, lists, order_id)
-
-
-def _table(spec: Any, key: Key, what: str) -> dict[str, Any]:
-    if not isinstance(spec, dict):
-        raise SpecError(key, f"expected a table ({what}), got {type(spec).__name__}")
-    return spec
+    cancels = _cancel_rules(doc.get("cancel", []))
+    return Mapping(channel, file, build, sources, lists, order_id, cancels)
 
 
 def _object(
     spec: Any, key: Key, cls: type[Struct] | None, prefix: str, sources: dict[str, str]
 ) -> Callable[[Any, Context], Any]:
     """An object target (customer, ship_to) or free-form ``extra``: a table of field specs."""
-    table = _table(spec, key, "of field specs")
+    table = table_of(spec, key, "of field specs")
     known = set(cls.__struct_fields__) if cls is not None else set()
     parts: list[tuple[str, Getter | Callable[[Any, Context], Any], bool]] = []
     for name, sub in table.items():
@@ -218,7 +185,7 @@ def _object(
         if cls is None and isinstance(sub, dict) and not any(s in sub for s in SOURCES):
             parts.append((name, _object(sub, (*key, name), None, path, sources), True))
             continue
-        get, src = _field(sub, (*key, name))
+        get, src = field_getter(sub, (*key, name))
         sources[path] = src
         parts.append((name, get, False))
 
@@ -236,7 +203,7 @@ def _object(
 def _list(
     spec: Any, key: Key, cls: type[Struct], name: str, sources: dict[str, str], lists: dict[str, str]
 ) -> Callable[[Any, Context], Any]:
-    table = _table(spec, key, "with path and fields")
+    table = table_of(spec, key, "with path and fields")
     for k in table:
         if k not in LIST_KEYS:
             raise SpecError((*key, k), f"unknown option {k!r} of a list (known: {', '.join(sorted(LIST_KEYS))})")
@@ -250,7 +217,7 @@ def _list(
     except ValueError as exc:
         raise SpecError((*key, "path"), str(exc)) from None
     lists[name] = list_path
-    fields = _table(table["fields"], (*key, "fields"), "of field specs")
+    fields = table_of(table["fields"], (*key, "fields"), "of field specs")
     known = set(cls.__struct_fields__)
     parts: list[tuple[str, Getter]] = []
     for fname, sub in fields.items():
@@ -258,11 +225,11 @@ def _list(
             raise SpecError(
                 (*key, "fields", fname), f"unknown field {fname!r} of {name} (known: {', '.join(sorted(known))})"
             )
-        get, src = _field(sub, (*key, "fields", fname))
+        get, src = field_getter(sub, (*key, "fields", fname))
         sources[f"{name}[].{fname}"] = src
         parts.append((fname, get))
-    keep = _filter(table.get("keep_if"), (*key, "keep_if"), True)
-    drop = _filter(table.get("drop_if"), (*key, "drop_if"), False)
+    keep = value_filter(table.get("keep_if"), (*key, "keep_if"), True)
+    drop = value_filter(table.get("drop_if"), (*key, "drop_if"), False)
 
     def build(src: Any, ctx: Context) -> Any:
         items = read(src)
@@ -293,153 +260,163 @@ def _list(
     return build
 
 
-def _filter(spec: Any, key: Key, keep: bool) -> Callable[[Any], bool] | None:
-    """``keep_if`` / ``drop_if``: an element passes when its value is (not) in the list."""
-    if spec is None:
-        return None
-    table = _table(spec, key, 'like { path = "...", in = [...] }')
-    if set(table) != {"path", "in"} or not isinstance(table["in"], list):
-        raise SpecError(key, 'expected { path = "...", in = [values] }')
+# --- cancel and refund messages (contract §5) ------------------------------------------------
+CANCEL_REASONS = frozenset(get_args(CancelReason))
+CANCEL_KEYS = frozenset({"json", "when", "order_id", "reason", "note"})
+ORDER_ID_MAX = 128  # an order id longer than any platform's is not one (as the cancel endpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelMessage:
+    """What a channel's cancel or refund message asks: cancel ``<channel>:<order_id>``."""
+
+    order_id: str
+    reason: str  # one of CANCEL_REASONS
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One ``when`` test: the value at ``get`` is one of ``values``; ``inner`` if the path reads
+    into a field holding JSON text; ``top``, the field name of a one-segment path (read with a
+    plain ``dict.get``: an order, missing it, costs no exception)."""
+
+    get: Getter
+    values: frozenset[str]
+    inner: bool
+    top: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRule:
+    """One ``[[cancel]]`` entry, compiled."""
+
+    json: tuple[str, ...]
+    when: tuple[Condition, ...]
+    order_id: tuple[Getter, str]
+    reason: tuple[Getter, str]
+    note: Getter | None
+
+    def match(self, payload: Any) -> CancelMessage | None:
+        """The cancel ``payload`` asks for, or None when ``when`` does not hold. Conditions run in
+        the order written, each a dict lookup or two: an order pays a lookup per entry."""
+        if not isinstance(payload, dict):
+            return None
+        src: Any = payload
+        for test in self.when:
+            if test.inner and src is payload:
+                src = self._opened(payload)
+            v = src.get(test.top) if test.top is not None else test.get(src)
+            if v is None or v is MISSING or isinstance(v, dict | list) or key_of(v) not in test.values:
+                return None
+        if src is payload and self.json:
+            src = self._opened(payload)
+        get, name = self.order_id
+        order_id = _cancel_order_id(get(src), name)
+        get, name = self.reason
+        reason = get(src)
+        if not isinstance(reason, str) or reason not in CANCEL_REASONS:
+            known = ", ".join(sorted(CANCEL_REASONS))
+            given = "nothing" if reason is MISSING else repr(reason)
+            raise MappingError(name, f"maps to {given}, not a cancel reason (known: {known})")
+        note = self.note(src) if self.note is not None else MISSING
+        text = key_of(note) if note is not MISSING and not isinstance(note, dict | list) else ""
+        return CancelMessage(order_id, reason, text)
+
+    def _opened(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` with each ``json`` field's JSON text decoded (an object stays as is)."""
+        out = dict(payload)
+        for name in self.json:
+            v = payload.get(name)
+            if isinstance(v, str):
+                try:
+                    out[name] = any_json_decoder.decode(v)
+                except (msgspec.DecodeError, RecursionError):
+                    raise MappingError(name, "expected JSON text of an object") from None
+        return out
+
+
+def _cancel_order_id(v: Any, name: str) -> str:
+    if v is MISSING:
+        raise MappingError(name, "a cancel message needs its order id")
     try:
-        get = path_getter(table["path"])
-    except ValueError as exc:
-        raise SpecError((*key, "path"), str(exc)) from None
-    values = frozenset(key_of(v) for v in table["in"])
-    empty_in = "" in values
-
-    def test(item: Any) -> bool:
-        v = get(item)
-        hit = empty_in if v is MISSING else key_of(v) in values
-        return hit if keep else not hit
-
-    return test
+        text = to_str(v).strip()
+    except Bad as exc:
+        raise MappingError(name, str(exc)) from None
+    if not text or len(text) > ORDER_ID_MAX:
+        raise MappingError(name, f"not an order id: {v!r}")
+    return text
 
 
-def _field(spec: Any, key: Key) -> tuple[Getter, str]:
-    """A scalar field spec -> (getter, the channel field it reads, for error messages)."""
-    if isinstance(spec, str):
-        spec = {"path": spec}
-    table = _table(spec, key, 'a path string or { path = "..." , ... }')
+def _cancel_rules(spec: Any) -> tuple[CancelRule, ...]:
+    """``[[cancel]]``: a list of tables, each compiled on its own (keys name its index)."""
+    if not isinstance(spec, list):
+        raise SpecError(("cancel",), "write each cancel message as a [[cancel]] table")
+    return tuple(_cancel_rule(entry, ("cancel", str(i))) for i, entry in enumerate(spec))
+
+
+def _cancel_rule(spec: Any, key: Key) -> CancelRule:
+    table = table_of(spec, key, "with when, order_id and reason")
     for k in table:
-        if k not in FIELD_KEYS:
-            raise SpecError((*key, k), f"unknown option {k!r} (known: {', '.join(sorted(FIELD_KEYS))})")
-    given = [s for s in SOURCES if s in table]
-    if len(given) != 1:
-        raise SpecError(key, "give exactly one of path, join or const")
-    if "const" in table:
-        extra = set(table) - {"const"}
-        if extra:
-            raise SpecError((*key, sorted(extra)[0]), "a const takes no other option")
-        value = table["const"]
-        return (lambda src: value), "(constant)"
-    if "sep" in table and "join" not in table:
-        raise SpecError((*key, "sep"), "sep goes with join")
-    read, src_name = _reader(table, key)
-    default = table.get("default", MISSING)
-    steps: list[Callable[[Any], Any]] = []
-    if "split" in table:
-        if not isinstance(table["split"], str) or not table["split"]:
-            raise SpecError((*key, "split"), "split takes a separator string")
-        steps.append(split_step(table["split"]))
-    if "enum" in table:
-        if not isinstance(table["enum"], dict) or not table["enum"]:
-            raise SpecError((*key, "enum"), 'enum takes a table like { "3" = "vip" }')
-        steps.append(enum_step(table["enum"], default))
-    if "type" in table:
-        conv = {"str": to_str, "int": to_int}.get(table["type"])
-        if conv is None:
-            raise SpecError((*key, "type"), f"type is 'str' or 'int', got {table['type']!r}")
-        steps.append(conv)
-    per: Callable[[Any, Any], str] | None = None
-    if "money" in table:
-        if table["money"] not in ("yuan", "fen"):
-            raise SpecError((*key, "money"), f"money is 'yuan' or 'fen', got {table['money']!r}")
-        if "time" in table:
-            raise SpecError((*key, "time"), "money and time exclude each other")
-        amount = amount_of(table["money"])
-        if "per" in table:
-            try:
-                per = _per(amount, path_getter(table["per"]), table["per"])
-            except ValueError as exc:
-                raise SpecError((*key, "per"), str(exc)) from None
-        else:
-            steps.append(_money(amount))
-    elif "per" in table:
-        raise SpecError((*key, "per"), "per goes with money")
-    if "time" in table:
+        if k not in CANCEL_KEYS:
+            raise SpecError((*key, k), f"unknown option {k!r} of a cancel (known: {', '.join(sorted(CANCEL_KEYS))})")
+    for k in ("when", "order_id", "reason"):
+        if k not in table:
+            raise SpecError(key, f"a cancel needs {k!r}")
+    json_fields = table.get("json", [])
+    if not isinstance(json_fields, list) or not all(isinstance(f, str) and f for f in json_fields):
+        raise SpecError((*key, "json"), 'json takes a list of top-level field names, like ["data"]')
+    when = table_of(table["when"], (*key, "when"), 'of paths and their values, like { tag = ["106"] }')
+    if not when:
+        raise SpecError((*key, "when"), "when needs at least one path: every order would be a cancel")
+    tests: list[Condition] = []
+    for path, values in when.items():
+        if not isinstance(values, list) or not values or any(isinstance(v, dict | list) for v in values):
+            raise SpecError((*key, "when", path), 'expected a list of values, like ["106"]')
         try:
-            if not isinstance(table["time"], str):
-                raise ValueError
-            steps.append(time_step(table["time"]))
-        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-            raise SpecError(
-                (*key, "time"),
-                f"time is a zone (Asia/Shanghai, UTC, +08:00), epoch_s or epoch_ms; got {table['time']!r}",
-            ) from None
-
-    if not steps and per is None and default is MISSING:
-        return read, src_name  # a plain path or join: the reader itself, no wrapper call
-
-    def get(src: Any) -> Any:
-        v = read(src)
-        if v is MISSING:
-            return default
-        try:
-            for step in steps:
-                v = step(v)
-            if per is not None:
-                v = per(v, src)
-        except Bad as exc:
-            raise MappingError(src_name, str(exc)) from None
-        return v
-
-    return get, src_name
+            segs = parse_path(path)
+            if None in segs:
+                raise ValueError(f"a when path is one plain path, got {path!r}")
+            get = path_getter(path)
+        except ValueError as exc:
+            raise SpecError((*key, "when", path), str(exc)) from None
+        top = segs[0] if len(segs) == 1 and isinstance(segs[0], str) else None
+        tests.append(Condition(get, frozenset(key_of(v) for v in values), segs[0] in json_fields, top))
+    reason_key = (*key, "reason")
+    _check_reasons(table["reason"], reason_key)
+    note = field_getter(table["note"], (*key, "note"))[0] if "note" in table else None
+    return CancelRule(
+        tuple(json_fields),
+        tuple(tests),
+        field_getter(table["order_id"], (*key, "order_id")),
+        field_getter(table["reason"], reason_key),
+        note,
+    )
 
 
-def _reader(table: dict[str, Any], key: Key) -> tuple[Getter, str]:
-    """The source part of a field spec: path (or first present of several) or join."""
-    try:
-        if "join" in table:
-            paths = table["join"]
-            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-                raise SpecError((*key, "join"), "join takes a list of paths")
-            sep = table.get("sep", " ")
-            if not isinstance(sep, str):
-                raise SpecError((*key, "sep"), "sep is a string")
-            getters = [path_getter(p) for p in paths]
+def _check_reasons(spec: Any, key: Key) -> None:
+    """Every reason a spec can give at start (a constant, enum values, the default) must be the
+    contract's; one read from the payload is checked when it comes."""
+    given: list[tuple[Key, Any]] = []
+    if isinstance(spec, dict):
+        if "const" in spec:
+            given.append((("const",), spec["const"]))
+        if isinstance(spec.get("enum"), dict):
+            given += [(("enum", str(k)), v) for k, v in spec["enum"].items()]
+        if "default" in spec:
+            given.append((("default",), spec["default"]))
+    for where, value in given:
+        if value not in CANCEL_REASONS:
+            known = ", ".join(sorted(CANCEL_REASONS))
+            raise SpecError((*key, *where), f"{value!r} is not a cancel reason (known: {known})")
 
-            def joined(src: Any) -> Any:
-                parts: list[str] = []
-                for g in getters:
-                    v = g(src)
-                    if v is MISSING:
-                        continue
-                    for x in v if isinstance(v, list) else (v,):
-                        s = key_of(x).strip() if not isinstance(x, dict | list) else ""
-                        if s:
-                            parts.append(s)
-                return sep.join(parts) if parts else MISSING
 
-            return joined, " + ".join(paths)
-        path = table["path"]
-        if isinstance(path, list):
-            if not path or not all(isinstance(p, str) for p in path):
-                raise SpecError((*key, "path"), "path takes a string or a list of strings")
-            getters = [path_getter(p) for p in path]
-
-            def first(src: Any) -> Any:
-                for g in getters:
-                    v = g(src)
-                    if v is not MISSING:
-                        return v
-                return MISSING
-
-            return first, " | ".join(path)
-        if not isinstance(path, str):
-            raise SpecError((*key, "path"), "path takes a string or a list of strings")
-        return path_getter(path), path
-    except ValueError as exc:
-        raise SpecError((*key, "join" if "join" in table else "path"), str(exc)) from None
+def key_text(key: Key) -> str:
+    """A key path as an operator reads it: ``cancel[1].reason``."""
+    out = ""
+    for part in key:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -464,7 +441,7 @@ def load_file(path: Path, channels: tuple[str, ...]) -> Mapping:
         return compile_mapping(channel, doc, path)
     except SpecError as exc:
         line = line_of(text, exc.key)
-        raise ConfigError(f"{path}:{line}", f"{'.'.join(exc.key)}: {exc.message}") from None
+        raise ConfigError(f"{path}:{line}", f"{key_text(exc.key)}: {exc.message}") from None
 
 
 def load_dir(directory: Path, channels: tuple[str, ...]) -> dict[str, Mapping]:

@@ -15,12 +15,18 @@ dispatcher reads a referencing entry's payload with one pipelined ``HMGET`` per 
 :func:`check` is ``orderq audit``'s side of it: a copy no entry references (a leak), an entry
 whose copy is gone (an action that cannot be sent with its order), and a count that disagrees
 with the entries referencing the copy.
+
+An executed order's payload also has a key of its own beside its status record
+(``keys.Partition.payload``: what an intercept, a shipment and a return carry), which every
+script that sets or takes the record's TTL moves with it. :func:`payload_problems` is the
+audit's check of that: a payload key without a TTL whose record is gone (it would never go), and
+a record and payload key of which one expires and the other does not.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from orderq import keys
@@ -33,6 +39,8 @@ COPY_PROBLEMS = {
     "copy_unreferenced": "an order copy no outbox, deferred or dead-letter entry references (count 0 or none)",
     "copy_missing": "an entry references its order's copy, but the copy is gone",
     "copy_count": "an order copy's reference count differs from the entries referencing it",
+    "payload_orphan": "an executed order's payload key outlives its status record, without a TTL",
+    "payload_ttl": "an executed order's payload key and its status record disagree: one expires, the other not",
 }
 
 
@@ -126,10 +134,50 @@ async def _partition(r: Redis, p: keys.Partition) -> dict[bytes, str]:
     }
 
 
-async def check(r: Redis) -> dict[str, Any]:
-    """``orderq audit``'s check of the copies: counts by problem, and the keys (partition, order key)."""
+def _life(status_ms: int, payload_ms: int) -> str | None:
+    """What is wrong with a payload key, from its PTTL and its record's (-1 none, -2 gone)."""
+    if payload_ms == -2:
+        return None
+    if status_ms == -2:  # (one with a TTL goes by itself, when the record would have)
+        return "payload_orphan" if payload_ms == -1 else None
+    return "payload_ttl" if (status_ms == -1) != (payload_ms == -1) else None
+
+
+async def _lives(r: Redis, pairs: list[tuple[str, bytes]]) -> list[str | None]:
+    res = await r.run(lambda pipe: [cmd for st, pl in pairs for cmd in (pipe.pttl(st), pipe.pttl(pl))])
+    return [_life(int(res[i]), int(res[i + 1])) for i in range(0, len(res), 2)]
+
+
+async def payload_problems(r: Redis, groups: Sequence[tuple[keys.Partition, list[bytes]]]) -> list[tuple[str, str]]:
+    """(order key, problem) of the payload keys of ``groups`` (partition, its payload keys as a
+    SCAN found them) that disagree with their status records. Both move in the same script call,
+    but two reads may straddle one: a suspect counts only if a second read finds it the same."""
+    pairs: list[tuple[str, bytes]] = []
+    names: list[str] = []
+    for p, payload_keys in groups:
+        prefix = len(p.payload("").encode())
+        for k in payload_keys:
+            name = k[prefix:].decode(errors="replace")
+            pairs.append((p.status(name), k))
+            names.append(name)
+    if not pairs:
+        return []
+    first = await _lives(r, pairs)
+    suspects = [i for i, what in enumerate(first) if what]
+    if not suspects:
+        return []
+    again = await _lives(r, [pairs[i] for i in suspects])
+    return [(names[i], first[i] or "") for i, what in zip(suspects, again, strict=True) if what == first[i]]
+
+
+async def check(r: Redis, payloads: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """``orderq audit``'s check of the copies: counts by problem, and the keys (partition, order
+    key); ``payloads``: what :func:`payload_problems` found during the audit's SCAN."""
     by: Counter[str] = Counter()
     listed: list[str] = []
+    for name, what in payloads:
+        by[what] += 1
+        listed.append(f"{name} {what}")
     copies = 0
     for p in r.partitions:
         for k, what in (await _partition(r, p)).items():

@@ -21,14 +21,20 @@ def _split_key(text: str) -> Key:
 
 def key_lines(text: str) -> dict[Key, int]:
     """Where each key of a TOML file is defined (first line), for semantic error messages.
-    Keys inside an inline table are found on their line too; tomllib gives no positions."""
+    Keys inside an inline table are found on their line too; tomllib gives no positions. The
+    n-th ``[[name]]`` table's keys are under ``(name, "n", ...)``, as tomllib's list holds it."""
     out: dict[Key, int] = {}
     table: Key = ()
+    arrays: dict[Key, int] = {}  # [[name]] -> how many seen
     for lineno, line in enumerate(text.splitlines(), 1):
         m = _HEADER.match(line)
         if m:
             table = _split_key(m.group(1))
             out.setdefault(table, lineno)
+            if line.lstrip().startswith("[["):
+                arrays[table] = arrays.get(table, -1) + 1
+                table = (*table, str(arrays[table]))
+                out.setdefault(table, lineno)
             continue
         m = _ASSIGN.match(line)
         if not m:

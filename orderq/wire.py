@@ -97,7 +97,10 @@ class Field(enum.StrEnum):
     REJECTED_AT = "tr"
     ACTION = "x:"  # prefix: x:<action>[@<warehouse>] -> ActionState (the effect ledger)
     APPLIED = "xn:"  # prefix: xn:<action> -> times the action was applied (the audit's duplicate check)
-    PAYLOAD = "d"  # the order (msgpack), kept from execution on: what later effects and releases carry
+    # the order (msgpack), read only from a record written when the payload lived here; an executed
+    # order's payload now has its own key (keys.Partition.payload): a long value here would turn
+    # the record's listpack into a hashtable
+    PAYLOAD = "d"
     # what the systems downstream reported (orderq/lua/event.lua): the source whose word set the
     # public status, JSON of the timeline, each source's latest word, the shipments, the conflicts
     STATUS_SOURCE = "ss"

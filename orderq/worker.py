@@ -75,12 +75,16 @@ class StreamWorker(Stage):
         self.batch = self.settings.worker_batch
         self._next_reclaim = 0.0
         self.behind = False  # the last fetch came back at least half full
+        self.loops = 1  # batches kept in flight (run() sets it)
         self.server_failing = False  # the last batch failed on the server, not on its entries
         # An entry is blamed for a failure only while the stage demonstrably works for others:
         # a batch-mate went through, or (a batch of one) some entry went through since the last
         # entry was blamed. A stage broken for every entry backs off instead (see _isolate).
         self._ok_since_blame = True
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
+        # Entry ids by stream that one of this worker's loops is processing now: the recovery
+        # sweep of another loop must not take them back (reclaim.lua), however long they take.
+        self._busy: dict[str, set[str]] = {}
         self.processed = 0
         self.log = log.bind(stage=self.stage, worker=self.consumer)
         self.debug = self.settings.log_level == "debug"
@@ -115,7 +119,7 @@ class StreamWorker(Stage):
         Outside drain mode, ``ORDERQ_WORKER_CONCURRENCY`` batches are kept in flight, so one
         batch's Python work overlaps another's script time in Redis (each loop reads its own
         entries from the consumer group; scripts keep every hand-off atomic)."""
-        loops = 1 if drain else self.settings.worker_concurrency
+        loops = self.loops = 1 if drain else self.settings.worker_concurrency
         if loops == 1:
             await self._loop(drain, 0)
         else:
@@ -155,12 +159,15 @@ class StreamWorker(Stage):
                     if drain:
                         break
                     continue
+                held = self._hold(entries)
                 try:
                     await self._process(entries)
                 except Exception as exc:
                     if _server_side(exc):
                         raise
                     await self._isolate(entries, exc)  # find the entries at fault; the others go on
+                finally:
+                    self._release(held)
                 errors = 0
                 self.server_failing = False
             except asyncio.CancelledError:
@@ -177,6 +184,19 @@ class StreamWorker(Stage):
                 errors += 1
                 self.log.warning(f"{self.stage}.batch_failed", error=_describe(exc)[:300], retry_in_s=delay)
                 await self.sleep(delay)
+
+    def _hold(self, entries: list[Entry]) -> list[tuple[set[str], str]]:
+        held = []
+        for e in entries:
+            ids = self._busy.setdefault(e.stream, set())
+            ids.add(e.id)
+            held.append((ids, e.id))
+        return held
+
+    @staticmethod
+    def _release(held: list[tuple[set[str], str]]) -> None:
+        for ids, entry_id in held:
+            ids.discard(entry_id)
 
     async def _isolate(self, entries: list[Entry], exc: Exception) -> None:
         """A batch failed, and not on the server (a payload that breaks a rule, a bug): process
@@ -325,6 +345,7 @@ class StreamWorker(Stage):
                         s.max_deliveries,
                         RECLAIM_LIMIT,
                         s.max_deliveries * CRASH_LOOP_FACTOR,
+                        *self._busy.get(stream, ()),
                     ],
                 )
 

@@ -9,11 +9,14 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -190,23 +193,119 @@ async def drain(r: oq_client.Redis, rounds: int = 3) -> int:
     return total
 
 
+class _Forked:
+    """The part of ``subprocess.Popen`` the tests use, for a child of the fork server."""
+
+    def __init__(self, server: _ForkServer, pid: int) -> None:
+        self.server, self.pid = server, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.exits.get(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.server.cond:
+            if not self.server.cond.wait_for(lambda: self.pid in self.server.exits, timeout):
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+        rc = self.poll()
+        assert rc is not None
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # as Popen: never signal a pid that may have been reused
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _ForkServer:
+    """tests/zygote.py, started once per test process: stage processes forked from it start
+    with everything imported (see its docstring)."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        env.setdefault("PYTHONPATH", str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote"], cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.cond = threading.Condition()
+        self.exits: dict[int, int] = {}
+        self.pids: queue.Queue[int] = queue.Queue()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, name="fork-server", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            doc = json.loads(line)
+            if "pid" in doc:
+                self.pids.put(doc["pid"])
+            else:
+                with self.cond:
+                    self.exits[doc["exit"]] = doc["rc"]
+                    self.cond.notify_all()
+        self.pids.put(0)  # the server is gone: a waiting start fails instead of hanging
+
+    def start(self, argv: list[str], env: dict[str, str], log: Path) -> _Forked:
+        assert self.proc.stdin is not None
+        with self.lock:
+            req = {"argv": argv, "env": env, "cwd": str(ROOT), "log": str(log)}
+            self.proc.stdin.write(json.dumps(req).encode() + b"\n")
+            self.proc.stdin.flush()
+            pid = self.pids.get(timeout=30)
+        if not pid:
+            raise RuntimeError(f"the fork server exited {self.proc.poll()}")
+        return _Forked(self, pid)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+_fork_server: _ForkServer | None = None
+FORK = os.environ.get("ORDERQ_TEST_FORK", "1") != "0"
+
+
+def _forked(argv: list[str], env: dict[str, str], log: Path) -> _Forked:
+    global _fork_server
+    if _fork_server is None or _fork_server.proc.poll() is not None:
+        _fork_server = _ForkServer()
+    return _fork_server.start(argv, env, log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _fork_server is not None:
+        _fork_server.close()
+
+
 class StageProcess:
-    """A real ``python -m orderq <stage>`` process."""
+    """A real ``python -m orderq <stage>`` process (forked from the fork server unless
+    ``ORDERQ_TEST_FORK=0``: the same entry point, a process of its own)."""
 
     def __init__(self, stage: str, env: dict[str, str], log_path: Path) -> None:
         self.stage = stage
         self.env = env
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | _Forked | None = None
 
     def start(self) -> StageProcess:
         full = dict(os.environ)
         full.update(self.env)
         full.setdefault("PYTHONPATH", str(ROOT))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orderq", self.stage], env=full, cwd=ROOT, stdout=self._log, stderr=self._log
-        )
+        if FORK:
+            self.proc = _forked([self.stage], full, self.log_path)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orderq", self.stage], env=full, cwd=ROOT, stdout=self._log, stderr=self._log
+            )
         return self
 
     def signal(self, sig: int) -> None:
@@ -219,15 +318,22 @@ class StageProcess:
             self.proc.wait()
 
     def stop(self, timeout: float = 15) -> int | None:
+        self.terminate()
+        return self.wait(timeout)
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting: a test's processes stop side by side."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 15) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._log.close()
         return self.proc.returncode
 
@@ -247,7 +353,9 @@ def stages(make_env: Callable[..., dict[str, str]], tmp_path: Path) -> Iterator[
 
     yield start
     for p in started:
-        p.stop()
+        p.terminate()
+    for p in started:
+        p.wait()
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 PRIORITIES = ("vip", "new", "regular")
@@ -127,7 +129,7 @@ def test_bench_reports_every_figure_of_the_contract(tmp_path: Path) -> None:
     names = {t["name"]: t for t in rep["targets"]}
     assert names["spike lost"]["ok"] is True
     assert names["oracle: lost + duplicated + unexpected"]["ok"] is True
-    assert len(rep["targets"]) == 12
+    assert len(rep["targets"]) == 13
 
     # the printed report carries the same figures, and the private instance is gone
     assert "orders/s accepted" in proc.stdout and "end-to-end vip" in proc.stdout
@@ -143,3 +145,98 @@ def test_bench_reports_every_figure_of_the_contract(tmp_path: Path) -> None:
     started = re.search(r"starting a private one in (\S+)", proc.stderr)
     assert started, proc.stderr
     assert not Path(started.group(1)).exists()
+
+
+def test_bench_cancels_a_share_of_orders_and_checks_each_outcome(tmp_path: Path) -> None:
+    """``--cancel-share``: cancels at random moments (right after the ack, while queued, after
+    execution: interceptions the bench answers as the warehouse would); every cancelled order
+    ends cancelled with no core action after its cancel, and the stock is exactly what the orders
+    not cancelled hold."""
+    proc, rep = _run_bench(
+        tmp_path,
+        "--phases", "e2e",
+        "--duration", "1",
+        "--rate", "300",
+        "--spike", "--spike-orders", "300", "--spike-seconds", "1",
+        "--cancel-share", "0.2",
+    )  # fmt: skip
+    assert rep["config"]["cancel_share"] == 0.2
+    outcomes = ("cancelled", "intercepted", "too_late", "pending", "not_cancellable", "error")
+    for phase in ("e2e", "spike"):
+        pc = rep["phases"][phase]["cancels"]
+        assert pc["sent"] > 0, (phase, pc)
+        assert sum(pc["outcomes"][k] for k in outcomes) == pc["sent"], (phase, pc)
+        assert set(pc["by_moment"]) == {"at_ack", "soon", "late"}, pc
+    c = rep["cancels"]
+    sent = rep["phases"]["e2e"]["cancels"]["sent"] + rep["phases"]["spike"]["cancels"]["sent"]
+    assert c["sent"] == sent
+    # cancels before execution end at once; after it they are interceptions the warehouse answers
+    assert c["outcomes"]["cancelled"] > 0 and c["outcomes"]["intercepted"] > 0, c
+    assert c["outcomes"]["too_late"] == c["outcomes"]["error"] == c["outcomes"]["not_cancellable"] == 0, c
+    assert c["intercept_events"] == c["outcomes"]["intercepted"]
+    # every cancelled order is in its final cancelled state, nothing acted after its cancel
+    assert c["final_cancelled"] == sent - c["outcomes"]["too_late"], c
+    assert c["not_final"] == c["acted_after_cancel"] == 0, c
+    # stock: what is sellable now is exactly the initial figure less the orders not cancelled
+    assert c["stock_exact"] is True, c["stock"]
+    assert c["stock"]["units_held"] > 0 and c["stock"]["units_of_cancelled"] > 0, c["stock"]
+    assert c["stock"]["mismatches"] == [], c["stock"]
+
+    # nothing lost, nothing applied twice: cancelled orders included
+    o = rep["oracle"]
+    assert o["lost"] == o["duplicated"] == o["unexpected"] == o["unchecked"] == 0, o
+    assert o["acked_statuses"]["cancelled"] == sent, o
+    assert rep["audit"]["lost"] == 0 and rep["audit"]["duplicate_effects"] == 0
+    assert rep["summary"]["cancels"]["stock_exact"] is True
+    names = {t["name"]: t for t in rep["targets"]}
+    t = names["cancels: lost 0, duplicates 0, stock exact"]
+    assert t["ok"] is True, t
+    assert re.search(rf"^cancels\s+{sent:,} sent · cancelled \d+ · intercepted→cancelled \d+ · ", proc.stdout, re.M)
+    assert "stock exact" in proc.stdout
+
+
+def test_bench_without_cancels_reports_none(tmp_path: Path) -> None:
+    """The default sends no cancel: no cancel section, and its target is not measured."""
+    import argparse
+
+    from loadtest.bench import arguments, report
+    from orderq.errors import ConfigError
+    from orderq.settings import Settings
+
+    ap = argparse.ArgumentParser()
+    arguments.add_arguments(ap)
+    assert ap.parse_args([]).cancel_share == 0.0
+    for bad in ("-0.1", "1", "1.5"):
+        with pytest.raises(ConfigError, match="--cancel-share"):
+            arguments.check(ap.parse_args(["--cancel-share", bad]), Settings())
+    rep = {"phases": {}, "oracle": None}
+    t = {x["name"]: x for x in report.targets(rep)}["cancels: lost 0, duplicates 0, stock exact"]
+    assert t["ok"] is None and t["value"] is None
+
+
+async def test_cancel_checks_find_stock_off_by_one_unit_and_actions_after_a_cancel() -> None:
+    """The checks behind ``stock_exact`` and ``acted_after_cancel`` are exact: one unit off, or
+    an order executed after a cancel that answered ``cancelled``, is found."""
+    from loadtest.bench import cancels
+
+    statuses = {"tmall:B1-00000000": "executed", "tmall:B1-00000001": "cancelled", "jd:B1-00000002": "rejected"}
+    units = {"tmall:B1-00000000": {"A": 1, "G": 1}, "tmall:B1-00000001": {"B": 2}, "jd:B1-00000002": {"A": 5}}
+    before = {"A": 100, "B": 100, "G": 10}
+
+    async def now_exact() -> dict[str, int]:
+        return {"A": 99, "B": 100, "G": 9}
+
+    async def now_off() -> dict[str, int]:
+        return {"A": 99, "B": 98, "G": 9}  # the cancelled order's units were never given back
+
+    exact = await cancels._stock(statuses, units.__getitem__, before, now_exact)
+    assert exact["exact"] is True and exact["units_held"] == 2 and exact["units_of_cancelled"] == 2
+    off = await cancels._stock(statuses, units.__getitem__, before, now_off)
+    assert off["exact"] is False and off["mismatches"] == [{"sku": "B", "expected": 100, "sellable": 98}]
+
+    te, ca = b"te", b"ca"
+    assert cancels._acted_after({b"s": b"cancelled", ca: b"5"}, "cancelled") == ""
+    assert "x:wms.pick" in cancels._acted_after({b"s": b"cancelled", b"x:wms.pick@SH": b"done"}, "cancelled")
+    assert cancels._acted_after({b"s": b"cancelled", te: b"9"}, "pending") != ""
+    assert cancels._acted_after({b"s": b"cancelled", te: b"4", ca: b"5", b"x:wms.pick": b"done"}, "intercepted") == ""
+    assert cancels._acted_after({b"s": b"cancelled", te: b"6", ca: b"5"}, "intercepted") != ""

@@ -19,10 +19,11 @@ import pytest
 from orderq import keys, stats
 from orderq.client import Redis
 from orderq.errors import ConfigError
-from orderq.mapping import MappingError, compile_mapping, load_dir, load_file
+from orderq.mapping import CancelMessage, MappingError, compile_mapping, load_dir, load_file
 from orderq.schema import order_decoder, unpack_order
 from orderq.settings import DEFAULT_CHANNELS, SHIPPED_MAPPINGS
 from tests.conftest import ADMIN, ROOT, auth, drain
+from tests.test_cancel import validate_only
 
 SAMPLES = SHIPPED_MAPPINGS / "samples"
 UTC = dt.UTC
@@ -159,6 +160,170 @@ async def test_errors_name_the_channel_field_and_auth_is_the_channels(ingress, r
     assert (await stats.totals(r))["invalid"] == 2
 
 
+# --- a channel's own cancel and refund messages (contract §5) ----------------------------------
+# channel -> (order id, reason) of mappings/samples/<channel>.cancel.json
+CANCELS = {
+    "douyin": ("6921578436271234567", "buyer_cancelled"),  # doudian_trade_TradeCanceled (tag 106)
+    "tmall": ("4023517781234567890", "refund"),  # TMC taobao_trade_TradeClose, closed after payment
+    "pdd": ("261111-082345678901234", "refund"),  # pdd_refund_RefundAgreeAgreement, refund only
+    "jd": ("281234567890", "buyer_cancelled"),  # the order itself, orderState TRADE_CANCELED
+    "miniapp": ("MP20261111000042", "refund"),  # WeChat Pay REFUND.SUCCESS, as our backend forwards it
+}
+
+
+def cancel_sample(channel: str, order_id: str | None = None) -> dict[str, Any]:
+    """The channel's sample cancel message, for ``order_id`` if given (Douyin's)."""
+    doc = json.loads((SAMPLES / f"{channel}.cancel.json").read_text(encoding="utf-8"))
+    if order_id is not None:
+        assert channel == "douyin"
+        data = json.loads(doc["data"])
+        data["p_id"] = int(order_id)
+        doc["data"] = json.dumps(data, ensure_ascii=False)
+    return doc
+
+
+async def sellable(c: httpx.AsyncClient, sku: str) -> tuple[int, int]:
+    doc = (await c.get(f"/v1/admin/stock/{sku}", headers=ADMIN)).json()
+    return doc["sellable"], doc["reserved"]
+
+
+async def test_a_channel_cancel_message_takes_the_cancel_path(ingress, r):
+    base = await ingress()
+    order_id, _reason = CANCELS["douyin"]
+    key = f"douyin:{order_id}"
+    url = "/v1/channels/douyin/orders"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as c:
+        items = [{"sku": "NIGHT-WAL-2", "physical": 10}, {"sku": "GIFT-COASTER", "physical": 10}]
+        assert (await c.put("/v1/admin/stock", json={"items": items}, headers=ADMIN)).status_code == 200
+        start, gifts = (await sellable(c, "NIGHT-WAL-2"))[0], (await sellable(c, "GIFT-COASTER"))[0]
+        assert (await c.post(url, json=sample("douyin"), headers=auth("douyin"))).status_code == 202
+        await validate_only(r)  # the order holds its stock now
+        assert await sellable(c, "NIGHT-WAL-2") == (start - 2, 2)
+
+        # Douyin's cancel message, at the channel's own endpoint: cancelled like the cancel endpoint
+        for _ in range(2):  # a repeat answers the same
+            resp = await c.post(url, json=cancel_sample("douyin"), headers=auth("douyin"))
+            assert resp.status_code == 200, resp.text
+            assert resp.json() == {"order_key": key, "status": "cancelled"}
+        await drain(r)
+        rec = (await c.get(f"/v1/orders/douyin/{order_id}", headers=ADMIN)).json()
+        assert rec["status"] == "cancelled" and rec["cancel"]["reason"] == "buyer_cancelled", rec
+        assert not any(a["name"] == "wms.pick" for a in rec.get("actions", []))
+        assert await sellable(c, "NIGHT-WAL-2") == (start, 0)  # released once
+        assert await sellable(c, "GIFT-COASTER") == (gifts, 0)
+
+        # a cancel that overtakes its order is kept; the order, when it comes, ends cancelled
+        resp = await c.post(url, json=cancel_sample("douyin", "6921578436270000001"), headers=auth("douyin"))
+        assert resp.status_code == 202 and resp.json() == {
+            "order_key": "douyin:6921578436270000001",
+            "status": "cancel_pending",
+        }
+        late = {**sample("douyin"), "order_id": "6921578436270000001"}
+        assert (await c.post(url, json=late, headers=auth("douyin"))).status_code == 202
+        await drain(r)
+        rec = (await c.get("/v1/orders/douyin/6921578436270000001", headers=ADMIN)).json()
+        assert rec["status"] == "cancelled"
+
+        # the same auth as order writes: another channel's token, the admin token, none
+        assert (await c.post(url, json=cancel_sample("douyin"), headers=auth("jd"))).status_code == 403
+        assert (await c.post(url, json=cancel_sample("douyin"), headers=ADMIN)).status_code == 403
+        assert (await c.post(url, json=cancel_sample("douyin"))).status_code == 401
+
+        # an ordinary order message is still an order
+        fresh = {**sample("douyin"), "order_id": "6921578436279999999"}
+        resp = await c.post(url, json=fresh, headers=auth("douyin"))
+        assert resp.status_code == 202 and resp.json()["status"] == "accepted", resp.text
+
+        # a cancel message is not an order: refused in a batch, with the order id as its key
+        batch = {"orders": [cancel_sample("douyin"), {**sample("douyin"), "order_id": "6921578436279999998"}]}
+        resp = await c.post("/v1/channels/douyin/orders/batch", json=batch, headers=auth("douyin"))
+        assert resp.status_code == 202, resp.text
+        body = resp.json()
+        assert [x["status"] for x in body["results"]] == ["invalid", "accepted"]
+        assert body["results"][0]["order_key"] == key
+        assert "POST /v1/channels/douyin/orders" in body["results"][0]["error"]["message"]
+
+        # Taobao's TMC trade-close message, its body JSON text: a refund
+        tid, reason = CANCELS["tmall"]
+        assert (
+            await c.post("/v1/channels/tmall/orders", json=sample("tmall"), headers=auth("tmall"))
+        ).status_code == 202
+        resp = await c.post("/v1/channels/tmall/orders", json=cancel_sample("tmall"), headers=auth("tmall"))
+        assert resp.status_code == 200 and resp.json() == {"order_key": f"tmall:{tid}", "status": "cancelled"}
+        rec = (await c.get(f"/v1/orders/tmall/{tid}", headers=ADMIN)).json()
+        assert rec["cancel"]["reason"] == reason
+
+        # a message recognised as a cancel but without a usable order id: 422 naming the channel's field
+        bad = cancel_sample("douyin")
+        bad["data"] = json.dumps({**json.loads(bad["data"]), "p_id": None})
+        resp = await c.post(url, json=bad, headers=auth("douyin"))
+        assert resp.status_code == 422, resp.text
+        assert [d["path"] for d in resp.json()["error"]["details"]] == ["data.p_id"]
+
+
+async def test_an_executed_order_cancelled_by_its_channel_is_intercepted(ingress, r):
+    base = await ingress()
+    order_id, _reason = CANCELS["jd"]
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=auth("jd")) as c:
+        assert (await c.post("/v1/channels/jd/orders", json=sample("jd"))).status_code == 202
+        await drain(r)
+        for _ in range(2):
+            resp = await c.post("/v1/channels/jd/orders", json=cancel_sample("jd"))
+            assert resp.status_code == 202 and resp.json() == {"order_key": f"jd:{order_id}", "status": "intercepting"}
+
+
+def test_every_shipped_cancel_message_maps_to_its_order_and_reason():
+    mappings = load_dir(SHIPPED_MAPPINGS, DEFAULT_CHANNELS)
+    assert {ch for ch, m in mappings.items() if m.cancels} == set(CANCELS)
+    for channel, (order_id, reason) in CANCELS.items():
+        m = mappings[channel]
+        msg = m.cancel_of(cancel_sample(channel))
+        assert msg is not None and (msg.order_id, msg.reason) == (order_id, reason), channel
+        assert m.cancel_of(sample(channel)) is None  # the order sample is an order
+    assert mappings["douyin"].cancel_of(cancel_sample("douyin")).note == "买家不想要了"
+    # Douyin's refund of the whole order before shipping (tag 206, aftersale_type 2) cancels too;
+    # a refund of one item after shipping (aftersale_type 1) does not
+    data = {"p_id": 6921578436271234567, "s_id": 6921578436271234568, "aftersale_type": 2, "reason_code": 14}
+    refund = {"tag": "206", "msg_id": "1", "data": json.dumps(data)}
+    assert mappings["douyin"].cancel_of(refund) == CancelMessage("6921578436271234567", "out_of_stock", "")
+    refund["data"] = json.dumps({**data, "aftersale_type": 1})
+    assert mappings["douyin"].cancel_of(refund) is None
+    assert mappings["shopify"].cancel_of(sample("shopify")) is None  # its orders/cancelled webhook does it
+
+
+def test_cancel_rules_read_json_text_check_every_condition_and_name_the_field():
+    doc = {
+        "order_id": "no",
+        "cancel": [
+            {
+                "json": ["body"],
+                "when": {"kind": ["closed", 7], "body.state": ["gone"]},
+                "order_id": {"path": "body.no", "type": "str"},
+                "reason": {"path": "body.why", "enum": {"stock": "out_of_stock"}, "default": "other"},
+                "note": "body.text",
+            }
+        ],
+    }
+    m = compile_mapping("pos", doc, Path("pos.toml"))
+    msg = {"kind": 7, "body": json.dumps({"state": "gone", "no": 42, "why": "stock", "text": "sold out"})}
+    assert m.cancel_of(msg) == CancelMessage("42", "out_of_stock", "sold out")
+    assert m.cancel_of({**msg, "body": {"state": "gone", "no": "A1"}}) == CancelMessage("A1", "other", "")
+    assert m.cancel_of({**msg, "kind": "open"}) is None
+    assert m.cancel_of({"kind": "closed", "body": json.dumps({"state": "here", "no": 1})}) is None
+    assert m.cancel_of({"no": "x1"}) is None and m.cancel_of([1, 2]) is None
+    for bad, field in [({"body": "{not json"}, "body"), ({"body": json.dumps({"state": "gone"})}, "body.no")]:
+        with pytest.raises(MappingError) as exc:
+            m.cancel_of({**msg, **bad})
+        assert exc.value.field == field
+    strict = compile_mapping(
+        "pos", {"cancel": [{"when": {"k": ["x"]}, "order_id": "no", "reason": "why"}]}, Path("pos.toml")
+    )
+    with pytest.raises(MappingError, match="reason") as exc:
+        strict.cancel_of({"k": "x", "no": "1", "why": "changed_mind"})
+    assert exc.value.field == "why"
+    assert strict.cancel_of({"k": "x", "no": "1", "why": "fraud"}) == CancelMessage("1", "fraud", "")
+
+
 # --- the mapping compiler ---------------------------------------------------------------------
 def test_conversions_money_time_enum_join_and_list_indices():
     doc = {
@@ -243,6 +408,16 @@ BROKEN = [
     ('order_id = "tid"\npaid_amount = { path = "p", money = "cents" }\n', 2, ["money"]),
     ('order_id = "tid"\ncreated_at = { path = "c", time = "Mars/Olympus" }\n', 2, ["time"]),
     ('order_id = "tid"\n\n\nchannel = "jd"\n', 4, ["channel"]),
+    # cancel messages: a reason outside the contract's (second entry), an unknown key, no condition, no order id
+    (
+        'order_id = "tid"\n[[cancel]]\nwhen = { topic = ["a"] }\norder_id = "tid"\nreason = { const = "refund" }\n'
+        '[[cancel]]\nwhen = { topic = ["b"] }\norder_id = "tid"\nreason = { const = "changed_mind" }\n',
+        9,
+        ["cancel[1].reason", "changed_mind", "buyer_cancelled"],
+    ),
+    ('[[cancel]]\nwhen = { topic = ["a"] }\norder_id = "tid"\nreason = "r"\nwhn = 1\n', 5, ["cancel[0].whn"]),
+    ('[[cancel]]\nwhen = {}\norder_id = "tid"\nreason = "r"\n', 2, ["cancel[0].when"]),
+    ('[[cancel]]\nwhen = { topic = ["a"] }\nreason = "r"\n', 1, ["cancel[0]", "order_id"]),
 ]
 
 

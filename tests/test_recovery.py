@@ -350,3 +350,28 @@ async def test_ingress_sigterm_under_load_loses_no_acknowledged_order(r: Redis, 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_sweep_never_takes_back_a_batch_this_worker_is_still_processing(
+    flushed: Any, settings_for: Callable[..., Any]
+) -> None:
+    """With several loops per worker, one loop's recovery sweep ran while another loop's batch
+    outlasted the lease (a loaded machine): the sweep claimed that batch again, so it was
+    processed twice and a poison entry in it was dead-lettered as delivered twice. A batch in
+    flight is this worker's whatever its age; once it is let go, an expired one is claimed."""
+    r = await client.connect(settings_for(ORDERQ_CLAIM_IDLE_MS=100))
+    try:
+        await push(r, [make_order(i) for i in range(5)])
+        w = ValidateWorker(r, consumer="w1")
+        await w._ensure_groups()
+        entries = await w.fetch(0)
+        assert len(entries) == 5
+        held = w._hold(entries)
+        await asyncio.sleep(0.3)  # past the lease while "processing"
+        assert await w.reclaim() == []
+        infos = [i for p in r.partitions for i in await r.client.xpending_range(p.intake, w.group, "-", "+", 100)]
+        assert sorted(i["times_delivered"] for i in infos) == [1] * 5  # no delivery counted
+        w._release(held)  # e.g. the process was stopped mid-batch: now the sweep takes them
+        assert sorted(e.id for e in await w.reclaim()) == sorted(e.id for e in entries)
+    finally:
+        await r.close()

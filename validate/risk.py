@@ -28,14 +28,14 @@ PICKUP_WORDS = ("代收点", "驿站", "自提")
 # in a 3-4 digit number. A street number ("328号") alone does not say which door.
 _DOOR = re.compile(r"\d+\s*(?:室|房|户)|\d+\s*[-－—–]\s*\d+|(?:栋|幢|座|单元|楼)\s*\d{2,}|\d{3,}\s*$")
 _NOT_DIGIT = re.compile(r"\D")
-_SPACE = re.compile(r"\s+")
 
 
 def phone_digits(phone: str | None) -> str:
     """Digits of a phone number without the +86 / 0086 country code."""
     if not phone:
         return ""
-    d = _NOT_DIGIT.sub("", phone)
+    # (isdecimal: exactly the characters \d matches; most numbers need no substitution)
+    d = phone if phone.isdecimal() else _NOT_DIGIT.sub("", phone)
     if len(d) > 11:
         for cc in ("0086", "86"):
             if d.startswith(cc):
@@ -44,7 +44,10 @@ def phone_digits(phone: str | None) -> str:
 
 
 def virtual_phone(order: Order) -> bool:
-    return any(phone_digits(p).startswith(VIRTUAL_PREFIXES) for p in (order.ship_to.phone, order.customer.phone) if p)
+    ship, own = order.ship_to.phone, order.customer.phone
+    if phone_digits(ship).startswith(VIRTUAL_PREFIXES):
+        return True
+    return bool(own) and own != ship and phone_digits(own).startswith(VIRTUAL_PREFIXES)
 
 
 def pickup_point_address(order: Order) -> bool:
@@ -77,7 +80,7 @@ def fingerprint(order: Order, lines: dict[str, int]) -> str:
     """Recipient (name, phone, address), items and amount: equal for the same buyer's
     order arriving twice, whatever its key, channel or spacing of the address."""
     st = order.ship_to
-    address = _SPACE.sub("", unicodedata.normalize("NFKC", st.address)).lower()
+    address = "".join(unicodedata.normalize("NFKC", st.address).split()).lower()  # (split: what \s matches)
     items = ",".join(f"{sku}*{qty}" for sku, qty in sorted(lines.items()))
     raw = "\x1f".join((st.name.strip(), phone_digits(st.phone), address, items, str(cents(order.paid_amount))))
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()

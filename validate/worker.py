@@ -98,8 +98,11 @@ class ValidateWorker(StreamWorker):
 
     async def _decide(self, orders: list[Order], accepted_us: list[int]) -> list[Decision]:
         """Decide a batch; a large one in two halves, earlier orders first, so that Python
-        prepares the second half while Redis runs the ledger script on the first."""
-        if len(orders) < SPLIT_AT:
+        prepares the second half while Redis runs the ledger script on the first. Not while
+        the stage is behind with several batches in flight: they overlap already, and one
+        call per batch costs Redis and Python less than two (each call reads and writes
+        every SKU of its orders once)."""
+        if len(orders) < SPLIT_AT or (self.behind and self.loops > 1):
             return await decide(self.r, orders, accepted_us, self._open) if orders else []
         seq = sorted(range(len(orders)), key=lambda i: accepted_us[i])
         halves = (seq[: len(seq) // 2], seq[len(seq) // 2 :])
@@ -146,7 +149,7 @@ class ValidateWorker(StreamWorker):
                 for e, d in items:
                     ks.append(p.status(d.order.key))
                     ta = e.get(b"ta").decode()
-                    why = json_encoder.encode(d.reasons).decode()
+                    why = json_encoder.encode(d.reasons).decode() if d.reasons else "[]"
                     head = f"{e.id}\t{d.outcome}\t{d.priority}\t{d.order.key}\t{ta}\t{d.risk_score}\t{why}"
                     args += [head, e.get(b"d")]
                 self.r.script(pipe, "handoff", ks, args)

@@ -2,8 +2,9 @@
 (newest first, pages from 0, read from the last back), then ``order.orderDetail`` gives each
 open order whole, and ``order.batchDecrypt`` turns its encrypted receiver fields (name, phone,
 address) into text, 50 at a time. Requests are signed with HMAC-SHA256 over the method, the
-sorted ``param_json``, the timestamp and the version; ``err_no`` throttling and busy codes are
-retried, the rest given up.
+sorted ``param_json``, the timestamp and the version; errors come in a 200 (``code`` other than
+10000, with ``sub_code``): throttling and service faults are retried, the rest given up
+(``RETRY_CODES``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from connect.errors import Retry
 from connect.http import call, json_of
 
 DECRYPT_BATCH = 50
-# 50002 service busy, 60000 rate limited (isv), 90000 gateway timeout
-RETRY_CODES = frozenset({"50002", "60000", "90000"})
+# Doudian open platform error codes ("平台基础错误码汇总", op.jinritemai.com guide docs): 20000 服务不
+# 可用 (isp.service-error:…, e.g. order.searchList's 20004/20005 系统繁忙，请稍后重试), 20001 内部服务
+# 超时 and 60000 触发限流，请稍后重试 are retried. Every other code is given up on: 30001 操作权限不足,
+# 30002 IP 不在白名单, 40001-40004 missing or invalid parameters (40003: isv.signature-invalid,
+# isv.access-token-expired …), 50001 平台处理失败, 50002 业务处理失败 (isv.business-failed:…, a
+# business refusal, not a busy server), 70000 接口服务已下线, 80000 安全错误, 90000 其他异常.
+RETRY_CODES = frozenset({"20000", "20001", "60000"})
 
 
 def param_json(params: dict[str, Any]) -> str:
@@ -72,9 +78,9 @@ class Douyin(Adapter):
         doc = json_of(resp)
         code = str(doc.get("code", "10000"))
         if doc.get("err_no", 0) != 0 or code != "10000":
-            raise give_up_or_retry(
-                code, f"{method}: {code} {doc.get('message', '')} {doc.get('sub_msg', '')}", RETRY_CODES
-            )
+            msg = doc.get("msg") or doc.get("message", "")
+            reason = f"{method}: {code} {msg} {doc.get('sub_code', '')} {doc.get('sub_msg', '')}".rstrip()
+            raise give_up_or_retry(code, reason, RETRY_CODES)
         return json_object(doc.get("data"))
 
     async def _page(self, start: dt.datetime, end: dt.datetime, page: int) -> tuple[list[dict[str, Any]], int]:

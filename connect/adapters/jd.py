@@ -2,8 +2,8 @@
 1: modification time; at most a day here), 100 a page, read from the last page back. The list
 carries each order whole (``optional_fields``). Requests carry their business parameters as
 ``360buy_param_json`` and are signed ``MD5(secret + sorted key+value + secret)``; JOS answers
-errors inside a 200 (``error_response`` with a ``code``): throttling and service faults are
-retried, the rest given up.
+errors inside a 200 (``error_response`` with a ``code``): throttling and the gateway's backend
+faults are retried, the rest given up (``RETRY_CODES``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ OPTIONAL_FIELDS = (
     "open_id_buyer,consigneeInfo,itemInfoList,couponDetailList"
 )
 ORDER_STATES = "WAIT_SELLER_STOCK_OUT,WAIT_GOODS_RECEIVE_CONFIRM,FINISHED_L,TRADE_CANCELED,LOCKED"
-# 19 call frequency over the limit, 66 platform busy, 67 service fault, 80 service unavailable
-RETRY_CODES = frozenset({"19", "66", "67", "80"})
+# JOS gateway error codes (jos.jd.com, "网关系统错误码"): 1 服务不可用, 2 App Call Limited (the
+# app's calls over its limit for the period: throttled), 65 平台连接后端服务超时, 66 平台连接后端服务
+# 不可用, 67 平台连接后端服务处理过程中出现未知异常信息 are retried. Every other code is given up
+# on: e.g. 12 无效签名, 19 无效access_token (an expired or revoked token, never a throttle),
+# 21 无效app_key, 24 无权调用API, 61 参数值不合法.
+RETRY_CODES = frozenset({"1", "2", "65", "66", "67"})
 
 
 def sign(params: dict[str, str], secret: str) -> str:

@@ -63,6 +63,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="configure this many warehouses (Shanghai, Guangzhou, Beijing) with the bench stock split "
         "between them, so every order is routed (default 0: no warehouse, no routing)",
     )
+    ap.add_argument(
+        "--cancel-share",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="e2e/spike: cancel this share of the acknowledged orders at random moments (right after "
+        "the ack, 0-250 ms later, 1-3 s later: interceptions, answered as the warehouse would), then "
+        "check every cancelled order and the stock (default 0: no cancel)",
+    )
     ap.add_argument("--url", help="ingress of a running instance, e.g. http://127.0.0.1:8080")
     ap.add_argument("--start", action="store_true", help="always start a private instance")
     ap.add_argument("--keep", action="store_true", help="keep the private instance's data dir")
@@ -91,5 +100,7 @@ def check(args: argparse.Namespace, settings: Settings) -> None:
     for name in (*positive, "open_connections"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be > 0")
+    if not 0.0 <= args.cancel_share < 1.0:
+        raise ConfigError("--cancel-share", "must be >= 0 and < 1")
     if args.batch_size > settings.batch_max:
         raise ConfigError("--batch-size", f"must be <= ORDERQ_BATCH_MAX ({settings.batch_max})")

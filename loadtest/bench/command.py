@@ -22,7 +22,10 @@ Every order sent to orderq and its answer are recorded in the client-side oracle
 (``loadtest/oracle.py``); after the last phase each key is looked up in Redis and the report
 gives lost (acknowledged, no record), duplicated (an action applied twice, by the effect
 ledger), unexpected (a refused order that was written) and recovered (an answer in doubt,
-yet the order is there).
+yet the order is there). With ``--cancel-share`` the e2e and spike phases also cancel a share of
+their orders at random moments, and the report adds each cancel's outcome, whether every
+cancelled order ended ``cancelled`` with no core action after its cancel, and whether the stock is
+exactly what the orders not cancelled hold (:mod:`loadtest.bench.cancels`).
 
 Each phase shows its progress on stderr (:mod:`orderq.progress`); stdout carries the report.
 """
@@ -43,7 +46,7 @@ import httpx
 import msgspec
 
 from loadtest import series
-from loadtest.bench import arguments, report
+from loadtest.bench import arguments, cancels, report
 from loadtest.bench.console import say
 from loadtest.bench.instance import OwnInstance, find_running
 from loadtest.bench.phases import Bench
@@ -129,6 +132,7 @@ async def run(bench: Bench) -> dict[str, Any]:
             "spike_seconds": a.spike_seconds,
             "max_orders": a.max_orders,
             "sample_every": a.sample_every,
+            "cancel_share": a.cancel_share,
         },
         "phases": {},
     }
@@ -139,6 +143,8 @@ async def run(bench: Bench) -> dict[str, Any]:
         rep["instance"]["warehouses"] = a.warehouses
         before = await bench.settle("start")
         rep["instance"]["settled_at_start"] = before["settled"]
+        if a.cancel_share:
+            bench.stock_before = await bench.read_stock()
         if {"single", "batch", "burst"} & set(bench.phases):
             await bench.ingress_phases(rep)
         if "reference" in bench.phases:
@@ -152,6 +158,16 @@ async def run(bench: Bench) -> dict[str, Any]:
         say(f"oracle: looking up the {len(bench.oracle.answers):,} orders sent")
         verdict = await bench.oracle.check_redis(bench.r)
         rep["oracle"] = verdict.as_dict()
+        if a.cancel_share:
+            say(f"cancels: checking the {len(bench.cancel_answers):,} orders cancelled, and the stock")
+            rep["cancels"] = await cancels.check(
+                bench.r,
+                bench.cancel_answers,
+                verdict.statuses,
+                bench.factory.units,
+                bench.stock_before,
+                bench.read_stock,
+            )
         say("audit")
         au = await audit.run(bench.r)
         rep["audit"] = {k: v for k, v in au.items() if not k.endswith("_keys")}

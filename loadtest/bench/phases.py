@@ -16,6 +16,7 @@ import httpx
 
 from loadtest import loadgen, series
 from loadtest.bench.arguments import BENCH_WAREHOUSES
+from loadtest.bench.cancels import Canceller, read_stock
 from loadtest.bench.console import say, step
 from loadtest.bench.instance import OwnInstance, ReferenceEndpoint, Target
 from loadtest.bench.sampler import DRAIN_SAMPLE_S, Sampler
@@ -66,6 +67,8 @@ class Bench:
         )
         self.notes: list[str] = []
         self.oracle = Oracle()  # every order sent to orderq and its answer, checked at the end
+        self.cancel_answers: dict[str, tuple[str, str]] = {}  # --cancel-share: key -> (moment, outcome)
+        self.stock_before: dict[str, int] | None = None  # sellable per bench SKU once the start settled
         self.r: oq_client.Redis
         self.http: httpx.AsyncClient
 
@@ -146,6 +149,10 @@ class Bench:
             )
         return False
 
+    async def read_stock(self) -> dict[str, int] | None:
+        """Sellable units of every bench SKU, through the contract."""
+        return await read_stock(self.http, self.t.admin_token, [*SKUS, GIFT_SKU])
+
     async def end_to_end_ms(self, sample: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
         """End-to-end latency (executed - accepted) per priority from the sampled status records."""
         per: dict[str, list[float]] = {p: [] for p in PRIORITIES}
@@ -195,6 +202,10 @@ class Bench:
         sampler = Sampler(self.r).start()
         executed0 = await self.executed()
         rec = Recorder(oracle=self.oracle)
+        canceller = self.canceller() if a.cancel_share else None
+        if canceller is not None:
+            await canceller.open()
+            rec.on_ack = canceller.on_ack
         self.factory.track = True
         with step(label, total=len(offsets)) as progress:
             rec.progress = progress
@@ -220,9 +231,15 @@ class Bench:
         self.factory.sample_every = 0
         if t_zero is None:
             self.notes.append(f"{name}: backlog not 0 within {a.drain_timeout:.0f}s of the last order")
+        cancels = None if canceller is None else await canceller.finish()
         e2e, outcomes = await self.end_to_end_ms(self.factory.sample)
         drain_s = None if t_zero is None else max(0.0, t_zero - rec.last_ack)
-        return {
+        if cancels is not None:
+            # what the pipeline brought to an end, executed or cancelled before executing: the
+            # throughput comparable with a run without cancels
+            ended = executed2 - executed0 + cancels["outcomes"]["cancelled"] + cancels["outcomes"]["pending"]
+            cancels["ended_per_s_incl_drain"] = _rate(ended, elapsed + (drain_s or 0.0))
+        out = {
             "duration_s": round(elapsed, 2),
             "offered": len(offsets),
             "offered_per_s": _rate(len(offsets), span_s),
@@ -245,6 +262,14 @@ class Bench:
             "e2e_ms": e2e,
             "sampled_outcomes": outcomes,
         }
+        if cancels is not None:
+            out["cancels"] = cancels
+        return out
+
+    def canceller(self) -> Canceller:
+        """The cancels of one phase (``--cancel-share``); their answers go into ``cancel_answers``."""
+        t = self.t
+        return Canceller(self.args.cancel_share, t.host, t.port, t.tokens, t.admin_token, self.cancel_answers)
 
     async def ingress_phases(self, report: dict[str, Any]) -> None:
         """single + batch with the workers paused, then the burst they queued drains."""

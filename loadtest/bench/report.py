@@ -9,6 +9,8 @@ from orderq import keys
 
 SCHEMA = "orderq.bench/1"  # the JSON report's schema (BENCHMARKS.md describes it)
 PRIORITIES = keys.PRIORITIES
+CANCEL_SUMMARY = ("sent", "outcomes", "final_cancelled", "not_final", "acted_after_cancel", "stock_exact")
+CANCEL_TARGET = "cancels: lost 0, duplicates 0, stock exact"
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +33,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "oracle": {k: v for k, v in (report.get("oracle") or {}).items() if k != "examples"},
         "lost": report.get("audit", {}).get("lost"),
         "duplicate_effects": report.get("audit", {}).get("duplicate_effects"),
+        "cancels": {k: v for k, v in report["cancels"].items() if k in CANCEL_SUMMARY} if "cancels" in report else None,
         "machine": report.get("machine"),
     }
 
@@ -79,9 +82,21 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     o = report.get("oracle")
     bad = None if o is None else o["lost"] + o["duplicated"] + o["unexpected"] + o["unchecked"]
     add("oracle: lost + duplicated + unexpected", "== 0", bad, None if bad is None else bad == 0)
+    add(CANCEL_TARGET, "== 0", *_cancel_faults(report))
     sd = spike.get("drain_s") if spike else None
     add("spike backlog 0 after last order", "<= 5 s", sd, None if not spike else (sd is not None and sd <= 5))
     return out
+
+
+def _cancel_faults(report: dict[str, Any]) -> tuple[int | None, bool | None]:
+    """With cancels: orders lost or an action applied twice (the oracle, cancelled orders among
+    them), cancelled orders not ended cancelled or acted on after their cancel, and bench SKUs
+    whose sellable stock is off; (None, None) without cancels. Not ok unless the stock was checked."""
+    c, o = report.get("cancels"), report.get("oracle")
+    if not c or o is None:
+        return None, None
+    n = o["lost"] + o["duplicated"] + c["not_final"] + c["acted_after_cancel"] + len(c["stock"]["mismatches"])
+    return n, (n == 0) if c["stock_exact"] is not None else (False if n else None)
 
 
 def _q(d: dict[str, Any] | None) -> str:
@@ -189,6 +204,8 @@ def render(report: dict[str, Any]) -> str:
         )
         for category, examples in o["examples"].items():
             lines.append(f"{'':<26} {category}: {', '.join(examples)}")
+    if report.get("cancels"):
+        lines += _cancel_lines(report["cancels"], ph)
     lines += ["", "targets"]
     for t in report["targets"]:
         mark = {True: "ok  ", False: "MISS", None: "-   "}[t["ok"]]
@@ -196,3 +213,30 @@ def render(report: dict[str, Any]) -> str:
     for n in report["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _cancel_lines(c: dict[str, Any], ph: dict[str, Any]) -> list[str]:
+    """The cancels' outcomes and checks (``--cancel-share``)."""
+    o = c["outcomes"]
+    st = c["stock"]
+    stock = {True: "stock exact", False: f"stock OFF for {len(st['mismatches'])} SKUs", None: "stock not checked"}
+    lines = [
+        f"{'cancels':<26} {c['sent']:,} sent · cancelled {o['cancelled']} · intercepted→cancelled "
+        f"{o['intercepted']} · pending {o['pending']} · too late {o['too_late']} · "
+        f"not cancellable {o['not_cancellable']} · errors {o['error']}",
+        f"{'':<26} ended cancelled {c['final_cancelled']:,} · not ended {c['not_final']} · acted on after "
+        f"the cancel {c['acted_after_cancel']} · {stock[c['stock_exact']]} ({st['units_held']:,} units held, "
+        f"{st['units_of_cancelled']:,} of cancelled orders)",
+    ]
+    for name in ("e2e", "spike"):
+        pc = (ph.get(name) or {}).get("cancels")
+        if pc:
+            moments = "   ".join(
+                f"{m}: " + ", ".join(f"{k} {v}" for k, v in d.items()) for m, d in pc["by_moment"].items()
+            )
+            lines.append(f"{'':<26} {name}: {moments} · ended (executed + cancelled) {pc['ended_per_s_incl_drain']}/s")
+    for category, examples in c["examples"].items():
+        lines.append(f"{'':<26} {category}: {', '.join(examples)}")
+    for m in st["mismatches"][:5]:
+        lines.append(f"{'':<26} stock {m['sku']}: sellable {m['sellable']:,}, expected {m['expected']:,}")
+    return lines

@@ -2,7 +2,8 @@
 seconds, at most a day here; ``page`` from 0, ``size`` 100 at most; newest first), ``/order/
 orderDetail`` and ``/order/batchDecrypt`` (50 at most), each ``POST`` with the business
 parameters as the JSON body and the method, app key, timestamp and an HMAC-SHA256 signature in
-the query. Receiver fields come encrypted (``#…#``); throttling is ``code`` 50002."""
+the query. Receiver fields come encrypted (``#…#``); errors are the platform's ``code`` and
+``sub_code`` in a 200 answer (connect/adapters/douyin.py: RETRY_CODES), throttling ``code`` 60000."""
 
 from __future__ import annotations
 
@@ -28,9 +29,17 @@ def dy_sign(q: dict[str, str], body: str, secret: str) -> str:
     return hmac.new(secret.encode(), text.encode(), hashlib.sha256).hexdigest()
 
 
-def answer(data: Any = None, code: int = 10000, msg: str = "success") -> Response:
+def answer(
+    data: Any = None, code: int = 10000, msg: str = "success", sub_code: str = "", sub_msg: str = ""
+) -> Response:
     err = 0 if code == 10000 else code
-    return json_response({"code": code, "err_no": err, "msg": msg, "message": msg, "sub_msg": "", "data": data or {}})
+    doc = {"code": code, "err_no": err, "msg": msg, "message": msg, "sub_code": sub_code, "sub_msg": sub_msg}
+    return json_response({**doc, "data": data or {}})
+
+
+def invalid(sub_msg: str) -> Response:
+    """A business parameter the platform refuses (order.searchList's isv.parameter-invalid codes)."""
+    return answer(code=40004, msg="非法的参数", sub_code="isv.parameter-invalid", sub_msg=sub_msg)
 
 
 class DouyinSim(Platform):
@@ -67,43 +76,49 @@ class DouyinSim(Platform):
         if fault == "5xx":
             return Response("internal error", status_code=500)
         if fault == "throttle":
-            return answer(code=50002, msg="服务繁忙, 请稍后重试 (限流)")
+            return answer(code=60000, msg="触发限流，请稍后重试")
         if q.get("app_key") != SECRETS["app_key"]:
-            return answer(code=30001, msg="app_key 不存在")
+            return answer(
+                code=40003, msg="非法的参数", sub_code="isv.app-id-invalid", sub_msg="认证失败，app_key格式不正确"
+            )
         if q.get("sign") != dy_sign(q, body, SECRETS["app_secret"]):
-            return answer(code=30002, msg="签名校验失败")
+            return answer(code=40003, msg="非法的参数", sub_code="isv.signature-invalid", sub_msg="签名校验失败")
         if q.get("access_token") != SECRETS["access_token"]:
-            return answer(code=30005, msg="access_token 已过期")
+            return answer(
+                code=40003, msg="非法的参数", sub_code="isv.access-token-expired", sub_msg="access_token已过期"
+            )
         try:
             params = json.loads(body or "{}")
         except ValueError:
-            return answer(code=40004, msg="param_json 不是 JSON")
+            return answer(
+                code=40003, msg="非法的参数", sub_code="isv.parameter-format-invalid", sub_msg="业务参数json解析失败"
+            )
         method = q.get("method")
         if method == "order.searchList" and request.path_params["name"] == "searchList":
             return self.search(params)
         if method == "order.orderDetail":
             o = self.orders.get(str(params.get("shop_order_id")))
             if o is None:
-                return answer(code=40004, msg="订单不存在")
+                return invalid("订单不存在")
             return answer({"shop_order_detail": o.payload})
         if method == "order.batchDecrypt":
             infos = params.get("cipher_infos", [])
             if len(infos) > 50:
-                return answer(code=40004, msg="cipher_infos 最多 50 条")
+                return invalid("cipher_infos 最多 50 条")
             out = [{**c, "decrypt_text": decrypt(c["cipher_text"], "#"), "err_no": 0, "err_msg": ""} for c in infos]
             return answer({"decrypt_infos": out, "custom_err": {"err_code": 0, "err_msg": ""}})
-        return answer(code=40001, msg="方法不存在")
+        return answer(code=70000, msg="接口服务已下线", sub_code="isp.api-service-off", sub_msg="API不存在或API已下线")
 
     def search(self, params: dict[str, Any]) -> Response:
         try:
             start, end = int(params["update_time_start"]), int(params["update_time_end"])
             page, size = int(params.get("page", 0)), int(params.get("size", 10))
         except (KeyError, ValueError, TypeError) as exc:
-            return answer(code=40004, msg=f"参数错误: {exc}")
+            return invalid(f"参数错误: {exc}")
         if not 0 <= end - start <= MAX_WINDOW_S:
-            return answer(code=40004, msg="参数错误: 更新时间跨度不超过一天")
+            return invalid("更新时间跨度不超过一天")
         if not 1 <= size <= 100 or page < 0:
-            return answer(code=40004, msg="参数错误: size 1..100, page 从 0 开始")
+            return invalid("单页最大支持100，页码从0开始")
         listed = self.window(start, end, desc=not params.get("order_asc", False))
         self.stats.pages += 1
         chunk = []

@@ -19,8 +19,8 @@ from loadtest.platforms.taobao import beijing, parse_beijing
 MAX_WINDOW_S = 24 * 3600
 
 
-def error(code: int, desc: str) -> Response:
-    return json_response({"error_response": {"code": str(code), "zh_desc": desc, "en_desc": desc}})
+def error(code: int, zh: str, en: str = "") -> Response:
+    return json_response({"error_response": {"code": str(code), "zh_desc": zh, "en_desc": en or zh}})
 
 
 class JdSim(Platform):
@@ -52,25 +52,25 @@ class JdSim(Platform):
         if fault == "5xx":
             return Response("bad gateway", status_code=502)
         if fault == "throttle":
-            return error(19, "调用频率超限")
+            return error(2, "限制时间内调用失败次数", "App Call Limited")
         if p.get("app_key") != SECRETS["app_key"]:
-            return error(14, "无效的app_key")
+            return error(21, "无效app_key", "Invalid app_key")
         if p.get("sign") != pop_sign(p, SECRETS["app_secret"]):
-            return error(12, "签名错误")
+            return error(12, "无效签名", "Invalid Signature")
         if p.get("access_token") != SECRETS["access_token"]:
-            return error(18, "access_token已过期")
+            return error(19, "无效access_token", "Invalid access_token")
         if p.get("method") != "jingdong.pop.order.search":
-            return error(21, "无效的方法")
+            return error(15, "不存在的方法名", "Invalid Method")
         try:
             biz = json.loads(p["360buy_param_json"])
             start, end = parse_beijing(biz["start_date"]), parse_beijing(biz["end_date"])
             page, size = int(biz.get("page", "1")), int(biz.get("page_size", "20"))
         except (KeyError, ValueError) as exc:
-            return error(61, f"参数错误: {exc}")
+            return error(61, f"参数值不合法: {exc}")
         if not 0 <= end - start <= MAX_WINDOW_S or str(biz.get("dateType")) != "1":
-            return error(61, "参数错误: 按修改时间查询 (dateType=1), 时间跨度不超过一天")
+            return error(61, "参数值不合法: 按修改时间查询 (dateType=1), 时间跨度不超过一天")
         if not 1 <= size <= 100 or page < 1:
-            return error(61, "参数错误: page_size 1..100")
+            return error(61, "参数值不合法: page_size 1..100")
         states = set(str(biz.get("order_state", "")).split(","))
         listed = [o for o in self.window(start, end, desc=True) if o.status in states]
         self.stats.pages += 1

@@ -12,7 +12,9 @@
 --   "<deadline ms>\t<reason>\t<note>\t<at us>", for orders not seen yet), KEYS[4] releases owed
 --   (hash: order key -> "<seq>|<accept us>|<payload>"), KEYS[5] review zset, KEYS[6] held zset,
 --   KEYS[7] parked payloads, KEYS[8] the wms.intercept outbox stream, KEYS[9..11] ready lanes
---   vip/new/regular (a validated order's entry, F.ready_entry, says what it holds at once)
+--   vip/new/regular (a validated order's entry, F.ready_entry, says what it holds at once),
+--   KEYS[12] the order's payload key (keys.Partition.payload: an executed order's, what the
+--   intercept carries), whose TTL is the record's
 --   ARGV[1] 'cancel', [2] order key, [3] reason, [4] note, [5] status TTL (s), [6] intercept
 --   outbox maxlen (0: never trimmed, a dispatcher deletes what it delivered)
 --   Returns {answer, release owed now (0|1)}; answer: cancelled | intercepting | cancel_pending |
@@ -103,9 +105,12 @@ end
 -- order waits for its answer (the events endpoint: intercepted -> cancelled, else shipped)
 redis.call('HSET', status, F.status, 'intercepting', F.cancel_outcome, 'intercepting')
 redis.call('PERSIST', status)
+redis.call('PERSIST', KEYS[12])
 if redis.call('HSETNX', status, F.action .. 'wms.intercept', 'done') == 1 then
   local fid = redis.call('HGET', status, F.fulfilment_id) or ''
-  local entry = {'*', 'k', key, 'f', fid, 'd', redis.call('HGET', status, F.payload) or '', 'c', reason}
+  -- (a record written before payloads had their own key keeps its payload in the hash)
+  local payload = redis.call('GET', KEYS[12]) or redis.call('HGET', status, F.payload) or ''
+  local entry = {'*', 'k', key, 'f', fid, 'd', payload, 'c', reason}
   if maxlen ~= '0' then
     redis.call('XADD', KEYS[8], 'MAXLEN', '~', maxlen, unpack(entry))
   else

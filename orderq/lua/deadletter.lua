@@ -6,8 +6,9 @@
 -- finds nothing (no double entry).
 -- KEYS[1] dead-letter stream, KEYS[2] counters, KEYS[3] the order's status record,
 -- KEYS[4] releases owed (hash), KEYS[5] order copies (hash), KEYS[6] their reference counts
--- (hash), KEYS[#KEYS] releases owed by cancelled orders (hash, orderq/lifecycle.py),
--- KEYS[7..#KEYS-1] the streams the entry may have come from (the stage's own: the intake; the
+-- (hash), KEYS[7] the order's payload key (keys.Partition.payload, whose TTL is the record's),
+-- KEYS[#KEYS] releases owed by cancelled orders (hash, orderq/lifecycle.py),
+-- KEYS[8..#KEYS-1] the streams the entry may have come from (the stage's own: the intake; the
 -- three ready lanes; the action outboxes)
 -- A dispatch dead letter may reference its order's copy ('o', execute.lua) instead of carrying
 -- it: a replay hands the reference on to the entry it puts back; a discard counts the copy's
@@ -18,7 +19,7 @@
 -- or 'x:<action>:<kind>', as dispatched.lua marked it),
 -- ARGV[6] status TTL (s), ARGV[7] discard: the operator's reason, ARGV[8] discard: what the
 -- order holds in the validation ledger (msgpack for orderq/deadletters.py; '' nothing)
--- Returns {0} unknown or resolved already; {-1} its stream is none of KEYS[7..] (replay);
+-- Returns {0} unknown or resolved already; {-1} its stream is none of KEYS[8..] (replay);
 --   else {1, status of the order after ('' no record)}
 -- A record keeps no TTL while a dead letter of its order is unresolved (contract §5): a
 -- dispatch dead letter took it away (dispatched.lua, counting them in F.dead); resolving the
@@ -46,11 +47,12 @@ local function dispatch_resolved()  -- one dispatch dead letter of the order les
     if v == 'deferred' then return end
   end
   redis.call('EXPIRE', status, ARGV[6])
+  redis.call('EXPIRE', KEYS[7], ARGV[6])
 end
 
 if op == 'replay' then
   local dest = nil
-  for i = 7, #KEYS - 1 do
+  for i = 8, #KEYS - 1 do
     if KEYS[i] == fields['stream'] then dest = KEYS[i] end
   end
   if not dest then return {-1} end

@@ -17,9 +17,11 @@
 -- dispatcher read, its payload inline.
 -- A record with an unresolved dead letter never expires (contract §5): it loses its TTL here
 -- and counts its unresolved dispatch dead letters in F.dead; resolving the last one
--- (deadletter.lua) starts the status TTL again.
+-- (deadletter.lua) starts the status TTL again. Its payload key (keys.Partition.payload) loses
+-- its TTL with it: it lives exactly as long as the record.
 -- KEYS[1] outbox stream, KEYS[2] dispatch dead-letter stream, KEYS[3] counters, KEYS[4] order
--- copies (hash), KEYS[5] their reference counts (hash), KEYS[6..] status record per given-up entry
+-- copies (hash), KEYS[5] their reference counts (hash), then per given-up entry 2 keys: its
+-- order's status record and payload key
 -- ARGV[1] group, ARGV[2] action, ARGV[3] n delivered, then per delivered entry 2 values: its id
 --   and its order key if it references the copy ('' if it carried its payload), then per
 --   given-up entry 11 values: id, order key, fulfilment id, payload (as sent, also one read from
@@ -50,7 +52,7 @@ if n > 0 then
 end
 local dead = 0
 local a = 4 + 2 * n
-for k = 6, #KEYS do
+for k = 6, #KEYS, 2 do
   local id, attempts, err = ARGV[a], ARGV[a + 4], ARGV[a + 5]
   if redis.call('XACK', KEYS[1], group, id) == 1 then
     local letter = {'*', 'stream', KEYS[1], 'id', id, 'action', action, 'deliveries', attempts, 'error', err}
@@ -82,6 +84,7 @@ for k = 6, #KEYS do
       redis.call('HSET', KEYS[k], F.action .. ledger, 'failed')
       redis.call('HINCRBY', KEYS[k], F.dead, 1)
       redis.call('PERSIST', KEYS[k])
+      redis.call('PERSIST', KEYS[k + 1])
     end
     dead = dead + 1
   end

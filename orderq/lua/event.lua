@@ -25,7 +25,9 @@
 -- KEYS[1] status record, KEYS[2] partition counters, KEYS[3] outbox notify.sms,
 -- KEYS[4] outbox channel.ship_sync, KEYS[5] owed returns (hash order key -> items), KEYS[6] owed
 --   cancel releases (hash order key -> "<seq>|<accepted us>|<payload>", orderq/lifecycle.py),
---   KEYS[7] executed orders not shipped yet (zset, the ship_lag alert's)
+--   KEYS[7] executed orders not shipped yet (zset, the ship_lag alert's), KEYS[8] the order's
+--   payload key (keys.Partition.payload: what the shipment's effects carry), whose TTL is the
+--   record's: set here wherever the record's is
 -- ARGV[1] source, [2] event status, [3] at (UTC text), [4] carrier, [5] tracking no,
 --   [6] warehouse, [7] sources, most trusted first ("carrier,wms,erp,channel"), [8] status TTL
 --   (s), [9] outbox trim per action ("name=maxlen,..."), [10] order key, [11] units to give
@@ -39,6 +41,8 @@ local src, est, at, carrier, tracking, wh = ARGV[1], ARGV[2], ARGV[3], ARGV[4], 
 local key = ARGV[10]
 local cur, setter, fid, payload = unpack(redis.call('HMGET', status, F.status, F.status_source,
                                                       F.fulfilment_id, F.payload))
+-- (a record written before payloads had their own key keeps its payload in the hash)
+payload = redis.call('GET', KEYS[8]) or payload
 if not cur then return {'missing', '', '', 0, 0, 0} end
 if redis.call('HSETNX', status, F.event .. src .. '|' .. est .. '|' .. tracking, at) == 0 then
   return {'duplicate', cur, cur, 0, 0, 0}
@@ -203,8 +207,12 @@ if cur == 'intercepting' and new ~= cur then
       if all[i] == 'deferred' and string.sub(all[i - 1], 1, #F.action) == F.action then owed = true end
     end
   end
-  if not owed then redis.call('EXPIRE', status, ARGV[8]) end
+  if not owed then
+    redis.call('EXPIRE', status, ARGV[8])
+    redis.call('EXPIRE', KEYS[8], ARGV[8])
+  end
 elseif redis.call('TTL', status) >= 0 then
   redis.call('EXPIRE', status, ARGV[8])  -- "no event for the TTL": it counts from the last one
+  redis.call('EXPIRE', KEYS[8], ARGV[8])
 end
 return {'applied', new, cur, conflict and 1 or 0, return_owed, cancel_owed}

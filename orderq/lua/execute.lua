@@ -12,9 +12,13 @@
 -- KEYS[6] held zset, KEYS[7] parked payloads, KEYS[8] review zset, KEYS[9..13] outbox
 -- streams (ACTIONS order), KEYS[14] errors hash (field "<stream>|<id>"), KEYS[15] releases
 -- owed by cancelled orders (hash, orderq/lifecycle.py), KEYS[16] order copies (hash),
--- KEYS[17] their reference counts (hash), KEYS[18..] status record per order
+-- KEYS[17] their reference counts (hash), then per order 2 keys: its status record and its
+-- payload key (keys.Partition.payload)
 -- An order cancelled while it waited in its lane (cancel.lua) is skipped and acknowledged: it
 -- never executes; what validation (and routing, just before this call) held for it is owed back.
+-- An executed order's payload, what an intercept, a shipment and a return carry later, goes to
+-- its payload key, not its status record (a long value would make the record a hashtable): set
+-- with the record's TTL here, and every script that moves the record's TTL moves the key's.
 -- ARGV[1] group, ARGV[2] outbox trim per action ("name=maxlen,..."; 0 or absent: never
 --   trimmed, the dispatcher deletes what it delivered; else the oldest go, each counting its
 --   copy down), ARGV[3] status TTL (s; counted
@@ -92,12 +96,12 @@ for lane, id in string.gmatch(ARGV[4], '(%d):(%S+)') do
   redis.call('HDEL', KEYS[14], KEYS[tonumber(lane) + 1] .. '|' .. id)
 end
 local owed = 0
-for i = 18, #KEYS do
-  local a = 5 + (i - 18) * 2
+for i = 18, #KEYS, 2 do
+  local a = 5 + (i - 18)  -- (2 keys and 2 values per order)
   local lane, id, key, outcome, fid, actions, route, more = string.match(ARGV[a], HEAD)
   local payload = ARGV[a + 1]
   lane = tonumber(lane)
-  local status = KEYS[i]
+  local status, payload_key = KEYS[i], KEYS[i + 1]
   local ids = acks[lane]
   local st = redis.call('HGET', status, F.status)
   if st then
@@ -106,7 +110,7 @@ for i = 18, #KEYS do
     -- No record: the order's effect ledger is gone (a final state's TTL ran out, or it was
     -- deleted by hand). Executing could repeat effects; acknowledging would lose it without
     -- a trace: the entry stays pending, reported to the worker, which fails it (a dead letter).
-    missing[#missing + 1] = i - 17
+    missing[#missing + 1] = (i - 16) / 2
   end
   if st == 'cancelled' then
     local seq = redis.call('HINCRBY', KEYS[1], 'cancel_seq', 1)
@@ -150,11 +154,12 @@ for i = 18, #KEYS do
         redis.call('HINCRBY', refs, key, n_refs)
       end
       redis.call('HSET', status, F.status, 'executed', F.executed_at, now_us, F.fulfilment_id, fid)
-      redis.call('HSET', status, F.payload, payload)  -- what an intercept, a shipment, a return carry later
       if string.find(actions, '=deferred', 1, true) then
         redis.call('PERSIST', status)  -- a deferred sync is owed: replay.lua starts the TTL
+        redis.call('SET', payload_key, payload)
       else
         redis.call('EXPIRE', status, ARGV[3])
+        redis.call('SET', payload_key, payload, 'EX', ARGV[3])
       end
       if route ~= '' then redis.call('HSET', status, F.route, route) end
       if more ~= '' then redis.call('HSET', status, F.reasons, with_reasons(status, more)) end

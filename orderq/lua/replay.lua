@@ -5,14 +5,14 @@
 -- payload: the outbox entry replayed from it takes its reference over; one not replayed (its
 -- sync is no longer owed) counts the copy's references down, the last one deleting the copy.
 -- KEYS[1] deferred stream, KEYS[2] counters, KEYS[3..7] outbox streams (ACTIONS order),
--- KEYS[8] order copies (hash), KEYS[9] their reference counts (hash), KEYS[10..] status record
--- per entry
+-- KEYS[8] order copies (hash), KEYS[9] their reference counts (hash), then per entry 2 keys: its
+-- order's status record and payload key (keys.Partition.payload, whose TTL is the record's)
 -- An executed order with a deferred sync is still owed work: its record has no TTL (execute.lua)
 -- until its last deferred sync is replayed here; the status TTL counts from then.
 -- The outbox entry is the deferred one as it was, every field but its action ('a'): a reference
 -- 'o' or a payload 'd', and whatever else it carries, so nothing of it is lost on the way.
 -- ARGV[1] outbox trim per action ("name=maxlen,..."; 0 or absent: never trimmed), ARGV[2]
---   status TTL (s), then per entry its id (KEYS[10..] are their status records, in this order)
+--   status TTL (s), then per entry its id (in the order of their keys)
 local outbox = {['wms.pick'] = KEYS[3], ['notify.sms'] = KEYS[4], ['invoice.request'] = KEYS[5],
                 ['crm.remark_sync'] = KEYS[6], ['crm.gift_sync'] = KEYS[7]}
 local copies, refs = KEYS[8], KEYS[9]
@@ -46,8 +46,8 @@ local function evict(action)
 end
 local replayed = 0
 local touched = {}
-for i = 10, #KEYS do
-  local id = ARGV[i - 7]
+for i = 10, #KEYS, 2 do
+  local id = ARGV[3 + (i - 10) / 2]
   local found = redis.call('XRANGE', KEYS[1], id, id)[1]
   if found then  -- (gone: another replay took it)
     redis.call('XDEL', KEYS[1], id)
@@ -74,6 +74,7 @@ for i = 10, #KEYS do
       -- (nor while a dispatch dead letter of it is unresolved: deadletter.lua starts it then)
       if not owed and redis.call('HGET', KEYS[i], F.status) == 'executed' and not redis.call('HGET', KEYS[i], F.dead) then
         redis.call('EXPIRE', KEYS[i], ARGV[2])
+        redis.call('EXPIRE', KEYS[i + 1], ARGV[2])
       end
     elseif ref and key then
       unref(key)

@@ -48,8 +48,14 @@ def _child(req: dict[str, Any], parent_fds: list[int]) -> None:
     try:
         for fd in parent_fds:
             os.close(fd)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        # The signal dispositions of a fresh interpreter: the server's own handlers go, and
+        # SIGPIPE and SIGXFSZ stay ignored as CPython sets them at start-up (with SIGPIPE at its
+        # default, a write to a socket its client closed would kill the stage without a word).
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         os.chdir(req["cwd"])
         os.environ.clear()

@@ -54,8 +54,7 @@ _decode = msgspec.json.Decoder(Sample).decode
 
 async def take(r: Redis, now: float | None = None) -> Sample:
     """One sample of the stage, the backlog, the depth per stage and the totals."""
-    total, depth = await stats.backlog(r)
-    t = await stats.totals(r)
+    total, depth, t = await stats.snapshot(r)
     stage = await r.client.hget(keys.BREAKER_KEY, "stage")
     ready = depth["ready"]
     return Sample(

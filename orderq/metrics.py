@@ -191,8 +191,7 @@ def _histogram(
 
 async def render(r: Redis) -> bytes:
     """The Prometheus text exposition of everything orderq knows, for any process to serve."""
-    backlog, depth = await stats.backlog(r)
-    t = await stats.totals(r)
+    backlog, depth, t = await stats.snapshot(r)
     pipe = r.client.pipeline(transaction=False)
     pipe.hget(keys.BREAKER_KEY, "stage")
     pipe.hgetall(keys.hist_key("ack_latency"))

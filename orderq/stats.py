@@ -57,6 +57,32 @@ _decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
 async def backlog(r: Redis) -> tuple[int, Depth]:
     """Backlog and depth per stage in one pipelined round trip."""
     pipe = r.client.pipeline(transaction=False)
+    _ask_backlog(pipe, r)
+    return _backlog_of(await pipe.execute(), r)
+
+
+async def totals(r: Redis) -> dict[str, int]:
+    pipe = r.client.pipeline(transaction=False)
+    _ask_totals(pipe, r)
+    return _totals_of(await pipe.execute())
+
+
+async def snapshot(r: Redis) -> tuple[int, Depth, dict[str, int]]:
+    """Backlog, depth and totals read in one round trip: read in two, a batch executed between
+    them showed up in the totals and still in the backlog (or, the other way round, in neither)."""
+    pipe = r.client.pipeline(transaction=False)
+    _ask_backlog(pipe, r)
+    _ask_totals(pipe, r)
+    res = await pipe.execute()
+    n = len(r.partitions) * BACKLOG_READS
+    total, depth = _backlog_of(res[:n], r)
+    return total, depth, _totals_of(res[n:])
+
+
+BACKLOG_READS = 7  # per partition, in _ask_backlog's order
+
+
+def _ask_backlog(pipe: Any, r: Redis) -> None:
     for p in r.partitions:
         pipe.xlen(p.intake)
         for lane in p.lanes:
@@ -64,9 +90,11 @@ async def backlog(r: Redis) -> tuple[int, Depth]:
         pipe.zcard(p.review)
         pipe.xlen(p.deferred)
         pipe.zcard(p.held)
-    res = await pipe.execute()
+
+
+def _backlog_of(res: list[Any], r: Redis) -> tuple[int, Depth]:
     depth = Depth(intake=0, ready={"vip": 0, "new": 0, "regular": 0}, review=0, deferred=0, held=0)
-    step = 7
+    step = BACKLOG_READS
     for i in range(len(r.partitions)):
         intake, vip, new, regular, review, deferred, held = res[i * step : (i + 1) * step]
         depth["intake"] += intake
@@ -80,13 +108,15 @@ async def backlog(r: Redis) -> tuple[int, Depth]:
     return total, depth
 
 
-async def totals(r: Redis) -> dict[str, int]:
-    pipe = r.client.pipeline(transaction=False)
+def _ask_totals(pipe: Any, r: Redis) -> None:
     for p in r.partitions:
         pipe.hgetall(p.counters)
     pipe.hgetall(keys.COUNTERS_GLOBAL)
+
+
+def _totals_of(res: list[Any]) -> dict[str, int]:
     out = dict.fromkeys(TOTALS + EXTRA_COUNTERS, 0)
-    for h in await pipe.execute():
+    for h in res:
         for k, v in h.items():
             name = k.decode()
             out[name] = out.get(name, 0) + int(v)
@@ -118,8 +148,7 @@ class RateMeter:
 
 async def compute(r: Redis, meter: RateMeter) -> dict[str, Any]:
     """The ``/v1/stats`` document (contract §4)."""
-    total, depth = await backlog(r)
-    t = await totals(r)
+    total, depth, t = await snapshot(r)
     pipe = r.client.pipeline(transaction=False)
     pipe.hgetall(keys.BREAKER_KEY)
     pipe.hgetall(keys.WORKERS_KEY)

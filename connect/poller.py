@@ -224,7 +224,8 @@ async def order_closed(r: Redis, state: ConnectorState, closed: dict[str, str]) 
     between the two steps cannot lose the cancel. Returns how many were not recorded before."""
     for key, status in closed.items():
         outcome = await lifecycle.cancel(r, key, cancel_reason(status), f"platform status {status}")
-        log.info("connect.order_closed", order_key=key, status=status, outcome=outcome.value)
+        # per order, and again on every re-read of the overlap: debug; the window line counts them
+        log.debug("connect.order_closed", order_key=key, status=status, outcome=outcome.value)
     return await state.closed(closed)
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-from decimal import Decimal
+from hashlib import blake2b
 
-from orderq.schema import Order, money
+from orderq.schema import Order, cents
 
-INVOICE_FROM = Decimal("500")  # invoice.request when paid_amount >= 500 CNY
+INVOICE_FROM_CENTS = 50_000  # invoice.request when paid_amount >= 500 CNY
 
 
 def fulfilment_id(order_key: str) -> str:
     """Deterministic per order, so a redelivered order names the same fulfilment."""
-    return "F-" + hashlib.blake2b(order_key.encode(), digest_size=8).hexdigest().upper()
+    return "F-" + blake2b(order_key.encode(), digest_size=8).hexdigest().upper()
 
 
 def plan(order: Order, stage: str, mode: str, picks: list[str] | None = None) -> str:
@@ -21,7 +20,7 @@ def plan(order: Order, stage: str, mode: str, picks: list[str] | None = None) ->
     order has one ``wms.pick@<warehouse>`` per warehouse in ``picks``."""
     acts = [f"wms.pick@{w}=done" for w in picks] if picks else ["wms.pick=done"]
     acts.append("notify.sms=done")
-    if money(order.paid_amount) >= INVOICE_FROM:
+    if cents(order.paid_amount) >= INVOICE_FROM_CENTS:
         acts.append("invoice.request=done")
     sync_state = "done" if stage == "normal" else ("deferred" if mode == "defer" else "dropped")
     if order.remark:

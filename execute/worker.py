@@ -14,11 +14,14 @@ from orderq import keys, lifecycle, metrics
 from orderq.commands import Value
 from orderq.errors import ConfigError
 from orderq.ledger import review
-from orderq.schema import Order, json_encoder, unpack_order
+from orderq.schema import Order, json_encoder, unpack_queued
 from orderq.wire import Executed, RouteOutcome
 from orderq.worker import BatchResult, Entry, StreamWorker, _pairs
 
 LANES = keys.PRIORITIES  # lane 1 vip, 2 new, 3 regular
+# One order of a batch as the execute script gets it: entry, order key, outcome, fulfilment id,
+# actions, route, more reasons; and its routing decision (None: not routed)
+Row = tuple[Entry, str, Executed, str, str, str, str, Routed | None]
 CLUSTER_BLOCK_MS = 50  # cluster: longest wait on one partition before all are taken from again
 
 
@@ -89,37 +92,38 @@ class ExecuteWorker(StreamWorker):
         holds = self.control.holds if self.control else {}
         whs = self.control.warehouses if self.control else {}
         mode = self.settings.breaker_mode
-        ready: list[tuple[Entry, Order]] = []  # not held: routed before they execute
         items: list[tuple[Entry, Order, bool]] = []
+        ready: list[int] = []  # (indices in items) not held: routed before they execute
+        gifts = False
         for e in entries:
             try:
-                order = unpack_order(e.get(b"d"))
+                order = unpack_queued(e.get(b"d"))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 result.failed[e.stream, e.id] = (e, f"undecodable order payload: {exc}")
                 continue
             held = order.ship_to.province in holds
-            items.append((e, order, held))
             if not held:
-                ready.append((e, order))
-        routes: dict[tuple[str, str], Routed] = {}
-        if ready and (whs or any(o.gifts for _, o in ready)):
+                ready.append(len(items))
+                gifts = gifts or bool(order.gifts)
+            items.append((e, order, held))
+        routes: list[Routed | None] = [None] * len(items)  # by position in items
+        if ready and (whs or gifts):
             decided = await self.router.route(
                 self.r,
                 whs,
-                [o for _, o in ready],
-                [e.get(b"ap") == b"1" for e, _ in ready],
-                [int(e.get(b"ta") or 0) for e, _ in ready],
+                [items[i][1] for i in ready],
+                [items[i][0].get(b"ap") == b"1" for i in ready],
+                [int(items[i][0].get(b"ta") or 0) for i in ready],
             )
-            # (entry ids are unique per stream only: two lanes may hold the same id)
-            routes = {(e.stream, e.id): d for (e, _), d in zip(ready, decided, strict=True)}
-        by_part: dict[keys.Partition, list[tuple[Entry, str, Executed, str, str, str, str]]] = {}
+            for i, routed in zip(ready, decided, strict=True):
+                routes[i] = routed
+        by_part: dict[keys.Partition, list[Row]] = {}
         freight_review = 0
         reviewed: list[tuple[Entry, Order]] = []
         ttl = self.settings.status_ttl_s
         gift_oos: list[str] = []
-        for e, order, held in items:
+        for (e, order, held), d in zip(items, routes, strict=True):
             key = order.key
-            d = routes.get((e.stream, e.id))
             route = more = ""
             if held:
                 outcome, acts = Executed.HELD, ""
@@ -136,7 +140,7 @@ class ExecuteWorker(StreamWorker):
                 if d is not None and d.gift_out_of_stock:
                     more = json_encoder.encode([f"gift_out_of_stock:{sku}" for sku in d.gift_out_of_stock]).decode()
                     gift_oos += d.gift_out_of_stock
-            by_part.setdefault(e.partition, []).append((e, key, outcome, fulfilment_id(key), acts, route, more))
+            by_part.setdefault(e.partition, []).append((e, key, outcome, fulfilment_id(key), acts, route, more, d))
 
         def build(pipe: Any) -> None:
             for p, rows in by_part.items():
@@ -153,9 +157,9 @@ class ExecuteWorker(StreamWorker):
                     p.order_copies,
                     p.copy_refs,
                 ]
-                again = " ".join(f"{e.lane}:{e.id}" for e, *_ in rows if e.delivered_again)
+                again = " ".join([f"{row[0].lane}:{row[0].id}" for row in rows if row[0].delivered_again])
                 args: list[Value] = [self.group, self.settings.outbox_trim, ttl, again]
-                for e, key, outcome, fid, acts, route, more in rows:
+                for e, key, outcome, fid, acts, route, more, _d in rows:
                     ks += [p.status(key), p.payload(key)]
                     args += [f"{e.lane}\t{e.id}\t{key}\t{outcome}\t{fid}\t{acts}\t{route}\t{more}", e.get(b"d")]
                 self.r.script(pipe, "execute", ks, args)
@@ -193,18 +197,16 @@ class ExecuteWorker(StreamWorker):
             self.router.executed(
                 row[1]
                 for n, row in enumerate(rows, 1)
-                if row[2] == Executed.EXECUTED
-                and n not in missing
-                and (d := routes.get((row[0].stream, row[0].id)))
-                and d.recorded
+                if (d := row[7]) is not None and d.recorded and row[2] == Executed.EXECUTED and n not in missing
             )
         if owing:
             await lifecycle.settle_quietly(self.r, owing)
         await self._owed.maybe(self.r)  # what a stopped process left owed
         now = time.time()
+        observe = metrics.E2E_LATENCY.observe
         for rows in by_part.values():
-            for e, _key, outcome, _fid, _acts, _route, _more in rows:
-                if outcome == Executed.EXECUTED and e.get(b"ta"):
-                    metrics.E2E_LATENCY.observe(now - int(e.get(b"ta")) / 1e6, LANES[e.lane - 1])
+            for row in rows:
+                if row[2] == Executed.EXECUTED and (ta := row[0].get(b"ta")):
+                    observe(now - int(ta) / 1e6, LANES[row[0].lane - 1])
         result.counts = totals
         return result

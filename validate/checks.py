@@ -177,6 +177,8 @@ def order_row(
     """One order as the ledger script reads it (an element of its msgpack batch), its keys
     added to ``ks``. ``dup_window_ms`` 0: the duplicate rule is off."""
     lines = sku_totals(o.lines)
+    key = o.key
+    channel = o.channel
     ip = o.customer.ip or ""
     fp = risk.fingerprint(o, lines) if dup_window_ms else ""
     day = keys.beijing_day(accepted_ms)
@@ -184,11 +186,11 @@ def order_row(
     if not ip:
         ip_key = ip_prev = 0
     dup_key, dup_prev = ks.dup(accepted_ms // dup_window_ms) if fp else (0, 0)
-    customer = f"{o.channel}:{o.customer.id}"
+    customer = f"{channel}:{o.customer.id}"
     sku_index = ks.sku
     return DecisionRow(
-        o.key,
-        o.channel,
+        key,
+        channel,
         customer,
         accepted_ms,
         base,
@@ -197,14 +199,14 @@ def order_row(
         fp,
         day,
         goods_cents(o),
-        coupon_cents(o),
+        coupon_cents(o) if o.coupons else 0,
         [x for sku, qty in lines.items() for x in (sku, qty, sku_index(sku))],
         [x for c in o.coupons for x in (c.code, ks.coupon(c.code))] if o.coupons else [],
         str(accepted_ms),
         1 if approval else 0,
         decided,
-        ks.customer(o.channel, o.customer.id, customer),
-        ks.record(o.key),
+        ks.customer(channel, o.customer.id, customer),
+        ks.record(key),
         ip_key,
         ip_prev,
         dup_key,
@@ -267,11 +269,12 @@ async def decide(
     seq = sorted(range(len(orders)), key=lambda i: (accepted_us[i], orders[i].key))
     dup_ms = r.settings.dup_window_s * 1000  # 0 turns the duplicate rule off
     pre: list[tuple[int, list[str]]] = []
+    settings = r.settings
     for o in orders:
         base, reasons = risk.assess(o)
-        if any(c.platform != o.channel for c in o.coupons):
+        if o.coupons and any(c.platform != o.channel for c in o.coupons):
             reasons.append("coupon_cross_platform")
-        if needs_approval(r.settings, o):
+        if needs_approval(settings, o):
             reasons.append("approval_required")
         pre.append((base, reasons))
     ks = LedgerKeys()
@@ -303,12 +306,14 @@ async def decide(
         replies[i] = reply
     out = []
     for o, (base, reasons), reply in zip(orders, pre, replies, strict=True):
-        seen = set(reasons)
-        for text in reply.reasons:
-            if text not in seen:
-                seen.add(text)
-                reasons.append(text)
-        reasons.sort(key=_rank)
+        if reply.reasons:
+            seen = set(reasons)
+            for text in reply.reasons:
+                if text not in seen:
+                    seen.add(text)
+                    reasons.append(text)
+        if len(reasons) > 1:
+            reasons.sort(key=_rank)
         prio = "vip" if o.customer.tier == "vip" else ("new" if reply.first_order else "regular")
         score = base + reply.extra_score
         out.append(Decision(order=o, outcome=reply.outcome, priority=prio, reasons=reasons, risk_score=score))

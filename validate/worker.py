@@ -123,7 +123,7 @@ class ValidateWorker(StreamWorker):
         orders = []
         for e in entries:
             try:
-                orders.append(unpack_order(e.get(b"d")))
+                orders.append(unpack_order(e.get(b"d")))  # the full checks: validation is the gate
                 good.append(e)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 result.failed[e.stream, e.id] = (e, f"undecodable order payload: {exc}")
@@ -147,10 +147,11 @@ class ValidateWorker(StreamWorker):
                 ks = [p.intake, p.counters, *p.lanes, p.review, p.parked, p.errors, p.cancel_owed]
                 args: list[Value] = [self.group, ttl, clear_errors([e for e, _ in items])]
                 for e, d in items:
-                    ks.append(p.status(d.order.key))
+                    key = d.order.key
+                    ks.append(p.status(key))
                     ta = e.get(b"ta").decode()
                     why = json_encoder.encode(d.reasons).decode() if d.reasons else "[]"
-                    head = f"{e.id}\t{d.outcome}\t{d.priority}\t{d.order.key}\t{ta}\t{d.risk_score}\t{why}"
+                    head = f"{e.id}\t{d.outcome}\t{d.priority}\t{key}\t{ta}\t{d.risk_score}\t{why}"
                     args += [head, e.get(b"d")]
                 self.r.script(pipe, "handoff", ks, args)
             for reason, n in reasons.items():
@@ -225,14 +226,16 @@ def oos_streaks(decisions: list[Decision], accepted_us: list[int]) -> dict[str, 
     stock 5 times in a row"): refusals add one each, in acceptance order; an order that
     reserved the SKU ends its streak. Per SKU: ("incr", n), ("set", n) or ("del", 0)."""
     out: dict[str, tuple[str, int]] = {}
-    for i in sorted(range(len(decisions)), key=lambda i: accepted_us[i]):
+    for i in sorted(range(len(decisions)), key=accepted_us.__getitem__):
         d = decisions[i]
-        short = [r.partition(":")[2] for r in d.reasons if r.startswith("out_of_stock:")]
-        for sku in short:
-            op, n = out.get(sku, ("incr", 0))
-            out[sku] = (op if op != "del" else "set", n + 1)
+        reasons = d.reasons
+        for r in reasons:
+            if r.startswith("out_of_stock:"):
+                sku = r.partition(":")[2]
+                op, n = out.get(sku, ("incr", 0))
+                out[sku] = (op if op != "del" else "set", n + 1)
         if d.outcome != Decided.REJECTED:
-            unknown = {r.partition(":")[2] for r in d.reasons if r.startswith("unknown_sku:")}
+            unknown = {r.partition(":")[2] for r in reasons if r.startswith("unknown_sku:")} if reasons else ()
             for line in d.order.lines:
                 if line.sku not in unknown:
                     out[line.sku] = ("del", 0)

@@ -6,8 +6,8 @@
 -- the open decisions (od:open), then each distinct key of the batch once (its time buckets,
 -- customers, ledger records, SKUs with their holders, coupons); a row names its keys by index.
 -- Cheap per order: the batch comes as one msgpack argument and the answer goes back as
--- one msgpack string; everything is read in a few calls per batch and written once per
--- batch (each write call inside a script costs several microseconds of server time,
+-- one msgpack string; everything (a coupon too) is read in a few calls per batch and written
+-- once per batch (each write call inside a script costs several microseconds of server time,
 -- a field inside one call a fraction of one). The windows, the subsidy totals and the
 -- decisions live in time-bucketed hashes that expire as a whole.
 -- Idempotent per order: a decided order is found first (its decision in od:<hour>) and
@@ -233,6 +233,9 @@ local cust_now = {}
 local rec_new = {}   -- bucket's index -> {order key -> record}
 local open_new = {}  -- order key, record, ...: kept open until handed off
 local ip_dirty, dup_dirty, sub_new = {}, {}, {}
+-- coupons: each read once per batch ({pf, x, one, u} by its key's index; 'u' as the batch set
+-- it), their single uses written back once at the end
+local coupon, coupon_used = {}, {}
 for n, o in ipairs(orders) do
   local key, channel, who, ta = o[R.key], o[R.channel], o[R.customer], o[R.accepted_ms]
   local base, pre, ip, fp, day = o[R.base_score], o[R.pre_rejected], o[R.ip], o[R.fingerprint], o[R.day]
@@ -278,7 +281,11 @@ for n, o in ipairs(orders) do
     local use_keys = {}  -- the coupon key of each code of use
     for ci = 1, #codes, 2 do
       local code, ck = codes[ci], codes[ci + 1]
-      local c = redis.call('HMGET', KEYS[ck], 'pf', 'x', 'one', 'u')
+      local c = coupon[ck]
+      if not c then
+        c = redis.call('HMGET', KEYS[ck], 'pf', 'x', 'one', 'u')
+        coupon[ck] = c
+      end
       if c[1] then
         if c[1] ~= channel then cross = true end
         local x = tonumber(c[2] or 0)
@@ -342,7 +349,10 @@ for n, o in ipairs(orders) do
         s.h[#s.h + 1] = key
         s.h[#s.h + 1] = hold[i + 1]
       end
-      for _, ck in ipairs(use_keys) do redis.call('HSET', KEYS[ck], 'u', key) end
+      for _, ck in ipairs(use_keys) do
+        coupon[ck][4] = key  -- (what the batch's next orders read)
+        coupon_used[ck] = key
+      end
       sv[gf] = g + goods
       local w = sub_new[o[R.subsidy_key]] or {}
       sub_new[o[R.subsidy_key]] = w
@@ -381,6 +391,7 @@ for _, s in pairs(stock) do
     end
   end
 end
+for ck, key in pairs(coupon_used) do redis.call('HSET', KEYS[ck], 'u', key) end
 for ci, key in pairs(new_custs) do redis.call('SET', KEYS[ci], key, 'EX', cust_ttl) end
 for b, m in pairs(rec_new) do hset_all(b, m, replay_ttl) end
 hcall('HSET', OPEN, open_new, 2)

@@ -1,7 +1,8 @@
 -- Execute a batch of one partition: effect ledger + outbox + status + ack, atomically.
--- Each (order, action) is applied once in effect: the ledger field x:<action> is set
--- with HSETNX in the same script that appends the outbox entry, so a redelivered
--- batch re-runs harmlessly.
+-- Each (order, action) is applied once in effect: the ledger field x:<action> is set only
+-- when absent (HSETNX's semantics: read with the order's status in one HMGET, written with its
+-- new status in one HSET; the script is atomic) in the same script that appends the outbox
+-- entry, so a redelivered batch re-runs harmlessly.
 -- A routed order has one pick per warehouse: action wms.pick@<warehouse>, ledger
 -- field x:wms.pick@<warehouse>, an outbox entry naming the warehouse ('w') and carrying its
 -- parcel of the route ('r'); a split order's picks get fulfilment id <id>-<warehouse>.
@@ -40,6 +41,7 @@ for name, n in string.gmatch(ARGV[2], '([^=,]+)=(%d+)') do
   if n ~= '0' then trim[name] = tonumber(n) end
 end
 local copies, refs = KEYS[16], KEYS[17]
+local CHUNK = 1000  -- unpack() has a stack limit: variadic calls go in chunks
 local function unref(key)  -- one entry fewer references the order's copy; the last deletes it
   if redis.call('HINCRBY', refs, key, -1) <= 0 then
     redis.call('HDEL', refs, key)
@@ -79,8 +81,7 @@ local function to_outbox(name, key, fid, route, split)
   redis.call('XADD', outbox[base], unpack(entry))
   if trim[base] then touched[base] = true end
 end
-local function with_reasons(status, more)  -- the record's reasons JSON plus more (JSON)
-  local have = redis.call('HGET', status, F.reasons)
+local function with_reasons(have, more)  -- the record's reasons JSON (have) plus more (JSON)
   local list = (have and have ~= '') and cjson.decode(have) or {}
   for _, r in ipairs(cjson.decode(more)) do list[#list + 1] = r end
   if #list == 0 then return '[]' end
@@ -96,6 +97,12 @@ for lane, id in string.gmatch(ARGV[4], '(%d):(%S+)') do
   redis.call('HDEL', KEYS[14], KEYS[tonumber(lane) + 1] .. '|' .. id)
 end
 local owed = 0
+-- The order copies and their reference counts are written once per batch (below), in the
+-- batch's order (a key twice: its last payload, both counts)
+local copy_keys, copy_of, ref_add = {}, {}, {}
+-- (tables reused from order to order, read up to their count: no table made per order)
+local act, act_state, set = {}, {}, {}
+local fields = {F.status, F.reasons}
 for i = 18, #KEYS, 2 do
   local a = 5 + (i - 18)  -- (2 keys and 2 values per order)
   local lane, id, key, outcome, fid, actions, route, more = string.match(ARGV[a], HEAD)
@@ -103,7 +110,18 @@ for i = 18, #KEYS, 2 do
   lane = tonumber(lane)
   local status, payload_key = KEYS[i], KEYS[i + 1]
   local ids = acks[lane]
-  local st = redis.call('HGET', status, F.status)
+  -- one read of the record: its status, its reasons, and (to execute) each action's ledger
+  -- field and apply count (fields[3..]: x:<action>, xn:<action> per action)
+  local na = 0  -- actions: their names in act, states in act_state
+  if outcome ~= 'h' and outcome ~= 'w' then
+    for name, state in string.gmatch(actions, '([^=,]+)=([^,]+)') do
+      na = na + 1
+      act[na], act_state[na] = name, state
+      fields[na * 2 + 1], fields[na * 2 + 2] = F.action .. name, F.applied .. name
+    end
+  end
+  local rec = redis.call('HMGET', status, unpack(fields, 1, na * 2 + 2))
+  local st, reasons = rec[1], rec[2]
   if st then
     ids[#ids + 1] = id
   else
@@ -126,7 +144,7 @@ for i = 18, #KEYS, 2 do
       redis.call('HSET', KEYS[7], key, payload)
       n.held = n.held + 1
     elseif outcome == 'w' then
-      redis.call('HSET', status, F.status, 'review', F.review_at, now_us, F.reasons, with_reasons(status, more))
+      redis.call('HSET', status, F.status, 'review', F.review_at, now_us, F.reasons, with_reasons(reasons, more))
       redis.call('PERSIST', status)
       redis.call('ZADD', KEYS[8], now_us, key)
       redis.call('HSET', KEYS[7], key, payload)
@@ -134,12 +152,22 @@ for i = 18, #KEYS, 2 do
     else
       local _, picks = string.gsub(actions, 'wms%.pick@', '')
       local n_refs = 0  -- entries referencing the order's copy
-      for name, state in string.gmatch(actions, '([^=,]+)=([^,]+)') do
-        if redis.call('HSETNX', status, F.action .. name, state) == 1 then
+      local ns = 0  -- the record's fields written (set[1..ns]), in one HSET: the ledger's, then the status
+      for j = 1, na do
+        local name, state = act[j], act_state[j]
+        local have = rec[j * 2 + 1]
+        for k = 1, j - 1 do  -- a repeated name finds its ledger field set (HSETNX)
+          if act[k] == name then have = true end
+        end
+        if not have then  -- (HSETNX: only an absent field is set)
+          set[ns + 1], set[ns + 2] = fields[j * 2 + 1], state
+          ns = ns + 2
           if state == 'done' then
             to_outbox(name, key, fid, route, picks > 1)
             n_refs = n_refs + 1
-            redis.call('HINCRBY', status, F.applied .. name, 1)  -- apply count: the audit's duplicate check
+            -- apply count: the audit's duplicate check (HINCRBY's: as read, plus one)
+            set[ns + 1], set[ns + 2] = fields[j * 2 + 2], tonumber(rec[j * 2 + 2] or 0) + 1
+            ns = ns + 2
           elseif state == 'deferred' then
             redis.call('XADD', KEYS[5], '*', 'k', key, 'a', name, 'f', fid, 'o', '1')
             n_refs = n_refs + 1
@@ -150,10 +178,22 @@ for i = 18, #KEYS, 2 do
         end
       end
       if n_refs > 0 then
-        redis.call('HSET', copies, key, payload)
-        redis.call('HINCRBY', refs, key, n_refs)
+        if not copy_of[key] then copy_keys[#copy_keys + 1] = key end
+        copy_of[key] = payload
+        ref_add[key] = (ref_add[key] or 0) + n_refs
       end
-      redis.call('HSET', status, F.status, 'executed', F.executed_at, now_us, F.fulfilment_id, fid)
+      set[ns + 1], set[ns + 2], set[ns + 3], set[ns + 4], set[ns + 5], set[ns + 6] =
+        F.status, 'executed', F.executed_at, now_us, F.fulfilment_id, fid
+      ns = ns + 6
+      if route ~= '' then
+        set[ns + 1], set[ns + 2] = F.route, route
+        ns = ns + 2
+      end
+      if more ~= '' then
+        set[ns + 1], set[ns + 2] = F.reasons, with_reasons(reasons, more)
+        ns = ns + 2
+      end
+      redis.call('HSET', status, unpack(set, 1, ns))
       if string.find(actions, '=deferred', 1, true) then
         redis.call('PERSIST', status)  -- a deferred sync is owed: replay.lua starts the TTL
         redis.call('SET', payload_key, payload)
@@ -161,13 +201,29 @@ for i = 18, #KEYS, 2 do
         redis.call('EXPIRE', status, ARGV[3])
         redis.call('SET', payload_key, payload, 'EX', ARGV[3])
       end
-      if route ~= '' then redis.call('HSET', status, F.route, route) end
-      if more ~= '' then redis.call('HSET', status, F.reasons, with_reasons(status, more)) end
       n.executed = n.executed + 1
       local pn = 'executed_' .. prio_names[lane]
       n[pn] = n[pn] + 1
     end
   end
+end
+-- the batch's order copies and their reference counts (HINCRBY's: as read, plus the batch's)
+for c = 1, #copy_keys, CHUNK do
+  local part, flat = {}, {}
+  for j = c, math.min(c + CHUNK - 1, #copy_keys) do
+    local key = copy_keys[j]
+    part[#part + 1] = key
+    flat[#flat + 1] = key
+    flat[#flat + 1] = copy_of[key]
+  end
+  redis.call('HSET', copies, unpack(flat))
+  local had = redis.call('HMGET', refs, unpack(part))
+  flat = {}
+  for j, key in ipairs(part) do
+    flat[#flat + 1] = key
+    flat[#flat + 1] = tonumber(had[j] or 0) + ref_add[key]
+  end
+  redis.call('HSET', refs, unpack(flat))
 end
 for base in pairs(touched) do evict(base) end
 for lane = 1, 3 do

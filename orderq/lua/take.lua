@@ -24,14 +24,13 @@ end
 local last = {}
 local order = {1, 2, 3}
 local oldest = {}
-for lane = 1, 3 do
+-- (the VIP lane's last-delivered id only matters when nothing is taken: read then)
+for lane = 2, 3 do
   last[lane] = last_delivered(KEYS[lane])
-  if lane > 1 then
-    local r = redis.call('XRANGE', KEYS[lane], '(' .. last[lane], '+', 'COUNT', 1)
-    if r[1] then
-      local ms = tonumber(string.match(r[1][1], '^(%d+)'))
-      if now_ms - ms > aging then oldest[lane] = ms end
-    end
+  local r = redis.call('XRANGE', KEYS[lane], '(' .. last[lane], '+', 'COUNT', 1)
+  if r[1] then
+    local ms = tonumber(string.match(r[1][1], '^(%d+)'))
+    if now_ms - ms > aging then oldest[lane] = ms end
   end
 end
 -- aged lanes first, oldest first
@@ -58,5 +57,8 @@ for _, lane in ipairs(order) do
     end
   end
 end
-if #out == 0 then return {0, last} end
+if #out == 0 then
+  last[1] = last_delivered(KEYS[1])
+  return {0, last}
+end
 return out

@@ -38,7 +38,10 @@ Netflix's concurrency-limits do, driven by a measured queueing delay, as CoDel i
 - **Cost.** A refusal is a comparison, a peek at ``customer.tier`` (a ~3 µs partial decode,
   done only once the limit is reached) and a response built at start: no order decode, no
   Redis round trip, no log line; the refusals are counted in memory and flushed with the
-  metrics once a second.
+  metrics once a second. For ``POST /v1/orders`` and ``/batch`` it is answered by the HTTP
+  protocol itself, without an ASGI task or the framework (:mod:`ingress.shed`).
+- **Coming back.** ``Retry-After`` books each refused order a slot in a calendar paced by what
+  the process can take (below, :data:`RATE_S`), so refused channels come back spread out.
 
 A batch request is one unit in flight (its orders are a fraction of a single order's cost
 each): with room for every order it is taken whole; with room for VIP orders only, its other
@@ -49,6 +52,7 @@ while its VIP orders are queued; with no room at all the whole request gets the 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import deque
@@ -70,12 +74,25 @@ START_LIMIT = 256  # orders in flight at start (~30 ms of single-order work on t
 MIN_LIMIT = 128
 MAX_LIMIT = 4096  # past START_LIMIT only while the limit is reached with a low delay (a slow, idle Redis)
 GROW_PER_S = 0.5  # growth rate of the limit while the delay is low: back to START_LIMIT, or past it if reached
-# Retry-After: the orders offered per order taken (the "pressure", measured over PRESSURE_S,
-# rising at once and falling by a fifth per window), plus as much again at random: refused
-# channels come back spread out, and later the deeper the overload, so their resends do not
-# become the storm that keeps the process overloaded. Within 1 … MAX_RETRY_AFTER_S.
-PRESSURE_S = 0.25
-MAX_RETRY_AFTER_S = 10
+# Retry-After: a calendar of comebacks. The process estimates the orders it can take per second
+# (its capacity: the most it took in a window of RATE_S, or one over the CPU seconds an order
+# cost in a window of at least COST_ORDERS orders and few refusals, whichever is higher; the best
+# figure fades by CAPACITY_FADE a window, so a slower machine is learnt); each refused order is
+# given the next free slot of a calendar that books RESEND_SHARE of it for comebacks, starting a
+# second from now. The capacity, not the rate taken while refusing: a flood of refusals slows
+# what the process takes while it lasts, and comebacks booked at that pace would wait long after
+# it is over. So
+# refused channels come back spread at a pace the process can take, and one refusal per order
+# is the rule, where a fixed or random Retry-After sends them back in crowds that are refused
+# again and again (measured at ten times the 618 spike: 3.2 refusals per order offered, each
+# costing a third of an acceptance). A VIP order (refused only when VIP orders alone fill the
+# limit) is not booked: it comes back after a second. Within 1 … MAX_RETRY_AFTER_S.
+RATE_S = 0.25
+COST_ORDERS = 20  # ~80 orders/s: the timer's own cost is then a tenth of the figure at most
+CAPACITY_FADE = 0.998  # per window: the best figure halves in ~90 s unless seen again
+RESEND_SHARE = 1.0  # the whole of it: a comeback refused again (first sends took its slot) is booked again
+MIN_RATE = 200.0  # orders/s assumed at least (no window measured yet, a stalled Redis)
+MAX_RETRY_AFTER_S = 60
 
 ANYONE, VIP_ONLY, NOBODY = 0, 1, 2  # what :meth:`Admission.room` says there is room for
 MESSAGE = "this ingress process cannot acknowledge in time; retry after Retry-After seconds"
@@ -154,9 +171,10 @@ class Admission:
             Response(body, 503, {"Retry-After": str(s)}, media_type="application/json")
             for s in range(MAX_RETRY_AFTER_S + 1)
         ]
-        self.pressure = 1.0  # orders offered per order taken, lately
-        self._admitted = 0  # orders (batch requests) admitted since start
-        self._window = (0.0, 0, 0)  # start, admitted and refused totals of the pressure window
+        self.capacity = MIN_RATE  # most orders (batch requests) taken per second in a window, fading
+        self._answered = 0  # of which answered (taken, or refused by a later check)
+        self._window = (0.0, 0, 0.0, 0)  # start, answered, CPU time and refused of the rate window
+        self._next_slot = 0.0  # perf_counter time of the calendar's next free comeback slot
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> Admission:
@@ -202,8 +220,8 @@ class Admission:
                 ceiling = MAX_LIMIT if binding else START_LIMIT  # back to the start, past it only when reached
                 self.limit = min(ceiling, max(self.limit, self.limit * (1 + GROW_PER_S * dt)))
         self._peak = self.inflight
-        if now - self._window[0] >= PRESSURE_S:
-            self._measure_pressure(now)
+        if now - self._window[0] >= RATE_S:
+            self._measure_rate(now)
         ticks.append([now, 0])
         self._arm(loop, now)
 
@@ -225,7 +243,6 @@ class Admission:
         t = self._ticks[-1]
         t[1] += 1
         self.inflight += 1
-        self._admitted += 1
         if vip:
             self.vip_inflight += 1
         if self.inflight > self._peak:
@@ -236,6 +253,7 @@ class Admission:
         t, vip = ticket
         t[1] -= 1
         self.inflight -= 1
+        self._answered += 1
         if vip:
             self.vip_inflight -= 1
 
@@ -267,25 +285,41 @@ class Admission:
         self.refused[tier] += n
         metrics.OVERLOAD_REFUSED.inc(tier, n)
 
-    def _measure_pressure(self, now: float) -> None:
-        _, admitted, refused = self._window
-        refused_now = self.refused["vip"] + self.refused["regular"]
-        taken, offered = self._admitted - admitted, self._admitted - admitted + refused_now - refused
-        ratio = offered / max(taken, 1) if offered else 1.0
-        self.pressure = ratio if ratio > self.pressure else 0.8 * self.pressure + 0.2 * ratio
-        self._window = (now, self._admitted, refused_now)
+    def _measure_rate(self, now: float) -> None:
+        """Update :attr:`capacity` from the window of :data:`RATE_S` that ends now."""
+        start, answered, cpu, refused = self._window
+        cpu_now, refused_now = time.process_time(), self.refused["vip"] + self.refused["regular"]
+        if start:
+            taken = self._answered - answered  # answered, not admitted: a stalled write takes nothing
+            best = max(MIN_RATE, taken / (now - start), self.capacity * CAPACITY_FADE)
+            if taken >= COST_ORDERS and 4 * (refused_now - refused) <= taken and cpu_now > cpu:
+                best = max(best, taken / (cpu_now - cpu))  # every CPU second on orders like these
+            self.capacity = best
+        self._window = (now, self._answered, cpu_now, refused_now)
 
-    def _retry_after_s(self) -> int:
-        base = max(1, min(MAX_RETRY_AFTER_S, round(self.pressure)))
-        return min(MAX_RETRY_AFTER_S, base + int(random.random() * (base + 1)))
+    def retry_after_s(self, vip: bool = False, n: int = 1) -> int:
+        """``Retry-After`` for ``n`` refused orders: their slots in the comeback calendar."""
+        if vip:
+            return 1
+        now = time.perf_counter()
+        slot = max(self._next_slot, now + 1.0)
+        if slot - now > MAX_RETRY_AFTER_S:
+            # Booked past the horizon (an overload the process cannot take back in a minute):
+            # anywhere in its second half, at random, rather than all on its last second, where
+            # they would come back as one crowd. The calendar goes on from the horizon.
+            slot = now + MAX_RETRY_AFTER_S * (0.5 + 0.5 * random.random())
+            self._next_slot = now + MAX_RETRY_AFTER_S
+        else:
+            self._next_slot = slot + n / (RESEND_SHARE * self.capacity)
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(slot - now)))
 
-    def refusal(self) -> Response:
-        """The 503 ``overloaded`` answer, with ``Retry-After`` (see :data:`PRESSURE_S`)."""
-        return self._refusals[self._retry_after_s()]
+    def refusal(self, vip: bool = False, n: int = 1) -> Response:
+        """The 503 ``overloaded`` answer, with ``Retry-After`` (see :data:`RATE_S`)."""
+        return self._refusals[self.retry_after_s(vip, n)]
 
-    def retry_after(self) -> dict[str, str]:
-        """``Retry-After`` of a batch answer whose orders were shed for overload."""
-        return {"Retry-After": str(self._retry_after_s())}
+    def retry_after(self, n: int = 1) -> dict[str, str]:
+        """``Retry-After`` of a batch answer whose ``n`` orders were shed for overload."""
+        return {"Retry-After": str(self.retry_after_s(n=n))}
 
     def state(self) -> dict[str, float]:
         """For ``/metrics``, once a flush: 0 took every order since the last call, 1 refused
@@ -300,4 +334,5 @@ class Admission:
             "inflight": self.inflight,
             "vip_inflight": self.vip_inflight,
             "lag_s": round(self.lag, 4),
+            "capacity": round(self.capacity),
         }

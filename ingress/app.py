@@ -20,6 +20,7 @@ from ingress.lifecycle import LifecycleHandlers
 from ingress.limits import BodyLimit
 from ingress.orders import Orders
 from ingress.routes import Handlers
+from ingress.shed import ShedProtocol
 from ingress.shopify import ShopifyHandler
 from ingress.state import IngressState
 from orderq.settings import Settings
@@ -27,9 +28,9 @@ from orderq.settings import Settings
 log = structlog.get_logger("orderq.ingress")
 
 
-def build_app(settings: Settings) -> ASGIApp:
+def build_app(settings: Settings, state: IngressState | None = None) -> ASGIApp:
     # Mappings compiled once; a broken file stops start-up (ConfigError).
-    state = IngressState(settings, load_mappings(settings))
+    state = state or IngressState(settings, load_mappings(settings))
     orders = Orders(state)
     h = Handlers(state, orders)
     routes: list[BaseRoute] = [
@@ -101,11 +102,13 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    app = build_app(settings)
+    state = IngressState(settings, load_mappings(settings))
+    app = build_app(settings, state)
+    ShedProtocol.admission = state.admission  # overload refusals below the framework (ingress/shed.py)
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=ShedProtocol,
         lifespan="on",
         access_log=False,
         log_level="warning",

@@ -130,7 +130,7 @@ class ChannelHandlers:
         adm = self.s.admission
         ticket = adm.admit_tier(order.customer.tier == "vip")
         if ticket is None:
-            return adm.refusal()
+            return adm.refusal(order.customer.tier == "vip")
         try:
             queued = await self.orders.accept(order)
         finally:
@@ -171,7 +171,7 @@ class ChannelHandlers:
                     adm.count(vip)
                     items[i] = Refused(item.key, OVERLOADED)
             if room == NOBODY:
-                return adm.refusal()
+                return adm.refusal(n=len(items))
         ticket = adm.enter(vip=room == VIP_ONLY)
         try:
             return await self.orders.accept_batch(items, t0)

@@ -149,7 +149,7 @@ class Orders:
                 "shed": n_shed + n_overload,
             },
             202,
-            self.s.admission.retry_after() if n_overload else None,
+            self.s.admission.retry_after(n_overload) if n_overload else None,
         )
 
 

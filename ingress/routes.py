@@ -73,7 +73,7 @@ class Handlers:
             vip, other = tiers_of_batch(body)
             adm.count(True, vip)
             adm.count(False, other)
-            return adm.refusal()
+            return adm.refusal(n=vip + other)
         ticket = adm.enter(vip=room == VIP_ONLY)
         try:
             try:

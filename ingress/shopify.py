@@ -79,7 +79,7 @@ class ShopifyHandler:
         adm = self.s.admission
         ticket = adm.admit_tier(order.customer.tier == "vip")
         if ticket is None:
-            return adm.refusal()
+            return adm.refusal(order.customer.tier == "vip")
         key = order.key
         try:
             known, repoint = await self._claim(webhook_id, key) if webhook_id else (None, False)

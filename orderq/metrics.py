@@ -342,6 +342,11 @@ def _admission(fams: list[Metric], overload: dict[bytes, bytes], ingress_state: 
     limit = GaugeMetricFamily(
         "orderq_ingress_inflight_limit", "Per ingress process: orders it admits in flight", labels=["process"]
     )
+    capacity = GaugeMetricFamily(
+        "orderq_ingress_capacity",
+        "Per ingress process: orders/s it estimates it can take, what its Retry-After calendar books against",
+        labels=["process"],
+    )
     now = time.time()
     gone: list[bytes] = []
     for proc, raw in sorted(ingress_state.items()):
@@ -351,11 +356,13 @@ def _admission(fams: list[Metric], overload: dict[bytes, bytes], ingress_state: 
             if age <= STATE_FRESH_S:
                 state.add_metric([proc.decode()], float(doc["state"]))
                 limit.add_metric([proc.decode()], float(doc["limit"]))
+                if "capacity" in doc:
+                    capacity.add_metric([proc.decode()], float(doc["capacity"]))
         except (ValueError, TypeError, KeyError):
             age = float("inf")
         if age > 60:
             gone.append(proc)
-    fams += [state, limit]
+    fams += [state, limit, capacity]
     return gone
 
 

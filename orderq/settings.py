@@ -218,6 +218,10 @@ class Settings:
     ack_target_ms: Annotated[
         int, doc("an ingress process that cannot acknowledge within this answers the excess 503", ge=1, le=60_000)
     ] = 100
+    worker_nice: Annotated[
+        int,
+        doc("niceness of the validate, execute, dispatch and connect processes (the ingress first)", ge=0, le=19),
+    ] = 10
     read_deadline_s: Annotated[float, doc("a request body must arrive whole within this (408)", ge=0.1, le=3600)] = 10.0
     durability: Annotated[
         Literal["fast", "fsync"], doc("202 once Redis has the write (fast) or once it is on disk (fsync)")

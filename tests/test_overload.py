@@ -10,6 +10,8 @@ loop blocked by a CPU hog (loop lag)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import json
 import random
 import re
@@ -200,6 +202,84 @@ async def test_slow_redis_refuses_the_excess_at_once_vip_last_and_writes_nothing
     assert metric(text, 'orderq_overload_refused_total{tier="regular"}') == n
     assert metric(text, 'orderq_overload_refused_total{tier="vip"}') == 0
     assert re.search(r"^orderq_ingress_inflight_limit\{process=.*\} \S+$", text, re.M)
+    assert re.search(r"^orderq_ingress_capacity\{process=.*\} \d+\.0$", text, re.M)
+
+
+async def overloaded(base: str, pausable: redis.Redis) -> list[asyncio.Future[Answer]]:
+    """Fill the process's in-flight limit with orders Redis does not write (writes paused):
+    from then on it refuses every regular order. Returns the orders left waiting."""
+    assert (await send_one(base, order("W"))).status == 202
+    pausable.execute_command("CLIENT", "PAUSE", 60000, "WRITE")
+    waiting = [asyncio.ensure_future(send_one(base, order("A")))]
+    await asyncio.sleep(0.5)  # its age passes the target: the limit falls to its floor
+    waiting += [asyncio.ensure_future(send_one(base, order("A"))) for _ in range(admission.MIN_LIMIT - 1)]
+    await asyncio.sleep(0.5)
+    return waiting
+
+
+async def test_refused_orders_are_told_to_come_back_spread_over_time_not_in_a_crowd(
+    ingress: Any, pausable: redis.Redis
+) -> None:
+    """Retry-After is a calendar: each refused order gets the next free comeback slot, booked at
+    the pace the process takes orders (no order taken yet here: its floor, MIN_RATE a second),
+    so the channels refused together come back spread out instead of all at once."""
+    base = await ingress(ORDERQ_ACK_TARGET_MS=50, ORDERQ_ACK_DEADLINE_MS=60000)
+    waiting = await overloaded(base, pausable)
+    n = 3 * int(admission.MIN_RATE)
+    answers = await send_all(base, [order("S") for _ in range(n)])
+    pausable.execute_command("CLIENT", "UNPAUSE")
+    done = await asyncio.wait_for(asyncio.gather(*answers.values(), *waiting), 60)
+    after = sorted((a.at, int(a.headers["retry-after"])) for a in done[:n] if a.overloaded)
+    assert len(after) > 2 * admission.MIN_RATE, len(after)
+    told = collections.Counter(s for _, s in after)
+    # one second's worth of comebacks per second (refusals take time too: twice that at most)
+    assert max(told.values()) <= 2 * admission.MIN_RATE, told
+    assert max(told) >= len(after) / admission.MIN_RATE - 1, told  # the later ones told to wait longer
+    late = [s for _, s in after]
+    inversions = sum(1 for x, y in itertools.pairwise(late) if y < x - 1)
+    assert inversions == 0, late  # first refused, first back (answers read concurrently: off by one at most)
+
+
+async def test_a_refusal_keeps_the_connection_and_honours_connection_close(ingress: Any, pausable: redis.Redis) -> None:
+    """The overload refusal is written by the HTTP protocol itself (ingress/shed.py), below the
+    framework: it is still a complete HTTP/1.1 answer — the contract's error body, its headers,
+    the keep-alive connection serving the next request, ``Connection: close`` honoured."""
+    base = await ingress(ORDERQ_ACK_TARGET_MS=50, ORDERQ_ACK_DEADLINE_MS=60000)
+    waiting = await overloaded(base, pausable)
+    conn = await Conn.open(base)
+    try:
+        for _ in range(3):
+            a = await conn.request("POST", "/v1/orders", json.dumps(order("K")).encode())
+            assert a.overloaded and a.json()["error"]["details"] == [], (a.status, a.body)
+            assert a.headers["content-type"] == "application/json" and int(a.headers["retry-after"]) >= 1
+            assert "date" in a.headers and a.headers.get("connection") != "close"
+        assert (await conn.request("GET", "/healthz")).status == 200  # the same connection
+        body = json.dumps(order("K")).encode()
+        conn.writer.write(
+            b"POST /v1/orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (TOKEN.encode(), len(body), body)
+        )
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower()
+        await conn.reader.readexactly(int(re.search(rb"content-length: (\d+)", head.lower()).group(1)))  # type: ignore[union-attr]
+        assert await asyncio.wait_for(conn.reader.read(), 5) == b""  # closed by the server
+    finally:
+        pausable.execute_command("CLIENT", "UNPAUSE")
+        await conn.close()
+    assert all(a.status in (202, 503) for a in await asyncio.wait_for(asyncio.gather(*waiting), 60))
+
+
+async def test_workers_yield_the_cpu_to_the_ingress(stages: Any) -> None:
+    """Under CPU contention the ingress acknowledges first: the validate and execute processes
+    run at ORDERQ_WORKER_NICE (10 by default), the ingress and the breaker at the default 0."""
+    procs = {s: stages(s) for s in ("validate", "execute", "breaker")}
+    await asyncio.sleep(2.0)  # each sets its niceness as it starts
+
+    def nice(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+
+    assert {s: nice(p.proc.pid) for s, p in procs.items()} == {"validate": 10, "execute": 10, "breaker": 0}
 
 
 async def send_all(base: str, orders: list[dict[str, Any]]) -> dict[str, asyncio.Future[Answer]]:

@@ -78,25 +78,26 @@ GROW_PER_S = 0.5  # growth rate of the limit while the delay is low: back to STA
 # (its capacity: the most it took in a window of RATE_S, or one over the CPU seconds an order
 # cost in a window of at least COST_ORDERS orders and few refusals, whichever is higher; the best
 # figure fades by CAPACITY_FADE a window, so a slower machine is learnt); each refused order is
-# given the next free slot of a calendar that books RESEND_SHARE of it for comebacks, starting a
-# second from now. The capacity, not the rate taken while refusing: a flood of refusals slows
-# what the process takes while it lasts, and comebacks booked at that pace would wait long after
-# it is over. So
-# refused channels come back spread at a pace the process can take, and one refusal per order
-# is the rule, where a fixed or random Retry-After sends them back in crowds that are refused
-# again and again (measured at ten times the 618 spike: 3.2 refusals per order offered, each
-# costing a third of an acceptance). A VIP order (refused only when VIP orders alone fill the
-# limit) is not booked: it comes back after a second. Within 1 … MAX_RETRY_AFTER_S.
+# given the next free slot of a calendar booked at that pace, starting a second from now (a
+# comeback refused again because first sends took its slot is booked again; booking half the
+# pace left comebacks waiting long after the spike). The capacity, not the rate taken while
+# refusing: a flood of refusals slows what the process takes while it lasts, and comebacks booked
+# at that pace would wait long after it is over. So refused channels come back spread at a pace
+# the process can take, and one refusal per order is the rule, where a fixed or random
+# Retry-After sends them back in crowds that are refused again and again (measured at ten times
+# the 618 spike: 3.2 refusals per order offered, each costing a third of an acceptance). A VIP
+# order (refused only when VIP orders alone fill the limit) is not booked: it comes back after
+# a second. Within 1 … MAX_RETRY_AFTER_S.
 RATE_S = 0.25
 COST_ORDERS = 20  # ~80 orders/s: the timer's own cost is then a tenth of the figure at most
 CAPACITY_FADE = 0.998  # per window: the best figure halves in ~90 s unless seen again
-RESEND_SHARE = 1.0  # the whole of it: a comeback refused again (first sends took its slot) is booked again
 MIN_RATE = 200.0  # orders/s assumed at least (no window measured yet, a stalled Redis)
 MAX_RETRY_AFTER_S = 60
 
 ANYONE, VIP_ONLY, NOBODY = 0, 1, 2  # what :meth:`Admission.room` says there is room for
 MESSAGE = "this ingress process cannot acknowledge in time; retry after Retry-After seconds"
 ERROR = {"code": "overloaded", "message": MESSAGE, "details": []}  # a shed batch item's error
+BODY = responses.error_bytes("overloaded", MESSAGE)  # the 503's body
 
 
 class _PeekCustomer(msgspec.Struct):
@@ -166,13 +167,12 @@ class Admission:
         self._last = 0.0
         self._handle: asyncio.TimerHandle | None = None
         # Prebuilt answers: a refusal allocates nothing of its own.
-        body = responses.error_bytes("overloaded", MESSAGE)
         self._refusals = [
-            Response(body, 503, {"Retry-After": str(s)}, media_type="application/json")
+            Response(BODY, 503, {"Retry-After": str(s)}, media_type="application/json")
             for s in range(MAX_RETRY_AFTER_S + 1)
         ]
         self.capacity = MIN_RATE  # most orders (batch requests) taken per second in a window, fading
-        self._answered = 0  # of which answered (taken, or refused by a later check)
+        self._answered = 0  # orders (batch requests) admitted and answered since start
         self._window = (0.0, 0, 0.0, 0)  # start, answered, CPU time and refused of the rate window
         self._next_slot = 0.0  # perf_counter time of the calendar's next free comeback slot
 
@@ -257,17 +257,31 @@ class Admission:
         if vip:
             self.vip_inflight -= 1
 
-    def admit(self, body: bytes | msgspec.Raw) -> Ticket | None:
-        """One order's raw JSON: a ticket (in flight until :meth:`leave`), or None: refused
-        (counted; answer :meth:`refusal`). Its tier is peeked at only once the limit is reached."""
+    def place(self, body: bytes | msgspec.Raw) -> tuple[int, bool]:
+        """Where one order's raw JSON goes now: (:data:`ANYONE` or :data:`VIP_ONLY`, the room
+        it is taken on; VIP?) or (:data:`NOBODY`, VIP?): refused, and counted. Its tier is
+        peeked at only once the limit is reached (VIP? is False before)."""
         room = self.room()
         if room == ANYONE:
-            return self.enter()
+            return ANYONE, False
         vip = peek(body)[0]
         if vip and room == VIP_ONLY:
-            return self.enter(vip=True)
+            return VIP_ONLY, True
         self.count(vip)
-        return None
+        return NOBODY, vip
+
+    def admit(self, body: bytes | msgspec.Raw) -> Ticket | None:
+        """One order's raw JSON: a ticket (in flight until :meth:`leave`), or None: refused
+        (counted; answer :meth:`refusal`)."""
+        room, _ = self.place(body)
+        return None if room == NOBODY else self.enter(vip=room == VIP_ONLY)
+
+    def count_batch(self, body: bytes) -> int:
+        """Count every order of a refused batch body by tier; returns how many."""
+        vip, other = tiers_of_batch(body)
+        self.count(True, vip)
+        self.count(False, other)
+        return vip + other
 
     def admit_tier(self, vip: bool) -> Ticket | None:
         """Like :meth:`admit` for an order whose tier is known (the channel routes map first)."""
@@ -310,7 +324,7 @@ class Admission:
             slot = now + MAX_RETRY_AFTER_S * (0.5 + 0.5 * random.random())
             self._next_slot = now + MAX_RETRY_AFTER_S
         else:
-            self._next_slot = slot + n / (RESEND_SHARE * self.capacity)
+            self._next_slot = slot + n / self.capacity
         return min(MAX_RETRY_AFTER_S, max(1, math.ceil(slot - now)))
 
     def refusal(self, vip: bool = False, n: int = 1) -> Response:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingress import responses
-from ingress.admission import NOBODY, VIP_ONLY, peek, tiers_of_batch
+from ingress.admission import NOBODY, VIP_ONLY, peek
 from ingress.http import DECODE_ERRORS, read_body, reason, require_json, require_json_syntax
 from ingress.orders import OVERLOADED, Item, Orders, Refused
 from ingress.state import IngressState
@@ -70,10 +70,7 @@ class Handlers:
         adm = self.s.admission
         room = adm.room()
         if room == NOBODY:
-            vip, other = tiers_of_batch(body)
-            adm.count(True, vip)
-            adm.count(False, other)
-            return adm.refusal(n=vip + other)
+            return adm.refusal(n=adm.count_batch(body))
         ticket = adm.enter(vip=room == VIP_ONLY)
         try:
             try:

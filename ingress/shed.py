@@ -30,14 +30,12 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from ingress import responses
-from ingress.admission import ANYONE, MAX_RETRY_AFTER_S, MESSAGE, VIP_ONLY, Admission, peek, tiers_of_batch
+from ingress.admission import ANYONE, BODY, MAX_RETRY_AFTER_S, NOBODY, Admission
 
 SINGLE, BATCH = b"/v1/orders", b"/v1/orders/batch"
-_BODY = responses.error_bytes("overloaded", MESSAGE)
 # Everything of the answer after uvicorn's default headers (server, date), per Retry-After value.
 _TAIL = [
-    b"content-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\n" % (len(_BODY), s)
+    b"content-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\n" % (len(BODY), s)
     for s in range(MAX_RETRY_AFTER_S + 1)
 ]
 _CLOSE = b"connection: close\r\n"
@@ -92,26 +90,17 @@ class ShedProtocol(HttpToolsProtocol):
         adm = self.admission
         assert adm is not None
         body = bytes(cycle.body)
-        room = adm.room()
         if self.url == SINGLE:
-            if room == ANYONE:
+            room, vip = adm.place(body)
+            if room != NOBODY:  # taken: the handler admits it again, on the same room
                 self._release()
                 return
-            vip = peek(body)[0]
-            if vip and room == VIP_ONLY:
-                self._release()
-                return
-            adm.count(vip)
             retry_after_s = adm.retry_after_s(vip)
         else:
-            if room != VIP_ONLY and room != ANYONE:
-                vip_n, other_n = tiers_of_batch(body)
-                adm.count(True, vip_n)
-                adm.count(False, other_n)
-                retry_after_s = adm.retry_after_s(n=max(1, vip_n + other_n))
-            else:  # room for some: the handler sheds the batch's other orders itself
+            if adm.room() != NOBODY:  # room for some: the handler sheds the batch's other orders itself
                 self._release()
                 return
+            retry_after_s = adm.retry_after_s(n=adm.count_batch(body))
         self._held = None
         self._refuse(cycle, retry_after_s)
 
@@ -128,7 +117,7 @@ class ShedProtocol(HttpToolsProtocol):
         parts.append(_TAIL[retry_after_s])
         if not cycle.keep_alive:
             parts.append(_CLOSE)
-        parts += (b"\r\n", _BODY)
+        parts += (b"\r\n", BODY)
         self.transport.write(b"".join(parts))
         cycle.response_started = cycle.response_complete = True
         if not cycle.keep_alive:

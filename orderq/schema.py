@@ -2,8 +2,8 @@
 
 Orders are decoded and validated straight from the HTTP body into :class:`Order`.
 Between stages they travel as msgpack of the same ``Struct`` (created_at already
-in UTC), decoded once per stage with the module-level decoders below: the stages with
-:func:`unpack_queued`, which trusts the checks the edge made.
+in UTC), decoded once per stage with the module-level decoders below: the execute stage
+with ``unpack_queued``, which trusts the checks the edge and validation made.
 """
 
 from __future__ import annotations

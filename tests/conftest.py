@@ -174,6 +174,19 @@ async def r(flushed: EmbeddedServer, settings_for: Callable[..., Settings]) -> A
     await conn.close()
 
 
+async def dispatch_all(settings: Settings, consumer: str) -> None:
+    """Run a dispatcher with ``settings`` (its own connection) until nothing is left to deliver."""
+    from dispatch.worker import Dispatcher
+
+    conn = await oq_client.connect(settings)
+    try:
+        d = Dispatcher(conn, consumer=consumer)
+        await asyncio.wait_for(d.run(drain=True), 60)
+        await d.close()
+    finally:
+        await conn.close()
+
+
 async def drain(r: oq_client.Redis, rounds: int = 3) -> int:
     """Run a validate and an execute worker in drain mode until no work is left."""
     from execute.worker import ExecuteWorker

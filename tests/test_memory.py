@@ -19,7 +19,7 @@ from orderq.lifecycle import OrderEvent
 from orderq.schema import unpack_order
 from orderq.settings import Settings
 from orderq.wire import Field
-from tests.conftest import drain, make_order, unique
+from tests.conftest import dispatch_all, drain, make_order, unique
 from tests.test_validate_rules import accept
 
 TTL = 2
@@ -141,7 +141,6 @@ async def test_a_return_of_an_order_not_routed_gives_its_lines_back(r):
 
 
 async def test_a_dispatch_dead_letter_keeps_both_until_resolved(rt, settings_for):
-    from dispatch.worker import Dispatcher
     from orderq import deadletters
     from tests.test_dispatch import Sink
 
@@ -150,15 +149,9 @@ async def test_a_dispatch_dead_letter_keeps_both_until_resolved(rt, settings_for
     try:
         key, _ = await executed(r)
         sink.status_of[key] = 422  # refused for good: a dead letter at once
-        conn = await oq_client.connect(
-            settings_for(**TTL_ENV, ORDERQ_WEBHOOK_WMS_PICK=sink.url + "/pick", ORDERQ_DISPATCH_BACKOFF_S=0.02)
+        await dispatch_all(
+            settings_for(**TTL_ENV, ORDERQ_WEBHOOK_WMS_PICK=sink.url + "/pick", ORDERQ_DISPATCH_BACKOFF_S=0.02), "mem"
         )
-        try:
-            d = Dispatcher(conn, consumer="mem")
-            await asyncio.wait_for(d.run(drain=True), 30)
-            await d.close()
-        finally:
-            await conn.close()
         await assert_same_life(r, key, running=False)
         (letter,) = [x.id for x in (await deadletters.list_dead(r))[0] if x.order_key == key]
         await deadletters.discard(r, letter, "no warehouse")

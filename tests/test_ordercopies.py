@@ -4,19 +4,17 @@ whichever way that entry leaves (delivered, dead-lettered then resolved, replaye
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from dispatch.worker import Dispatcher
 from orderq import audit, client, deadletters, keys, ordercopies
 from orderq.client import Redis
 from orderq.control import Control
 from orderq.schema import unpack_order
-from tests.conftest import drain, make_order
+from tests.conftest import dispatch_all, drain, make_order
 from tests.test_dispatch import PATHS, VARIABLE, Sink
 from tests.test_recovery import push
 
@@ -104,16 +102,10 @@ async def sink() -> AsyncIterator[Sink]:
     await s.stop()
 
 
-async def dispatch_all(settings_for: Callable[..., Any], sink: Sink, consumer: str) -> None:
-    conn = await client.connect(
-        settings_for(**{VARIABLE[a]: sink.url + path for a, path in PATHS.items()}, ORDERQ_DISPATCH_BACKOFF_S=0.02)
-    )
-    try:
-        d = Dispatcher(conn, consumer=consumer)
-        await asyncio.wait_for(d.run(drain=True), 60)
-        await d.close()
-    finally:
-        await conn.close()
+async def dispatch_to(settings_for: Callable[..., Any], sink: Sink, consumer: str) -> None:
+    """Deliver everything to ``sink``, every action's webhook pointing at it."""
+    env = {VARIABLE[a]: sink.url + path for a, path in PATHS.items()}
+    await dispatch_all(settings_for(**env, ORDERQ_DISPATCH_BACKOFF_S=0.02), consumer)
 
 
 async def test_after_a_full_drain_with_a_dispatcher_every_copy_is_gone(
@@ -123,7 +115,7 @@ async def test_after_a_full_drain_with_a_dispatcher_every_copy_is_gone(
     await drain(r)
     assert len(await copies(r)) == 30
     owed = sum((await referencing(r)).values())
-    await dispatch_all(settings_for, sink, "c1")
+    await dispatch_to(settings_for, sink, "c1")
     assert await copies(r) == {} and await referencing(r) == Counter()
     bodies = [q["body"] for q in sink.requests]
     assert len(bodies) == owed
@@ -138,7 +130,7 @@ async def test_dead_letters_keep_the_copy_until_resolved(
     await drain(r)
     ka, kb = "tmall:TDL0", "tmall:TDL1"
     sink.status_of[ka] = sink.status_of[kb] = 422  # refused for good: dead letters at once
-    await dispatch_all(settings_for, sink, "c1")
+    await dispatch_to(settings_for, sink, "c1")
     refs = await referencing(r)
     have = await copies(r)
     assert refs[ka] >= 2 and have[ka][1] == refs[ka] and have[kb][1] == refs[kb]
@@ -153,7 +145,7 @@ async def test_dead_letters_keep_the_copy_until_resolved(
         if d.order_key == ka:
             await deadletters.replay(r, d.id)
     assert (await copies(r))[ka][1] == refs[ka]  # handed on to the entries put back
-    await dispatch_all(settings_for, sink, "c2")
+    await dispatch_to(settings_for, sink, "c2")
     assert await copies(r) == {}
     assert all(q["body"]["order"]["order_id"] == "TDL0" for q in sink.requests if q["status"] == 200)
     assert (await ordercopies.check(r))["keys"] == []

@@ -377,6 +377,20 @@ async def test_a_cpu_hog_in_the_event_loop_makes_the_controller_refuse_regular_o
         metrics.OVERLOAD_REFUSED.counts = {}  # counted in this test process: not for another test
 
 
+def test_comebacks_are_booked_in_order_and_spread_past_the_horizon() -> None:
+    """The calendar alone (no process): at its floor pace, refused orders are told later and
+    later seconds in booking order; those past the 60-s horizon are spread over its second half
+    instead of all being told its last second (one crowd); a refused VIP order comes back at once."""
+    adm = admission.Admission(target_ms=50)
+    horizon = admission.MAX_RETRY_AFTER_S
+    told = [adm.retry_after_s() for _ in range(int(admission.MIN_RATE * horizon * 2))]
+    within = told[: int(admission.MIN_RATE * (horizon - 5))]
+    assert within == sorted(within) and within[0] <= 2 and within[-1] >= horizon - 6
+    past = told[-2000:]
+    assert all(horizon / 2 <= s <= horizon for s in past) and len(set(past)) > horizon / 4, set(past)
+    assert adm.retry_after_s(vip=True) == 1
+
+
 @pytest.mark.long  # a 17 s bench run: make reliability (make test's 10-minute budget)
 async def test_bench_open_loop_resends_refused_orders_after_retry_after_until_all_are_taken(
     ingress: Any, r: oq_client.Redis, pausable: redis.Redis

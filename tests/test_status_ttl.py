@@ -21,7 +21,7 @@ from orderq import keys
 from orderq.control import Control
 from orderq.settings import Settings
 from orderq.wire import TERMINAL_STATUSES, WAITING_STATUSES
-from tests.conftest import ADMIN, auth, drain, make_order, unique
+from tests.conftest import ADMIN, auth, dispatch_all, drain, make_order, unique
 from tests.test_review_holds import JIANGSU, ZHEJIANG, get, half_price, post, reserved, set_stock, to
 from tests.test_validate_rules import RULES_ON, accept, line, order, status
 from validate.worker import ValidateWorker
@@ -260,7 +260,6 @@ async def test_executed_order_keeps_its_record_while_a_dispatch_dead_letter_is_u
     for good. Their records stay past the TTL — the plain one's had started at ``executed``, the
     other's deferred sync is replayed meanwhile — and the TTL starts again only once the last
     dead letter of the order is resolved (a replay, a discard)."""
-    from dispatch.worker import Dispatcher
     from orderq import deadletters
     from tests.test_dispatch import Sink
 
@@ -274,20 +273,15 @@ async def test_executed_order_keeps_its_record_while_a_dispatch_dead_letter_is_u
         await drain(r)
         assert 0 < await ttl_of(r, plain) <= TTL and await ttl_of(r, owed) == -1
         sink.status_of[plain] = sink.status_of[owed] = 422  # refused for good: a dead letter at once
-        conn = await oq_client.connect(
+        await dispatch_all(
             settings_for(
                 **TTL_ENV,
                 ORDERQ_WEBHOOK_WMS_PICK=sink.url + "/pick",
                 ORDERQ_WEBHOOK_NOTIFY_SMS=sink.url + "/sms",
                 ORDERQ_DISPATCH_BACKOFF_S=0.02,
-            )
+            ),
+            "dd",
         )
-        try:
-            d = Dispatcher(conn, consumer="dd")
-            await asyncio.wait_for(d.run(drain=True), 30)
-            await d.close()
-        finally:
-            await conn.close()
         letters = {(d.order_key, d.action): d.id for d in (await deadletters.list_dead(r))[0]}
         assert len(letters) == 4
         assert await ttl_of(r, plain) == -1  # its TTL had started: a dead letter took it away

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test typecheck lint fmt bench clean browser prometheus reliability
+.PHONY: run test typecheck lint fmt bench clean browser prometheus jemalloc reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,load]'
 	touch $@ $(VENV)/.installed
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed jemalloc
 	$(BIN)/orderq up
+
+# The embedded Valkey and the stages run on jemalloc when the system has it (ORDERQ_MALLOC,
+# README "Environment"): Debian's libjemalloc2, installed when we may; without it, glibc's malloc.
+jemalloc:
+	@ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2 >/dev/null; } || echo "make: libjemalloc2 not installed; orderq runs on glibc's malloc"
 
 # The dashboard's browser test drives Debian's chromium (never `playwright install`).
 browser:
@@ -29,7 +34,7 @@ browser:
 prometheus:
 	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || echo "make: prometheus not installed; tests/test_prometheus_rules.py will skip"
 
-test: $(VENV)/.installed-test browser prometheus
+test: $(VENV)/.installed-test browser prometheus jemalloc
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@# The type check (one core, ~1 min on a fresh clone) runs beside the tests, which keep about

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from orderq.server import jemalloc_env
+
 QUEUE = "orderq-peer-bench"  # list / stream name, deleted before and after a run
 URL_ENV, BROKER_ENV = "ORDERQ_PEER_REDIS_URL", "ORDERQ_PEER_BROKER"
 
@@ -58,7 +60,7 @@ async def _remaining(r: Any, kind: str) -> int:
     return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups) if groups else 0
 
 
-async def run(url: str, kind: str, jobs: int, timeout: float = 300.0) -> dict[str, Any]:
+async def run(url: str, kind: str, jobs: int, timeout: float = 300.0, malloc: str = "jemalloc") -> dict[str, Any]:
     import redis.asyncio as aioredis
 
     r = aioredis.from_url(url)
@@ -70,7 +72,8 @@ async def run(url: str, kind: str, jobs: int, timeout: float = 300.0) -> dict[st
         for start in range(0, jobs, 500):
             await asyncio.gather(*(task.kiq() for _ in range(min(500, jobs - start))))
         queued = await _remaining(r, kind)
-        env = {**os.environ, URL_ENV: url, BROKER_ENV: kind}
+        # the worker on the allocator orderq's own stages run on (ORDERQ_MALLOC): the same footing
+        env = {**jemalloc_env(malloc, os.environ), URL_ENV: url, BROKER_ENV: kind}
         cmd = [sys.executable, "-m", "taskiq", "worker", "loadtest.peers:broker", "--workers", "1"]
         cmd += ["--log-level", "WARNING"]
         worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -102,9 +105,9 @@ async def run(url: str, kind: str, jobs: int, timeout: float = 300.0) -> dict[st
         await r.aclose()
 
 
-async def best(url: str, jobs: int) -> dict[str, Any]:
+async def best(url: str, jobs: int, malloc: str = "jemalloc") -> dict[str, Any]:
     """Both brokers, one after the other; the faster is the bar."""
-    runs = [await run(url, kind, jobs) for kind in ("list", "stream")]
+    runs = [await run(url, kind, jobs, malloc=malloc) for kind in ("list", "stream")]
     return {"runs": runs, "best_jobs_per_s": max(x["jobs_per_s"] for x in runs)}
 
 

@@ -9,12 +9,14 @@ written to ``ORDERQ_DATA_DIR/redis.url`` so every other command finds it.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -75,11 +77,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(conf: Path) -> subprocess.Popen[bytes]:
+JEMALLOC = "libjemalloc.so.2"
+
+
+def jemalloc_env(malloc: str, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a process orderq starts, with jemalloc preloaded when ``malloc`` (the
+    ``ORDERQ_MALLOC`` setting) is ``jemalloc`` and the system has it. The embedded server's
+    binary is built on the C library's allocator, whose chunk bookkeeping costs Valkey a fifth
+    of its time per order here; upstream builds Valkey on jemalloc. The stages' larger buffers
+    (payloads, replies) gain too (BENCHMARKS.md, "Session 7"). A preload already set is kept."""
+    out = dict(env)
+    if malloc != "jemalloc" or JEMALLOC in out.get("LD_PRELOAD", "") or ctypes.util.find_library("jemalloc") is None:
+        return out
+    out["LD_PRELOAD"] = " ".join(p for p in (JEMALLOC, out.get("LD_PRELOAD", "")) if p)
+    return out
+
+
+def spawn(conf: Path, wrap: Sequence[str] = (), malloc: str = "jemalloc") -> subprocess.Popen[bytes]:
     """A valkey-server on ``conf``: its own session (a terminal's Ctrl-C reaches orderq, which
-    stops its servers itself, last) and killed with the orderq process that started it."""
+    stops its servers itself, last) and killed with the orderq process that started it.
+    ``wrap``: a command that runs the server (the bench's instruction count: valgrind);
+    ``malloc``: its allocator (:func:`jemalloc_env`)."""
     return subprocess.Popen(
-        [find_binary(), str(conf)],
+        [*wrap, find_binary(), str(conf)],
+        env=jemalloc_env(malloc, os.environ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -92,13 +113,22 @@ class EmbeddedServer:
     """A private Valkey under ``data_dir``; ``start()`` / ``stop()`` / ``kill()``."""
 
     def __init__(
-        self, data_dir: Path, *, port: int | None = None, unix: bool = True, extra: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        unix: bool = True,
+        extra: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
+        malloc: str = "jemalloc",
     ):
         self.data_dir = Path(data_dir).resolve()
         self.dir = self.data_dir / "valkey"
         self.port = port
         self.unix = unix
         self.extra = extra or {}
+        self.wrap = tuple(wrap)
+        self.malloc = malloc
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -149,7 +179,7 @@ class EmbeddedServer:
         sock = self.dir / "valkey.sock"
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        self.proc = spawn(conf)
+        self.proc = spawn(conf, self.wrap, self.malloc)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:

@@ -198,6 +198,10 @@ class Settings:
     validate_processes: Annotated[int, doc("validate processes under orderq up", ge=1, le=256)] = 1
     execute_processes: Annotated[int, doc("execute processes under orderq up", ge=1, le=256)] = 1
     partitions: Annotated[int, doc("stream partitions (order key hash -> partition)", ge=1, le=1024)] = 4
+    malloc: Annotated[
+        Literal["jemalloc", "libc"],
+        doc("allocator of the embedded server and the stage processes: jemalloc when the system has it"),
+    ] = "jemalloc"
     # Channels and access
     channels: Annotated[Channels, doc("channel names: the contract's eight and any added")] = DEFAULT_CHANNELS
     channel_tokens: Annotated[

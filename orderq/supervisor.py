@@ -16,7 +16,7 @@ from typing import IO
 
 import structlog
 
-from orderq.server import EmbeddedServer, die_with_parent
+from orderq.server import EmbeddedServer, die_with_parent, jemalloc_env
 from orderq.settings import Settings
 from orderq.tokens import ensure_tokens
 
@@ -40,8 +40,10 @@ class Child:
 class Supervisor:
     def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
         self.settings = settings
-        self.env = dict(os.environ if env is None else env)
+        # every process it starts runs on the allocator ORDERQ_MALLOC names (orderq/server.py)
+        self.env = jemalloc_env(settings.malloc, os.environ if env is None else env)
         self.server: EmbeddedServer | None = None
+        self.server_wrap: tuple[str, ...] = ()  # what runs the embedded server (EmbeddedServer.wrap)
         self.children: list[Child] = []
         self.stopping = False
 
@@ -60,7 +62,7 @@ class Supervisor:
     def start_server(self) -> None:
         if self.settings.redis_url:
             return
-        self.server = EmbeddedServer(self.settings.data_dir)
+        self.server = EmbeddedServer(self.settings.data_dir, wrap=self.server_wrap, malloc=self.settings.malloc)
         if self.server.adopt():
             log.warning("server.adopted", url=self.server.url, message="reusing the server this data dir already runs")
         else:

@@ -240,3 +240,29 @@ async def test_cancel_checks_find_stock_off_by_one_unit_and_actions_after_a_canc
     assert cancels._acted_after({b"s": b"cancelled", te: b"9"}, "pending") != ""
     assert cancels._acted_after({b"s": b"cancelled", te: b"4", ca: b"5", b"x:wms.pick": b"done"}, "intercepted") == ""
     assert cancels._acted_after({b"s": b"cancelled", te: b"6", ca: b"5"}, "intercepted") != ""
+
+
+@pytest.mark.long  # valgrind runs the server some 50 times slower: make reliability
+def test_bench_counts_valkey_instructions_per_drained_order(tmp_path: Path) -> None:
+    """``--valkey-instructions``: the private server runs under callgrind, counting only the
+    drain; the figure is per executed order (a script call per batch costs tens of thousands of
+    instructions, an order's share of the drain hundreds of thousands)."""
+    proc, rep = _run_bench(tmp_path, "--phases", "burst", "--burst-orders", "200", "--valkey-instructions")
+    burst = rep["phases"]["burst"]
+    assert burst["executed"] == 200
+    assert 20_000 < burst["valkey_instructions_per_order"] < 20_000_000
+    assert "Valkey instructions per executed order" in proc.stdout
+    assert list((tmp_path / "nothing-runs-here").glob("valkey*")) == []  # (a private instance's dir)
+
+
+def test_bench_counts_instructions_only_of_its_own_server() -> None:
+    import argparse
+
+    from loadtest.bench import arguments
+    from orderq.errors import ConfigError
+    from orderq.settings import Settings
+
+    ap = argparse.ArgumentParser()
+    arguments.add_arguments(ap)
+    with pytest.raises(ConfigError, match="--valkey-instructions"):
+        arguments.check(ap.parse_args(["--valkey-instructions", "--url", "http://127.0.0.1:1"]), Settings())

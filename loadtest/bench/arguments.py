@@ -75,6 +75,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--url", help="ingress of a running instance, e.g. http://127.0.0.1:8080")
     ap.add_argument("--start", action="store_true", help="always start a private instance")
     ap.add_argument("--keep", action="store_true", help="keep the private instance's data dir")
+    ap.add_argument(
+        "--valkey-instructions",
+        action="store_true",
+        help="burst: count the instructions the server executes per drained order (callgrind; a private "
+        "instance, about 50 times slower: a burst of a few thousand orders; see BENCHMARKS.md)",
+    )
 
 
 def selected(args: argparse.Namespace) -> list[str]:
@@ -96,6 +102,8 @@ def check(args: argparse.Namespace, settings: Settings) -> None:
     """Refuse options that cannot work together or with this instance's settings."""
     if args.start and args.url:
         raise ConfigError("--url", "cannot be combined with --start")
+    if args.valkey_instructions and args.url:
+        raise ConfigError("--valkey-instructions", "counts a private instance's server: cannot be combined with --url")
     positive = ("duration", "connections", "batch_size", "batch_connections", "rate", "spike_orders")
     for name in (*positive, "open_connections"):
         if getattr(args, name) <= 0:

@@ -71,7 +71,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         logs.configure(settings.log_format, "warning")
     own: OwnInstance | None = None
     if target is None:
-        own = OwnInstance(settings, keep=args.keep)
+        own = OwnInstance(settings, keep=args.keep, instructions=args.valkey_instructions)
         say(f"no running instance: starting a private one in {own.data_dir}")
         try:
             target = own.start(breaker=not ({"single", "batch", "burst"} & set(phases)))

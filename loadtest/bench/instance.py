@@ -25,6 +25,7 @@ import httpx
 import msgspec
 import redis
 
+from loadtest.bench.instructions import InstructionCount
 from orderq import client as oq_client
 from orderq import keys
 from orderq.errors import ConfigError, OrderqError
@@ -70,7 +71,7 @@ def healthy(base_url: str) -> bool:
 
 def find_running(settings: Settings, args: argparse.Namespace) -> Target | None:
     """The running instance to measure, or None when one must be started."""
-    if args.start:
+    if args.start or args.valkey_instructions:
         return None
     try:
         url = oq_client.resolve_url(settings)
@@ -115,11 +116,15 @@ class OwnInstance:
     """A private instance in a temporary data dir. Unlike ``orderq up`` a stage that dies is
     not restarted: the run stops with its log, since its figures would not be the pipeline's."""
 
-    def __init__(self, settings: Settings, keep: bool = False) -> None:
+    def __init__(self, settings: Settings, keep: bool = False, instructions: bool = False) -> None:
         self.keep = keep
         self.data_dir = Path(tempfile.mkdtemp(prefix="orderq-bench-"))
         self.settings = dataclasses.replace(settings, redis_url=None, redis_cluster=False, data_dir=self.data_dir)
         self.supervisor = Supervisor(self.settings)
+        # --valkey-instructions: the server runs under callgrind (loadtest/bench/instructions.py)
+        self.instructions = InstructionCount(self.data_dir) if instructions else None
+        if self.instructions is not None:
+            self.supervisor.server_wrap = self.instructions.wrap()
         self.logs: list[IO[bytes]] = []
 
     @property

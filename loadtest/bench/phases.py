@@ -307,6 +307,11 @@ class Bench:
         drain = Sampler(self.r, period_s=DRAIN_SAMPLE_S).start()
         executed0 = await self.executed()
         label = f"burst: {queued} orders queued; workers resumed, draining"
+        count = self.own.instructions if self.own is not None else None
+        if count is not None:
+            assert self.own is not None and self.own.supervisor.server is not None
+            assert self.own.supervisor.server.proc is not None
+            await asyncio.to_thread(count.start, self.own.supervisor.server.proc.pid)
         with step(label, total=max(queued, 0), unit="orders drained") as progress:
             t0 = time.perf_counter()
             await self.pause(False)
@@ -314,6 +319,7 @@ class Bench:
                 t0, a.drain_timeout, lambda backlog: progress.update(max(0, backlog1 - backlog))
             )
         executed1 = await self.executed()
+        instructions = await asyncio.to_thread(count.stop) if count is not None else None
         await drain.stop()
         drain_s = None if t_zero is None else t_zero - t0
         if t_zero is None:
@@ -329,6 +335,8 @@ class Bench:
             "stages_visited": list(dict.fromkeys(watch.stages() + drain.stages())),
             "stages_while_paused": watch.stages(),
         }
+        if instructions is not None and executed1 > executed0:
+            ph["burst"]["valkey_instructions_per_order"] = instructions // (executed1 - executed0)
         ph["burst"]["settle"] = await self.settle("burst")
         # What the drained burst still holds: every order is executed, nothing is queued; an
         # executed order keeps its status record (until its TTL) and its outbox entries (until
@@ -407,7 +415,7 @@ class Bench:
             ph["peers"] = {"skipped": "Redis Cluster" if self.t.settings.redis_cluster else missing}
             return
         with step(f"peers: taskiq drains {self.args.peer_jobs:,} no-op jobs (list and stream brokers)", unit=""):
-            out = await peers.best(self.r.url, self.args.peer_jobs)
+            out = await peers.best(self.r.url, self.args.peer_jobs, malloc=self.t.settings.malloc)
         cap = (ph.get("burst") or {}).get("executed_per_s")
         out["ratio_burst_executed"] = round(cap / out["best_jobs_per_s"], 2) if cap and out["best_jobs_per_s"] else None
         ph["peers"] = out

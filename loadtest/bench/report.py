@@ -159,6 +159,9 @@ def render(report: dict[str, Any]) -> str:
                 f"{'':<26} after the drain: {m['per_order_bytes']} B Redis memory/order "
                 f"({m['outbox_per_order_bytes']} B of it in outbox streams)"
             )
+        if b.get("valkey_instructions_per_order"):
+            n = b["valkey_instructions_per_order"]
+            lines.append(f"{'':<26} Valkey instructions per executed order (callgrind): {n:,}")
     for name in ("e2e", "spike"):
         if name not in ph:
             continue

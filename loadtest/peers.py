@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from orderq.server import jemalloc_env
+from orderq.settings import Malloc, Settings
 
 QUEUE = "orderq-peer-bench"  # list / stream name, deleted before and after a run
 URL_ENV, BROKER_ENV = "ORDERQ_PEER_REDIS_URL", "ORDERQ_PEER_BROKER"
@@ -60,7 +61,7 @@ async def _remaining(r: Any, kind: str) -> int:
     return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups) if groups else 0
 
 
-async def run(url: str, kind: str, jobs: int, timeout: float = 300.0, malloc: str = "jemalloc") -> dict[str, Any]:
+async def run(url: str, kind: str, jobs: int, malloc: Malloc, timeout: float = 300.0) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
     r = aioredis.from_url(url)
@@ -105,7 +106,7 @@ async def run(url: str, kind: str, jobs: int, timeout: float = 300.0, malloc: st
         await r.aclose()
 
 
-async def best(url: str, jobs: int, malloc: str = "jemalloc") -> dict[str, Any]:
+async def best(url: str, jobs: int, malloc: Malloc) -> dict[str, Any]:
     """Both brokers, one after the other; the faster is the bar."""
     runs = [await run(url, kind, jobs, malloc=malloc) for kind in ("list", "stream")]
     return {"runs": runs, "best_jobs_per_s": max(x["jobs_per_s"] for x in runs)}
@@ -127,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     if not available():
         sys.exit("taskiq is not installed: pip install -e '.[peers]'")
-    print(json.dumps(asyncio.run(best(args.url, args.jobs))))
+    print(json.dumps(asyncio.run(best(args.url, args.jobs, Settings.from_env().malloc))))
 
 
 if __name__ == "__main__":

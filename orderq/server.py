@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import redis
 
 from orderq.client import URL_FILE
 from orderq.errors import OrderqError
+from orderq.settings import Malloc
 
 START_TIMEOUT_S = 15.0  # AOF replay of a large backlog can take a few seconds
 STOP_TIMEOUT_S = 30.0  # SHUTDOWN fsyncs the AOF first
@@ -80,20 +82,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 JEMALLOC = "libjemalloc.so.2"
 
 
-def jemalloc_env(malloc: str, env: Mapping[str, str]) -> dict[str, str]:
+@functools.cache
+def has_jemalloc() -> bool:
+    """The system has jemalloc (asked once: ``find_library`` runs ``ldconfig -p``)."""
+    return ctypes.util.find_library("jemalloc") is not None
+
+
+def jemalloc_env(malloc: Malloc, env: Mapping[str, str]) -> dict[str, str]:
     """``env`` for a process orderq starts, with jemalloc preloaded when ``malloc`` (the
     ``ORDERQ_MALLOC`` setting) is ``jemalloc`` and the system has it. The embedded server's
     binary is built on the C library's allocator, whose chunk bookkeeping costs Valkey a fifth
     of its time per order here; upstream builds Valkey on jemalloc. The stages' larger buffers
     (payloads, replies) gain too (BENCHMARKS.md, "Session 7"). A preload already set is kept."""
     out = dict(env)
-    if malloc != "jemalloc" or JEMALLOC in out.get("LD_PRELOAD", "") or ctypes.util.find_library("jemalloc") is None:
+    if malloc != "jemalloc" or JEMALLOC in out.get("LD_PRELOAD", "") or not has_jemalloc():
         return out
     out["LD_PRELOAD"] = " ".join(p for p in (JEMALLOC, out.get("LD_PRELOAD", "")) if p)
     return out
 
 
-def spawn(conf: Path, wrap: Sequence[str] = (), malloc: str = "jemalloc") -> subprocess.Popen[bytes]:
+def spawn(conf: Path, wrap: Sequence[str] = (), malloc: Malloc = "jemalloc") -> subprocess.Popen[bytes]:
     """A valkey-server on ``conf``: its own session (a terminal's Ctrl-C reaches orderq, which
     stops its servers itself, last) and killed with the orderq process that started it.
     ``wrap``: a command that runs the server (the bench's instruction count: valgrind);
@@ -120,7 +128,7 @@ class EmbeddedServer:
         unix: bool = True,
         extra: dict[str, str] | None = None,
         wrap: Sequence[str] = (),
-        malloc: str = "jemalloc",
+        malloc: Malloc = "jemalloc",
     ):
         self.data_dir = Path(data_dir).resolve()
         self.dir = self.data_dir / "valkey"

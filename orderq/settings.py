@@ -181,6 +181,9 @@ def doc(meaning: str, **bounds: Any) -> Meta:
     return Meta(description=meaning, **bounds)
 
 
+Malloc = Literal["jemalloc", "libc"]  # ORDERQ_MALLOC (orderq/server.py jemalloc_env)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every ``ORDERQ_*`` setting, typed. Defaults are the contract's (§2)."""
@@ -199,7 +202,7 @@ class Settings:
     execute_processes: Annotated[int, doc("execute processes under orderq up", ge=1, le=256)] = 1
     partitions: Annotated[int, doc("stream partitions (order key hash -> partition)", ge=1, le=1024)] = 4
     malloc: Annotated[
-        Literal["jemalloc", "libc"],
+        Malloc,
         doc("allocator of the embedded server and the stage processes: jemalloc when the system has it"),
     ] = "jemalloc"
     # Channels and access

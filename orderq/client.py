@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast, overload
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
@@ -86,14 +87,56 @@ def resolve_url(settings: Settings) -> str:
     return url
 
 
+class _PackInC:
+    """Commands packed by hiredis in C. redis-py first passes every argument through its
+    Python encoder, one call each: a batch's script call has two keys and two values per order
+    (an 800-argument ``EVALSHA`` for 200 orders: 1.2 ms of Python per call here, 0.19 ms in
+    C). What hiredis does not take (a bool, a bytearray, None: its TypeError) and a first
+    argument of several words (``"CONFIG SET"``) go redis-py's way, its conversions and
+    errors unchanged."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if (isinstance(first, str) and " " not in first) or (isinstance(first, bytes) and b" " not in first):
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        return super().pack_command(*args)  # type: ignore[misc,no-any-return]
+
+
+class _Connection(_PackInC, aioredis.Connection):
+    pass
+
+
+class _UnixConnection(_PackInC, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+class _SSLConnection(_PackInC, aioredis.SSLConnection):
+    pass
+
+
+_PACKED_IN_C: dict[type, type] = {
+    aioredis.Connection: _Connection,
+    aioredis.UnixDomainSocketConnection: _UnixConnection,
+    aioredis.SSLConnection: _SSLConnection,
+}
+
+
 def make_client(url: str, cluster: bool = False, **kw: object) -> Client:
     """A ``redis.asyncio`` client (or ``RedisCluster``) for ``url``. Replies stay bytes
-    (``decode_responses=False``): the types :class:`~orderq.commands.Client` declares."""
+    (``decode_responses=False``): the types :class:`~orderq.commands.Client` declares. A
+    single server's connections pack commands in C (:class:`_PackInC`); the cluster client
+    fixes its own connection class."""
     opts: dict[str, object] = {"decode_responses": False, "health_check_interval": 0}
     opts.update(kw)
     if cluster:
         return cast(Client, RedisCluster.from_url(url, **opts))
-    return cast(Client, aioredis.from_url(url, **opts))
+    client = aioredis.from_url(url, **opts)
+    pool = client.connection_pool
+    pool.connection_class = _PACKED_IN_C.get(pool.connection_class, pool.connection_class)
+    return cast(Client, client)
 
 
 @dataclass

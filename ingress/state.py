@@ -64,6 +64,7 @@ class IngressState:
         """Starlette's lifespan: the clients are open while the app serves."""
         async with runner.attached(self.settings, "ingress") as (self.redis, self.control):
             await self.start()
+            runner.out_of_collectors_way()
             try:
                 yield
             finally:

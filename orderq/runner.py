@@ -49,6 +49,11 @@ NICE_STAGES = frozenset({"validate", "execute", "dispatch", "connect"})  # run a
 STOP_REPORT_S = 10.0  # a stage still running this long after SIGTERM logs where it waits
 EXIT_GRACE_S = 5.0  # a stage that has stopped and still has not exited after this is made to
 
+# Young collections every this many container allocations (CPython's default: 700). A request or
+# a batch allocates thousands that reference counting frees again; a young pass only walks what
+# is still alive, so rarer passes cost less in all (measured in the ingress under single orders:
+# the collector 3.7 % of its samples at the default).
+GC_YOUNG = 10_000
 T = TypeVar("T")
 
 
@@ -150,9 +155,7 @@ async def serve(settings: Settings, stage_cls: type[Stage]) -> None:
             loop.add_signal_handler(sig, stop)
         loop.add_signal_handler(signal.SIGHUP, stage.reload)
         log.info(f"{name}.started", worker=stage.consumer, **stage.started_fields())
-        # What start-up built lives as long as the process: out of the collector's way, so its
-        # passes scan only what batches allocate (measured: GC 4-7 -> 1.5-2.5 us per order).
-        gc.freeze()
+        out_of_collectors_way()
         clean = False
         try:
             await stage.run()
@@ -161,6 +164,14 @@ async def serve(settings: Settings, stage_cls: type[Stage]) -> None:
             log.info(f"{name}.stopped", worker=stage.consumer, **stage.stopped_fields())
             exit_watchdog(name, 0 if clean else 1)
             await stage.close()
+
+
+def out_of_collectors_way() -> None:
+    """Once a process has started: what start-up built lives as long as the process, frozen out
+    of the collector's way, so its passes scan only what batches and requests allocate (measured:
+    GC 4-7 -> 1.5-2.5 us per order); and young passes every :data:`GC_YOUNG` allocations."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 def exit_watchdog(stage: str, code: int = 0) -> None:

@@ -52,6 +52,8 @@ SCRIPT_NAMES = (
     "deadletter",
     # orderq audit and the client-side oracle: status records read per SCAN step
     "audit",
+    # the backlog of a partition, sampled by the breaker and /v1/stats (orderq/stats.py)
+    "backlog",
     # cancellation: the partition's decision, and the ledger release of what a cancelled order held
     "cancel",
     "unreserve",

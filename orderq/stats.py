@@ -56,9 +56,7 @@ _decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
 
 async def backlog(r: Redis) -> tuple[int, Depth]:
     """Backlog and depth per stage in one pipelined round trip."""
-    pipe = r.client.pipeline(transaction=False)
-    _ask_backlog(pipe, r)
-    return _backlog_of(await pipe.execute(), r)
+    return _backlog_of(await r.run(lambda pipe: _ask_backlog(pipe, r)), r)
 
 
 async def totals(r: Redis) -> dict[str, int]:
@@ -70,33 +68,28 @@ async def totals(r: Redis) -> dict[str, int]:
 async def snapshot(r: Redis) -> tuple[int, Depth, dict[str, int]]:
     """Backlog, depth and totals read in one round trip: read in two, a batch executed between
     them showed up in the totals and still in the backlog (or, the other way round, in neither)."""
-    pipe = r.client.pipeline(transaction=False)
-    _ask_backlog(pipe, r)
-    _ask_totals(pipe, r)
-    res = await pipe.execute()
-    n = len(r.partitions) * BACKLOG_READS
+
+    def build(pipe: Any) -> None:
+        _ask_backlog(pipe, r)
+        _ask_totals(pipe, r)
+
+    res = await r.run(build)
+    n = len(r.partitions)
     total, depth = _backlog_of(res[:n], r)
     return total, depth, _totals_of(res[n:])
 
 
-BACKLOG_READS = 7  # per partition, in _ask_backlog's order
-
-
 def _ask_backlog(pipe: Any, r: Redis) -> None:
+    """One ``backlog.lua`` call per partition (its seven lengths): one command each, where seven
+    cost the breaker's and the bench's samplers seven commands' worth of Python."""
     for p in r.partitions:
-        pipe.xlen(p.intake)
-        for lane in p.lanes:
-            pipe.xlen(lane)
-        pipe.zcard(p.review)
-        pipe.xlen(p.deferred)
-        pipe.zcard(p.held)
+        r.script(pipe, "backlog", [p.intake, *p.lanes, p.review, p.deferred, p.held], [])
 
 
 def _backlog_of(res: list[Any], r: Redis) -> tuple[int, Depth]:
     depth = Depth(intake=0, ready={"vip": 0, "new": 0, "regular": 0}, review=0, deferred=0, held=0)
-    step = BACKLOG_READS
-    for i in range(len(r.partitions)):
-        intake, vip, new, regular, review, deferred, held = res[i * step : (i + 1) * step]
+    for lengths in res[: len(r.partitions)]:
+        intake, vip, new, regular, review, deferred, held = lengths
         depth["intake"] += intake
         depth["ready"]["vip"] += vip
         depth["ready"]["new"] += new

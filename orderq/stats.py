@@ -56,7 +56,7 @@ _decode_heartbeat = msgspec.json.Decoder(Heartbeat).decode
 
 async def backlog(r: Redis) -> tuple[int, Depth]:
     """Backlog and depth per stage in one pipelined round trip."""
-    return _backlog_of(await r.run(lambda pipe: _ask_backlog(pipe, r)), r)
+    return _backlog_of(await r.run(lambda pipe: _ask_backlog(pipe, r)))
 
 
 async def totals(r: Redis) -> dict[str, int]:
@@ -75,7 +75,7 @@ async def snapshot(r: Redis) -> tuple[int, Depth, dict[str, int]]:
 
     res = await r.run(build)
     n = len(r.partitions)
-    total, depth = _backlog_of(res[:n], r)
+    total, depth = _backlog_of(res[:n])
     return total, depth, _totals_of(res[n:])
 
 
@@ -86,9 +86,10 @@ def _ask_backlog(pipe: Any, r: Redis) -> None:
         r.script(pipe, "backlog", [p.intake, *p.lanes, p.review, p.deferred, p.held], [])
 
 
-def _backlog_of(res: list[Any], r: Redis) -> tuple[int, Depth]:
+def _backlog_of(res: list[Any]) -> tuple[int, Depth]:
+    """From ``backlog.lua``'s replies, one per partition."""
     depth = Depth(intake=0, ready={"vip": 0, "new": 0, "regular": 0}, review=0, deferred=0, held=0)
-    for lengths in res[: len(r.partitions)]:
+    for lengths in res:
         intake, vip, new, regular, review, deferred, held = lengths
         depth["intake"] += intake
         depth["ready"]["vip"] += vip

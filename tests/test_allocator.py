@@ -4,20 +4,17 @@ Valkey's time per order here), and on the C library's when told ``libc``."""
 
 from __future__ import annotations
 
-import ctypes.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from orderq.server import EmbeddedServer
+from orderq.server import EmbeddedServer, has_jemalloc
 from orderq.settings import Settings
 from orderq.supervisor import Supervisor
 
-pytestmark = pytest.mark.skipif(
-    ctypes.util.find_library("jemalloc") is None, reason="libjemalloc2 not installed (make jemalloc installs it)"
-)
+pytestmark = pytest.mark.skipif(not has_jemalloc(), reason="libjemalloc2 not installed (make jemalloc installs it)")
 
 
 def mapped(pid: int | str) -> str:

@@ -62,3 +62,26 @@ async def test_every_connection_packs_in_c(valkey: EmbeddedServer) -> None:
         await c.delete("orderq-test:packed")
     finally:
         await c.aclose()
+
+
+async def test_backlog_counted_also_after_the_server_lost_its_scripts(r: oq_client.Redis) -> None:
+    """The breaker's sample (``backlog.lua``) reads every stage's length per partition; a server
+    restarted without its script cache answers NOSCRIPT, and the sample loads them and reads on."""
+    from orderq import stats
+
+    p = r.partitions[0]
+    pipe = r.client.pipeline(transaction=False)
+    pipe.xadd(p.intake, {"k": "a"})
+    pipe.xadd(p.lanes[0], {"k": "b"})
+    pipe.xadd(p.lanes[2], {"k": "c"})
+    pipe.xadd(p.lanes[2], {"k": "d"})
+    pipe.zadd(p.review, {"e": 1})
+    pipe.xadd(p.deferred, {"k": "f"})
+    pipe.zadd(p.held, {"g": 1, "h": 2})
+    await pipe.execute()
+    want = {"intake": 1, "ready": {"vip": 1, "new": 0, "regular": 2}, "review": 1, "deferred": 1, "held": 2}
+    assert await stats.backlog(r) == (4, want)
+    await r.client.execute_command("SCRIPT", "FLUSH")
+    assert await stats.backlog(r) == (4, want)
+    total, depth, _totals = await stats.snapshot(r)
+    assert (total, depth) == (4, want)

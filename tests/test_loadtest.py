@@ -25,9 +25,12 @@ def run_locust(
     args: list[str], env: dict[str, str], csv_prefix: Path, exit_code: int = 0, output: list[str] | None = None
 ) -> dict[str, dict[str, str]]:
     """Run locust headless; returns its ``--csv`` statistics rows by name, after checking the exit
-    (and appends what it printed to ``output``)."""
+    (and appends what it printed to ``output``). ``--stop-timeout``: at the end of the run a user
+    finishes the request it has in flight, so its answer reaches the oracle; killed mid-request,
+    the order was taken but its key never recorded (the oracle then counted 748 sent against 750
+    queued)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "locust", *args, "--headless", "--csv", str(csv_prefix)],
+        [sys.executable, "-m", "locust", *args, "--headless", "--stop-timeout", "10", "--csv", str(csv_prefix)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -18,8 +18,9 @@ channel's rate, all with ``Retry-After``; a batch's ``shed`` orders) are not fai
 are counted in their own rows (``... [503]``, ``... [429]``) and the refused orders are sent
 again after Retry-After, as a channel must. A failure is anything the contract does not allow.
 
-Every order key sent and every answer go into the client-side oracle (``loadtest/oracle.py``).
-When the test stops, each process that sent orders looks every key up through the contract
+Every order key sent (announced before its request goes out: a user stopped mid-request leaves
+its orders in doubt, not unknown) and every answer go into the client-side oracle
+(``loadtest/oracle.py``). When the test stops, each process that sent orders looks every key up through the contract
 (``GET /v1/orders/{channel}/{order_id}``, admin token) and reports lost (acknowledged, no
 record), duplicated (an action applied twice), unexpected (a refused order that was written)
 and recovered (an answer in doubt, yet the order is there): logged, written as JSON to
@@ -135,11 +136,13 @@ class OrderqUser(FastHttpUser):
     # --- sending ---------------------------------------------------------------------
     def send_one(self, channel: str, body: bytes, name: str, expect: str = "accepted", attempt: int = 0) -> str:
         """POST one order; returns accepted · duplicate · refused · timeout · error."""
+        key = _key(channel, body)
+        ORACLE.sending((key,))  # (a user stopped mid-request leaves it in doubt, not unknown)
         with self.client.post(
             "/v1/orders", data=body, headers=TOKENS.headers(channel), name=name, catch_response=True
         ) as resp:
             code = resp.status_code
-            ORACLE.record_answer(_key(channel, body), code, resp.content if code else None)
+            ORACLE.record_answer(key, code, resp.content if code else None)
             if code in (200, 202):
                 outcome = "accepted" if code == 202 else "duplicate"
                 if expect not in ("either", outcome):
@@ -160,10 +163,11 @@ class OrderqUser(FastHttpUser):
         """POST a batch; returns each order's status (``refused`` for all when the batch was refused)."""
         expect = expect or ["accepted"] * len(bodies)
         body = b'{"orders":[' + b",".join(bodies) + b"]}"
+        keys = [_key(channel, b) for b in bodies]
+        ORACLE.sending(keys)
         with self.client.post(
             "/v1/orders/batch", data=body, headers=TOKENS.headers(channel), name=name, catch_response=True
         ) as resp:
-            keys = [_key(channel, b) for b in bodies]
             if resp.status_code == 202:
                 doc = resp.json()
                 ORACLE.record_batch(keys, 202, doc)
@@ -412,6 +416,7 @@ def _check_oracle(environment: Any, **_: Any) -> None:
     if not verdict.ok:
         environment.process_exit_code = 1
     ORACLE.answers.clear()  # checked once, also when locust stops twice
+    ORACLE.in_flight.clear()
 
 
 @events.test_start.add_listener

@@ -117,10 +117,31 @@ class Verdict:
 
 
 class Oracle:
-    """Every order key sent and what its answers said (flags OR-ed over resends)."""
+    """Every order key sent and what its answers said (flags OR-ed over resends).
+
+    A sender that can be stopped in the middle of a request (locust ends a run by killing its
+    users) announces each request with :meth:`sending` before it goes out: a key whose request
+    never got its answer recorded is then still known, and judged in doubt (Jepsen's
+    indeterminate operation), where a key recorded only on its answer would be missing from the
+    check altogether."""
 
     def __init__(self) -> None:
         self.answers: dict[str, int] = {}
+        self.in_flight: Counter[str] = Counter()  # requests announced and not answered yet, per key
+
+    def sending(self, keys: Iterable[str]) -> None:
+        """A request of ``keys`` goes out now; its answer (:meth:`record_answer`,
+        :meth:`record_batch`) settles it, and without one its keys stay in doubt."""
+        for k in keys:
+            self.answers.setdefault(k, 0)
+            self.in_flight[k] += 1
+
+    def _answered(self, keys: Iterable[str]) -> None:
+        for k in keys:
+            if self.in_flight[k] > 1:
+                self.in_flight[k] -= 1
+            else:
+                self.in_flight.pop(k, None)
 
     def record(self, key: str, flag: int) -> None:
         self.answers[key] = self.answers.get(key, 0) | flag
@@ -128,10 +149,12 @@ class Oracle:
     def record_answer(self, key: str, status: int, body: bytes | str | None = None) -> None:
         """One order sent alone: its HTTP status (0: no answer) and body."""
         self.record(key, outcome(status, body))
+        self._answered((key,))
 
     def record_batch(self, keys: Iterable[str], status: int, body: bytes | str | Mapping[str, Any] | None) -> None:
         """A batch of ``keys`` in request order and its answer: per-order results on ``202``."""
         keys = list(keys)
+        self._answered(keys)
         if status == 202 and body is not None:
             doc = body if isinstance(body, Mapping) else json.loads(body)
             results = doc.get("results") or []
@@ -153,6 +176,8 @@ class Oracle:
         v = Verdict(sent=len(self.answers))
         skip = set(unchecked)
         for key, flags in self.answers.items():
+            if key in self.in_flight:  # its request was never answered: it may have landed
+                flags |= UNKNOWN
             if flags & ACKED:
                 v.acked += 1
             if flags & UNKNOWN:

@@ -126,7 +126,11 @@ class Poller:
                 self.spec.start.timestamp() * 1000 if self.spec.start else time.time() * 1000 - FIRST_LOOKBACK_S * 1000
             )
             cursor = int(first) // 1000 * 1000
-        limit = (now_ms() - self.lag_ms) // 1000 * 1000  # the platforms' times are whole seconds
+        # The platforms' times are whole seconds, and a window ends a whole second before the
+        # current one: an order modified while the window is read then always leaves it (its new
+        # time is past the end) and never moves up inside it, which would shift an order across a
+        # page boundary into a page read already (paged_from_last counts on orders leaving).
+        limit = (now_ms() - self.lag_ms) // 1000 * 1000 - 1000
         t = max(0, cursor - self.overlap_ms)
         while t < limit:
             if self.stopping.is_set() or not self.lease.held:

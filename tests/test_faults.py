@@ -173,7 +173,8 @@ async def reconcile(r: Redis, load: Load, procs: list[StageProcess]) -> dict[str
         "_lost_keys": verdict.examples.get("lost", []) + report["lost_keys"][:10],
         "_dup_keys": verdict.examples.get("duplicated", []) + report["duplicate_effect_keys"][:10],
         "_unexpected_keys": verdict.examples.get("unexpected", []),
-        "_audit": {k: v for k, v in report.items() if k.endswith("_by")},
+        # which of the audit's checks counted what (the report shows a mismatch by its kind)
+        "audit_by": {k: v for k, v in report.items() if k.endswith("_by") and v},
     }
 
 

@@ -20,10 +20,10 @@ again after Retry-After, as a channel must. A failure is anything the contract d
 
 Every order key sent (announced before its request goes out: a user stopped mid-request leaves
 its orders in doubt, not unknown) and every answer go into the client-side oracle
-(``loadtest/oracle.py``). When the test stops, each process that sent orders looks every key up through the contract
-(``GET /v1/orders/{channel}/{order_id}``, admin token) and reports lost (acknowledged, no
-record), duplicated (an action applied twice), unexpected (a refused order that was written)
-and recovered (an answer in doubt, yet the order is there): logged, written as JSON to
+(``loadtest/oracle.py``). When the test stops, each process that sent orders looks every key up
+through the contract (``GET /v1/orders/{channel}/{order_id}``, admin token) and reports lost
+(acknowledged, no record), duplicated (an action applied twice), unexpected (a refused order
+that was written) and recovered (an answer in doubt, yet the order is there): logged, written as JSON to
 ``ORDERQ_LOADTEST_ORACLE_OUT`` (default: ``<--csv prefix>_oracle.json``), in rows ``ORACLE
 ...`` of the printed statistics (the ``--csv`` files are written before the check ends), and
 any lost, duplicated, unexpected or unchecked order makes locust exit 1.
@@ -415,8 +415,7 @@ def _check_oracle(environment: Any, **_: Any) -> None:
         Path(out).write_text(json.dumps(verdict.as_dict(), indent=2), encoding="utf-8")
     if not verdict.ok:
         environment.process_exit_code = 1
-    ORACLE.answers.clear()  # checked once, also when locust stops twice
-    ORACLE.in_flight.clear()
+    ORACLE.clear()  # checked once, also when locust stops twice
 
 
 @events.test_start.add_listener

@@ -138,10 +138,13 @@ class Oracle:
 
     def _answered(self, keys: Iterable[str]) -> None:
         for k in keys:
-            if self.in_flight[k] > 1:
-                self.in_flight[k] -= 1
-            else:
-                self.in_flight.pop(k, None)
+            if (n := self.in_flight.pop(k, 0)) > 1:
+                self.in_flight[k] = n - 1
+
+    def clear(self) -> None:
+        """Forget every key (a sender checked once starts afresh)."""
+        self.answers.clear()
+        self.in_flight.clear()
 
     def record(self, key: str, flag: int) -> None:
         self.answers[key] = self.answers.get(key, 0) | flag

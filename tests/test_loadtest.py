@@ -196,7 +196,8 @@ async def test_oracle_keeps_an_unanswered_request_in_doubt(ingress, r: Redis) ->
             oracle.sending([key])
             resp = await c.post("/v1/orders", json=make_order(order_id=key.split(":")[1]), headers=auth())
             assert resp.status_code == 202
-        oracle.record_answer(answered, resp.status_code, resp.content)  # (the last one's answer)
+            if key == answered:
+                oracle.record_answer(key, resp.status_code, resp.content)
     # the first one's answer never reached the oracle; the third's said "refused" though it
     # was written: the answer, not the announcement, is what the oracle judges then
     oracle.record_answer(refused, 503, b'{"error": {"code": "shedding", "message": "x"}}')

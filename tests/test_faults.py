@@ -249,6 +249,7 @@ def check(name: str, figures: dict[str, Any]) -> None:
     assert figures["lost_audit"] == 0, figures["_lost_keys"]
     assert figures["duplicate_effects"] == 0 and figures["duplicated"] == 0, figures["_dup_keys"]
     assert figures["unexpected"] == 0, figures["_unexpected_keys"]
+    assert figures["counter_mismatch"] == 0, figures["audit_by"]
     assert figures["not_executed"] == 0, figures
 
 
@@ -280,11 +281,14 @@ async def test_server_sigkilled_and_restarted_on_its_aof(
     assert figures["lost_audit"] == 0, figures["_lost_keys"]
     assert figures["duplicate_effects"] == 0 and figures["duplicated"] == 0, figures["_dup_keys"]
     assert figures["unexpected"] == 0, figures["_unexpected_keys"]  # a refused order is not written
+    # the counters agree with the records, a crash or not: whatever survived is counted once
+    assert figures["counter_mismatch"] == 0, figures["audit_by"]
     if durability == "fsync":
         # acknowledged means on disk: a crash loses none of them
         assert figures["lost_acknowledged"] == 0, figures["_lost_keys"]
         assert figures["not_executed"] == 0, figures
-    # fast: up to ~1 s of acknowledged writes may go with the crash (appendfsync everysec);
+    # fast: up to ~2 s of acknowledged writes may go with the crash (appendfsync everysec
+    # holds the write itself while the previous fsync runs on a busy disk);
     # the figure is recorded, not asserted. Whatever survived is executed once.
     assert figures["not_executed"] == 0 or durability == "fast", figures
     for p in procs:

@@ -16,7 +16,7 @@ local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local lanes = {vip = KEYS[3], new = KEYS[4], regular = KEYS[5]}
 local LANE_NO = {vip = '1', new = '2', regular = '3'}  -- F.ready_entry: where a cancel finds the entry
-local n = {validated = 0, rejected = 0, review = 0}
+local n = {validated = 0, rejected = 0, review = 0, accepted = 0}
 local ids = {}
 -- (one argument per order for what is small: redis-py packs each argument at a cost)
 local HEAD = '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$'
@@ -56,7 +56,14 @@ for i = 10, #KEYS do
       redis.call('HSET', KEYS[7], key, payload)
       n.review = n.review + 1
     end
-    if not st then redis.call('HSET', status, F.accepted_at, ta) end
+    if not st then
+      redis.call('HSET', status, F.accepted_at, ta)
+      -- No record: deleted by hand while its entry waited (counted accepted then), or a crash
+      -- took the intake script itself (durability fast: the last second of writes) after this
+      -- worker had read the entry. Then the entry is gone too, and the order, rebuilt here,
+      -- is counted accepted here (the audit reconciles the counters with the records).
+      if #redis.call('XRANGE', KEYS[1], id, id) == 0 then n.accepted = n.accepted + 1 end
+    end
     -- the status TTL counts from a final state only (contract §5); a waiting order's record
     -- has none (PERSIST: a record written before may carry one)
     if outcome == 'r' then redis.call('EXPIRE', status, ARGV[2]) else redis.call('PERSIST', status) end

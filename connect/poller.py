@@ -131,11 +131,20 @@ class Poller:
         # time is past the end) and never moves up inside it, which would shift an order across a
         # page boundary into a page read already (paged_from_last counts on orders leaving).
         limit = (now_ms() - self.lag_ms) // 1000 * 1000 - 1000
+        # A late write shows up at most the overlap after its modification time (what the
+        # overlap is for), inside a window being paged: it pushes the older orders down the
+        # pages, and one may cross into a page read already. Only the overlap is read again, so
+        # no window straddles ``settled``: what lies before it gets no late write any more and is
+        # read whole here, the newer part again by the next polls until it is settled too (each
+        # poll settles from the last one's line to its own: every instant is read settled once).
+        settled = (limit - self.overlap_ms) // 1000 * 1000
         t = max(0, cursor - self.overlap_ms)
         while t < limit:
             if self.stopping.is_set() or not self.lease.held:
                 return False
             end = min(t + self.window_ms, limit)
+            if t < settled < end:
+                end = settled
             await self.window(adapter, t, end)
             if end > cursor:
                 if not await self.state.advance(self.lease, end):

@@ -116,7 +116,9 @@ class Adapter:
         again. An order modified while the window is read leaves the window and shifts the ones
         behind it toward the pages not read yet, so reading backwards skips none. A late write
         into the window shifts them the other way: the total grows, and the window is read again
-        (the intake takes the repeats as duplicates)."""
+        (the intake takes the repeats as duplicates). A late write and a modified order together
+        leave the total as it was: the poller reads a window again until it is past the overlap,
+        where no late write lands (Poller.poll), and reads it once more then."""
         for _ in range(STABLE_TRIES):
             items, total = await fetch(first_page)
             seen = {id_of(x): x for x in items}

@@ -23,8 +23,14 @@ def main() -> None:
     ap.add_argument("--throttle-every", type=int, default=0)
     ap.add_argument("--burst-every", type=int, default=0)
     ap.add_argument("--touch-per-page", type=int, default=0)
+    ap.add_argument("--late-per-page", type=int, default=0, help="late writes showing up as each page is read")
     a = ap.parse_args()
-    faults = Faults(throttle_every=a.throttle_every, burst_every=a.burst_every, touch_per_page=a.touch_per_page)
+    faults = Faults(
+        throttle_every=a.throttle_every,
+        burst_every=a.burst_every,
+        touch_per_page=a.touch_per_page,
+        late_per_page=a.late_per_page,
+    )
     sim = simulator(a.platform, faults, lag_s=a.lag_s if a.platform == "pdd" else 0.0).start(a.port)
     now = int(time.time())
     sim.platform.populate(a.orders, now - 3600, now)

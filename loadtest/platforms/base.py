@@ -33,6 +33,9 @@ SECRETS = {  # what the simulators accept; a test's connector files name environ
 }
 
 
+LATE_PAGE_S = 2  # how long before its listing a late write of Faults.late_per_page was modified
+
+
 @dataclass
 class Faults:
     """Misbehaviour on purpose. Counts are per call of the list API unless said otherwise."""
@@ -41,6 +44,7 @@ class Faults:
     burst_every: int = 0  # every Nth call starts a burst of 5xx answers ...
     burst_len: int = 3  # ... this many calls long
     touch_per_page: int = 0  # orders of the window modified (moved to now) as each list page is read
+    late_per_page: int = 0  # late writes showing up as each list page is read, modified LATE_PAGE_S before
     close_share: float = 0.2  # of the orders touched, this share is cancelled, the rest change status
     rate_per_s: float = 0.0  # calls per second over which the platform throttles (0: no limit)
 
@@ -133,6 +137,19 @@ class Platform:
             got = [o for o in self.orders.values() if start <= o.modified <= end and o.visible <= now]
         got.sort(key=lambda o: (o.modified, o.id), reverse=desc)
         return got
+
+    def after_page(self, candidates: list[SimOrder]) -> None:
+        """The window changes under its reader once a list page is answered: some of its orders
+        are modified (their modification time moves to now, out of it) and late writes show up in
+        it (new orders modified LATE_PAGE_S ago, listed from now on)."""
+        self.touch(candidates)
+        if not self.faults.late_per_page:
+            return
+        modified = int(time.time()) - LATE_PAGE_S
+        with self.lock:
+            for _ in range(self.faults.late_per_page):
+                o = self.new_order(len(self.orders), modified)
+                self.orders[o.id] = o
 
     def touch(self, candidates: list[SimOrder]) -> None:
         """Modify some orders of the window being read: their modification time moves to now."""

@@ -125,5 +125,5 @@ class DouyinSim(Platform):
         for o in listed[page * size : (page + 1) * size]:  # the list keeps the receiver encrypted, like the detail
             chunk.append(o.payload)
         out = answer({"shop_order_list": chunk, "page": page, "size": size, "total": len(listed)})
-        self.touch(listed)
+        self.after_page(listed)
         return out

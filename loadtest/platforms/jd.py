@@ -77,5 +77,5 @@ class JdSim(Platform):
         chunk: list[dict[str, Any]] = [o.payload for o in listed[(page - 1) * size : page * size]]
         result = {"orderInfoList": chunk, "orderTotal": len(listed)}
         answer = json_response({"jingdong_pop_order_search_responce": {"code": "0", "searchorderinfo_result": result}})
-        self.touch(listed)  # after the answer is rendered: the next page sees the change
+        self.after_page(listed)  # after the answer is rendered: the next page sees the change
         return answer

@@ -105,5 +105,5 @@ class PddSim(Platform):
         chunk: list[dict[str, Any]] = [o.payload for o in listed[(page - 1) * size : page * size]]
         body = {"total_count": len(listed), "has_next": page * size < len(listed), "order_sn_list": chunk}
         answer = json_response({"order_sn_increment_get_response": body})
-        self.touch(listed)  # after the answer is rendered: the next page sees the change
+        self.after_page(listed)  # after the answer is rendered: the next page sees the change
         return answer

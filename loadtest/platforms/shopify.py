@@ -94,5 +94,5 @@ class ShopifySim(Platform):
             headers["Link"] = f'<{url}>; rel="next"'
         body: dict[str, Any] = {"orders": [o.payload for o in page]}
         out = json_response(body, 200, headers)
-        self.touch(listed)
+        self.after_page(listed)
         return out

@@ -111,5 +111,5 @@ class TaobaoSim(Platform):
         if p.get("use_has_next") == "true":
             body = {"has_next": page < math.ceil(len(listed) / size), "trades": body["trades"]}
         answer = json_response({"trades_sold_increment_get_response": body})
-        self.touch(listed)  # after the answer is rendered: the next page sees the change
+        self.after_page(listed)  # after the answer is rendered: the next page sees the change
         return answer

@@ -49,7 +49,7 @@ test: $(VENV)/.installed-test browser prometheus jemalloc
 reliability: $(VENV)/.installed-test
 	mkdir -p test-artifacts && rm -f test-artifacts/reliability-report.jsonl
 	ORDERQ_RELIABILITY_LONG=1 ORDERQ_RELIABILITY_OUT=test-artifacts/reliability-report.jsonl $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_hostile_input.py
-	$(BIN)/python -m pytest -q -m long tests/test_cluster.py tests/test_loadtest.py tests/test_overload.py tests/test_harness.py tests/test_bench_html.py tests/test_connect_platforms.py tests/test_openapi_fuzz.py
+	ORDERQ_RELIABILITY_OUT=test-artifacts/reliability-report.jsonl $(BIN)/python -m pytest -q -m long tests/test_cluster.py tests/test_loadtest.py tests/test_overload.py tests/test_harness.py tests/test_bench_html.py tests/test_connect_platforms.py tests/test_openapi_fuzz.py
 
 # mypy over the service packages, strict ([tool.mypy] in pyproject.toml).
 typecheck: $(VENV)/.installed-test

@@ -231,10 +231,9 @@ def test_late_writes_while_a_window_is_paged_skip_no_older_order(
     """JD, a sale's last three minutes read in one window that reaches the present: as each page
     is answered a late write shows up at the window's newest end and one of its orders is
     modified out of it. The total stays the same, yet each late write pushes an older order
-    across a page boundary into a page read already. Only the overlap is read again, so such an
-    order older than the overlap was skipped for good (1 of 2,000 in a short JD sale of `make
-    reliability`). The part of a window past the overlap, where no late write can land any more,
-    is now read as a window of its own."""
+    across a page boundary into a page read already, and only the overlap is read again: an
+    order older than the overlap would be skipped for good. The part of a window past the
+    overlap, where no late write lands any more, is read as a window of its own."""
     sim = simulator("jd", Faults(touch_per_page=1, late_per_page=1, close_share=0.0), seed=7).start()
     try:
         now = int(time.time())

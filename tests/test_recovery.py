@@ -169,8 +169,8 @@ async def test_sigterm_mid_load_exits_clean_and_leaves_nothing_owned(r: Redis, s
 
 
 async def test_an_order_read_just_before_a_crash_that_lost_its_intake_is_counted(r: Redis) -> None:
-    """Durability ``fast``: a server crash may take the last second of writes with it. A
-    validator that read an entry within that second still holds the order after the restart,
+    """Durability ``fast``: a server crash may take its last seconds of writes with it. A
+    validator that read an entry within them still holds the order after the restart,
     while the server has neither its record, nor its entry, nor its count. Handing it off
     rebuilds its record (the client has its 202, and the order goes on), so it must count it
     accepted too: else ``orderq audit`` fails on a counter mismatch with every order in place."""

@@ -59,7 +59,7 @@ for i = 10, #KEYS do
     if not st then
       redis.call('HSET', status, F.accepted_at, ta)
       -- No record: deleted by hand while its entry waited (counted accepted then), or a crash
-      -- took the intake script itself (durability fast: the last second of writes) after this
+      -- took the intake script itself (durability fast: its last seconds of writes) after this
       -- worker had read the entry. Then the entry is gone too, and the order, rebuilt here,
       -- is counted accepted here (the audit reconciles the counters with the records).
       if #redis.call('XRANGE', KEYS[1], id, id) == 0 then n.accepted = n.accepted + 1 end
